@@ -1,0 +1,135 @@
+"""The only place where jmoe launches a Triton kernel.
+
+`kernel_call` mirrors `jax_triton.triton_call`; `backend` picks where the
+kernel runs: `"triton"` compiles it for the GPU through jax-triton, and
+`"interpret"` runs the same `@triton.jit` function under Triton's interpreter
+on the host (`jmoe.interpret`). Every launch is wrapped in
+`jax.custom_batching.sequential_vmap`, so all ops built on it support
+`jax.vmap` (as a loop over the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+KERNEL_BACKENDS = ("triton", "interpret")
+
+_Scalar = (bool, int, float, np.float32)
+
+
+def _is_scalar(arg: Any) -> bool:
+  return isinstance(arg, _Scalar)
+
+
+def kernel_call(
+    kernel: Any,
+    *args: Any,
+    out_shape: jax.ShapeDtypeStruct | Sequence[jax.ShapeDtypeStruct],
+    grid: int | tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]],
+    backend: str,
+    name: str = "",
+    zeroed_outputs: Sequence[int] | Callable[[dict[str, Any]], Sequence[int]] = (),
+    **metaparams: Any,
+) -> jax.Array | tuple[jax.Array, ...]:
+  """Launches a Triton kernel on JAX arrays, like `jax_triton.triton_call`.
+
+  The kernel's parameters are, in order: `args` (arrays become pointers,
+  python `bool`/`int`/`float` scalars are passed by value), then one pointer
+  per output in `out_shape`, then the constexpr `metaparams` by keyword.
+
+  Example usage::
+
+    out = kernel_call(
+        _add_kernel, x, y, x.size,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=lambda meta: (triton.cdiv(x.size, meta["BLOCK"]),),
+        backend="interpret", BLOCK=128)
+
+  Args:
+    kernel: a `@triton.jit` function, possibly wrapped in `triton.autotune`
+      (then pass `grid` as a callable of the chosen metaparameters) or
+      `triton.heuristics`.
+    *args: the kernel's inputs: JAX arrays and python scalars.
+    out_shape: a `jax.ShapeDtypeStruct` (returns one array) or a sequence of
+      them (returns a tuple).
+    grid: the launch grid, a tuple of up to 3 ints or a callable
+      `meta -> tuple` of the metaparameters (with the autotune config's).
+    backend: `"triton"` (GPU, via `jax_triton`) or `"interpret"` (Triton's
+      interpreter on the host, inside `jax.pure_callback`).
+    name: a name for profiles.
+    zeroed_outputs: indices of outputs that must start at zero. With
+      `"interpret"`, every other output starts poisoned (NaN, or a large
+      integer), so unwritten elements show.
+    **metaparams: constexpr kernel parameters, and `triton_call` launch
+      options (`num_warps`, `num_stages`, ...; ignored when interpreting).
+
+  Returns:
+    The outputs, one array per entry of `out_shape`.
+
+  Raises:
+    ValueError: unknown `backend`, or a malformed `out_shape`.
+  """
+  if backend not in KERNEL_BACKENDS:
+    raise ValueError(
+        f"backend must be one of {KERNEL_BACKENDS} for a kernel launch, got "
+        f"{backend!r} (resolve 'auto' with jmoe._backend.resolve_backend first)"
+    )
+  single = hasattr(out_shape, "shape") and hasattr(out_shape, "dtype")
+  out_shapes = (out_shape,) if single else tuple(out_shape)
+  for o in out_shapes:
+    if not (hasattr(o, "shape") and hasattr(o, "dtype")):
+      raise ValueError(
+          "out_shape must be a jax.ShapeDtypeStruct or a sequence of them, got "
+          f"an element {o!r}"
+      )
+  out_shapes = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_shapes)
+
+  array_pos = [i for i, a in enumerate(args) if not _is_scalar(a)]
+  scalars = {i: a for i, a in enumerate(args) if _is_scalar(a)}
+
+  def merge(arrays: Sequence[Any]) -> list[Any]:
+    full = [scalars.get(i) for i in range(len(args))]
+    for pos, array in zip(array_pos, arrays):
+      full[pos] = array
+    return full
+
+  if backend == "triton":
+
+    def launch(*arrays):
+      import jax_triton  # pylint: disable=import-outside-toplevel
+
+      return tuple(
+          jax_triton.triton_call(
+              *merge(arrays),
+              kernel=kernel,
+              out_shape=out_shapes,
+              grid=grid,
+              name=name,
+              zeroed_outputs=zeroed_outputs,
+              **metaparams,
+          )
+      )
+
+  else:
+    from jmoe import interpret  # pylint: disable=import-outside-toplevel
+
+    def launch(*arrays):
+      full = [float(a) if isinstance(a, np.float32) else a for a in merge(arrays)]
+      return tuple(
+          interpret.interpret_call(
+              kernel,
+              *full,
+              out_shape=out_shapes,
+              grid=grid,
+              zeroed_outputs=zeroed_outputs,
+              name=name,
+              **metaparams,
+          )
+      )
+
+  outs = jax.custom_batching.sequential_vmap(launch)(*(args[i] for i in array_pos))
+  return outs[0] if single else outs
