@@ -81,7 +81,7 @@ def capacity_positions(
     raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
   one_hot = jax.nn.one_hot(flat_ids[order], e, dtype=jnp.int32)
   before = jnp.cumsum(one_hot, axis=0) - one_hot
-  pos_in_order = jnp.sum(before * one_hot, axis=1)
+  pos_in_order = jnp.sum(before * one_hot, axis=1).astype(jnp.int32)
   positions = jnp.zeros((t * top_k,), jnp.int32).at[order].set(pos_in_order)
   return positions.reshape(t, top_k)
 
