@@ -1,0 +1,15 @@
+"""The README's test command is the one CI runs."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+  readme = (ROOT / "README.md").read_text()
+  commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+  test_commands = [c for c in commands if "pytest" in c]
+  assert len(test_commands) == 1, commands
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert test_commands[0].strip() in ci.splitlines()
