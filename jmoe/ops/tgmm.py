@@ -1,0 +1,438 @@
+"""Transposed grouped GEMM: the weight-gradient GEMM of an MoE, as a Triton op.
+
+`tgmm(a [m, ka], b [m, n], group_sizes [g]) -> [g, ka, n]` contracts over rows
+within each group:
+
+  out[gi] = sum_{r in group gi}  A_r^T (s_r * B_r)
+
+with `A_r = a[a_row_index[r]]` (or `a[r]`), `B_r = b[b_row_index[r]]` (or
+`b[r]`) and `s_r = row_scale[r]` (or 1). Groups are contiguous from row 0
+(`start = exclusive cumsum(group_sizes)`); rows at or past `sum(group_sizes)`
+are ignored, and a group with no rows gives zeros. In an MoE backward:
+
+  dW_up[e]   = tgmm(x, d_act, tokens_per_expert, a_row_index=token_of_slot)
+  dW_down[e] = tgmm(h, dy, tokens_per_expert, b_row_index=token_of_slot,
+                    row_scale=weight_of_slot)
+
+and `tgmm(lhs, d_out, group_sizes)` is the `rhs` gradient of
+`jax.lax.ragged_dot(lhs, rhs, group_sizes)`.
+
+The kernel is `jmoe.kernels.tgmm._tgmm_kernel` (one program per output tile and
+group, float32 accumulation, no atomics: bit-identical repeats). Its oracle is
+`tgmm_reference` below (`jax.lax.ragged_dot_general` with a ragged contracting
+dimension).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmoe._backend import resolve_backend
+
+OPERAND_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+INPUT_PRECISIONS = ("ieee", "tf32")
+
+_SHAPES_DOC = (
+    "tgmm(a [m, ka], b [m, n], group_sizes [g]; a_row_index [m] -> a [ma, ka], "
+    "b_row_index [m] -> b [mb, n], row_scale [m])"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TgmmConfig:
+  """One tile configuration of the tgmm kernel (pins it instead of autotuning).
+
+  Attributes:
+    block_m: rows contracted per step (>= 16).
+    block_k: output tile rows (columns of `a`, >= 16).
+    block_n: output tile columns (columns of `b`, >= 16).
+    group_size: tile swizzle band height, in tiles.
+    num_warps: warps per program (GPU only).
+    num_stages: software-pipelining depth (GPU only).
+  """
+
+  block_m: int = 64
+  block_k: int = 128
+  block_n: int = 256
+  group_size: int = 8
+  num_warps: int = 8
+  num_stages: int = 3
+
+  def metaparams(self) -> dict[str, int]:
+    return {
+        "BLOCK_M": self.block_m,
+        "BLOCK_K": self.block_k,
+        "BLOCK_N": self.block_n,
+        "GROUP_SIZE": self.group_size,
+    }
+
+  @classmethod
+  def get_interpret_default(cls) -> TgmmConfig:
+    """The one small config used under Triton's interpreter."""
+    from jmoe.kernels.tgmm import TGMM_INTERPRET_CONFIG  # pylint: disable=import-outside-toplevel
+
+    c = TGMM_INTERPRET_CONFIG
+    return cls(c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_N"], c["GROUP_SIZE"], 4, 1)
+
+
+# ----------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------
+
+
+def _is_dtype(x, dtypes) -> bool:
+  return any(np.dtype(x) == np.dtype(d) for d in dtypes)
+
+
+def _check_array(name: str, x, ndim: int, shape_doc: str) -> None:
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array {shape_doc}, got {type(x).__name__}")
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must have shape {shape_doc}, got shape {x.shape}")
+
+
+def _check_args(a, b, group_sizes, a_row_index, b_row_index, row_scale,
+                out_dtype) -> int:
+  """Validates the arguments at trace time; returns `m`, the logical rows."""
+  _check_array("a", a, 2, "[m, ka] (or [ma, ka] with a_row_index)")
+  _check_array("b", b, 2, "[m, n] (or [mb, n] with b_row_index)")
+  for name, x in (("a", a), ("b", b)):
+    if not _is_dtype(x.dtype, OPERAND_DTYPES):
+      raise TypeError(
+          f"{name} must be float32, bfloat16 or float16, got dtype {x.dtype}"
+      )
+  if a.dtype != b.dtype:
+    raise TypeError(
+        f"a and b must have the same dtype, got a {a.dtype} and b {b.dtype}; "
+        "cast one of them"
+    )
+  _check_array("group_sizes", group_sizes, 1, "[g]")
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise TypeError(f"group_sizes must be int32 [g], got dtype {group_sizes.dtype}")
+  for name, idx in (("a_row_index", a_row_index), ("b_row_index", b_row_index)):
+    if idx is None:
+      continue
+    _check_array(name, idx, 1, "[m] int32")
+    if not jnp.issubdtype(idx.dtype, jnp.integer):
+      raise TypeError(f"{name} must be int32 [m], got dtype {idx.dtype}")
+  m = a.shape[0] if a_row_index is None else a_row_index.shape[0]
+  if b_row_index is not None and b_row_index.shape[0] != m:
+    raise ValueError(
+        f"b_row_index must have shape [m] = [{m}] (m = "
+        f"{'a_row_index.shape[0]' if a_row_index is not None else 'a.shape[0]'}), "
+        f"got shape {b_row_index.shape}"
+    )
+  if b_row_index is None and b.shape[0] != m:
+    raise ValueError(
+        f"b must have shape [m, n] with m = {m} rows "
+        f"({'a_row_index.shape[0]' if a_row_index is not None else 'a.shape[0]'}) "
+        f"when b_row_index is None, got shape {b.shape}"
+    )
+  if row_scale is not None:
+    _check_array("row_scale", row_scale, 1, f"[m] = [{m}] float32")
+    if row_scale.shape[0] != m:
+      raise ValueError(
+          f"row_scale must have shape [m] = [{m}], got shape {row_scale.shape}"
+      )
+    if not jnp.issubdtype(row_scale.dtype, jnp.floating):
+      raise TypeError(f"row_scale must be float32 [m], got dtype {row_scale.dtype}")
+  if not _is_dtype(out_dtype, OUT_DTYPES):
+    raise TypeError(
+        f"out_dtype must be float32, bfloat16 or float16, got {out_dtype!r}"
+    )
+  return m
+
+
+def _group_offsets(group_sizes: jax.Array, m: int) -> jax.Array:
+  """`[g + 1]` int32 group starts/ends, clipped to `[0, m]` (negative sizes -> 0)."""
+  ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
+  return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends.astype(jnp.int32)])
+
+
+# ----------------------------------------------------------------------------
+# Kernel launch.
+# ----------------------------------------------------------------------------
+
+
+def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
+            out_dtype, input_precision, backend, config) -> jax.Array:
+  import triton  # pylint: disable=import-outside-toplevel
+
+  from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+
+  g = group_sizes.shape[0]
+  ka, n = a.shape[1], b.shape[1]
+  out_shape = jax.ShapeDtypeStruct((g, ka, n), out_dtype)
+  if g == 0 or ka == 0 or n == 0 or m == 0:
+    return jnp.zeros(out_shape.shape, out_dtype)
+
+  offsets = _group_offsets(group_sizes, m)
+  dummy_index = jnp.zeros((1,), jnp.int32)
+  args = (
+      a,
+      b,
+      offsets,
+      dummy_index if a_row_index is None else a_row_index.astype(jnp.int32),
+      dummy_index if b_row_index is None else b_row_index.astype(jnp.int32),
+      jnp.zeros((1,), jnp.float32) if row_scale is None
+      else row_scale.astype(jnp.float32),
+      m,
+      ka,
+      n,
+  )
+  flags = {
+      "HAS_A_INDEX": a_row_index is not None,
+      "HAS_B_INDEX": b_row_index is not None,
+      "HAS_SCALE": row_scale is not None,
+      "DOT_F32": backend == "interpret",
+      "INPUT_PRECISION": input_precision,
+  }
+
+  def grid(meta):
+    return (triton.cdiv(ka, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), g)
+
+  if backend == "interpret" and config is None:
+    config = TgmmConfig.get_interpret_default()
+  if config is None:
+    kernel, launch_options = kernels.tgmm_kernel_autotuned, {}
+  else:
+    kernel = kernels.tgmm_kernel_heuristic
+    launch_options = {
+        **config.metaparams(),
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
+  return kernel_call(
+      kernel,
+      *args,
+      out_shape=out_shape,
+      grid=grid,
+      backend=backend,
+      name="jmoe_tgmm",
+      **flags,
+      **launch_options,
+  )
+
+
+@functools.cache
+def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
+             config: TgmmConfig | None):
+  """The custom_vjp op for one static configuration."""
+
+  def forward(a, b, group_sizes, a_row_index, b_row_index, row_scale):
+    return _launch(
+        a, b, group_sizes, a_row_index, b_row_index, row_scale, m=m,
+        out_dtype=out_dtype, input_precision=input_precision, backend=backend,
+        config=config,
+    )
+
+  @jax.custom_vjp
+  def op(a, b, group_sizes, a_row_index, b_row_index, row_scale):
+    return forward(a, b, group_sizes, a_row_index, b_row_index, row_scale)
+
+  def fwd(a, b, group_sizes, a_row_index, b_row_index, row_scale):
+    out = forward(a, b, group_sizes, a_row_index, b_row_index, row_scale)
+    return out, (a, b, group_sizes, a_row_index, b_row_index, row_scale)
+
+  def bwd(residuals, d_out):
+    # The gradients of a weight gradient are rarely needed: they are computed
+    # in XLA (`tgmm_vjp`), like Pallas' `backward_pass_impl="xla"`.
+    return tgmm_vjp(*residuals, d_out)
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+def tgmm(
+    a: jax.Array,
+    b: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    a_row_index: jax.Array | None = None,
+    b_row_index: jax.Array | None = None,
+    row_scale: jax.Array | None = None,
+    out_dtype=jnp.float32,
+    input_precision: str = "ieee",
+    config: TgmmConfig | None = None,
+    backend: str = "auto",
+) -> jax.Array:
+  """Transposed grouped GEMM: `out[gi] = sum_{r in gi} A_r^T (s_r * B_r)`.
+
+  Example usage::
+
+    # rhs gradient of ragged_dot(lhs [m, k], rhs [g, k, n], group_sizes):
+    d_rhs = tgmm(lhs, d_out, group_sizes, backend="triton")  # [g, k, n] f32
+
+  Args:
+    a: `[m, ka]`, or `[ma, ka]` gathered by `a_row_index`; float32, bfloat16
+      or float16.
+    b: `[m, n]`, or `[mb, n]` gathered by `b_row_index`; same dtype as `a`.
+    group_sizes: `[g]` int32 rows per group, contiguous from row 0 (sizes must
+      be >= 0; rows at or past `sum(group_sizes)` are ignored).
+    a_row_index: optional `[m]` int32: logical row `r` reads `a[a_row_index[r]]`
+      (values must lie in `[0, ma)`; not checked).
+    b_row_index: optional `[m]` int32, the same for `b` (values in `[0, mb)`).
+    row_scale: optional `[m]` float32 `s_r`, applied to row `r` in float32 (the
+      kernel scales the `a` row and rounds it to the operand dtype for the
+      tensor-core dot; exact up to that one rounding).
+    out_dtype: float32 (default), bfloat16 or float16. Accumulation is float32.
+    input_precision: for float32 operands on the GPU, `"ieee"` (default, exact
+      float32 products) or `"tf32"` (faster, ~1e-3 relative error).
+    config: a `TgmmConfig` to pin one tile config (default: autotune on the GPU,
+      the small interpreter config with `"interpret"`).
+    backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
+
+  Returns:
+    `[g, ka, n]` in `out_dtype`; groups with no rows are zeros.
+
+  Raises:
+    ValueError, TypeError: an argument has the wrong shape or dtype (at trace
+      time). RuntimeError: `backend="triton"` cannot run here.
+  """
+  m = _check_args(a, b, group_sizes, a_row_index, b_row_index, row_scale,
+                  out_dtype)
+  if input_precision not in INPUT_PRECISIONS:
+    raise ValueError(
+        f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
+    )
+  if config is not None and not isinstance(config, TgmmConfig):
+    raise TypeError(f"config must be a TgmmConfig or None, got {type(config).__name__}")
+  out_dtype = jnp.dtype(out_dtype)
+  backend = resolve_backend(backend)
+  if backend == "reference":
+    return tgmm_reference(
+        a, b, group_sizes, a_row_index=a_row_index, b_row_index=b_row_index,
+        row_scale=row_scale, out_dtype=out_dtype,
+    )
+  op = _tgmm_fn(m, out_dtype, input_precision, backend, config)
+  return op(a, b, group_sizes, a_row_index, b_row_index, row_scale)
+
+
+# ----------------------------------------------------------------------------
+# Reference (pure jnp). Candidate for jmoe/reference/; kept here until it lands.
+# ----------------------------------------------------------------------------
+
+
+def _rows(x, row_index):
+  return x if row_index is None else jnp.take(x, row_index, axis=0)
+
+
+def _scaled_rows_a(a, a_row_index, row_scale):
+  rows_a = _rows(a, a_row_index)
+  if row_scale is None:
+    return rows_a
+  # A_r^T (s_r B_r) = (s_r A_r)^T B_r: scale the `a` rows, as the kernel does.
+  scaled = rows_a.astype(jnp.float32) * row_scale.astype(jnp.float32)[:, None]
+  return scaled.astype(a.dtype)
+
+
+def _forward_reference(a, b, group_sizes, a_row_index, b_row_index, row_scale,
+                       out_dtype, precision):
+  m = a.shape[0] if a_row_index is None else a_row_index.shape[0]
+  g, ka, n = group_sizes.shape[0], a.shape[1], b.shape[1]
+  if m == 0 or g == 0:
+    return jnp.zeros((g, ka, n), out_dtype)
+  sizes = jnp.diff(_group_offsets(group_sizes, m))
+  dims = jax.lax.RaggedDotDimensionNumbers(
+      dot_dimension_numbers=(([0], [0]), ([], [])),
+      lhs_ragged_dimensions=[0],
+      rhs_group_dimensions=[],
+  )
+  out = jax.lax.ragged_dot_general(
+      _scaled_rows_a(a, a_row_index, row_scale), _rows(b, b_row_index), sizes,
+      dims, precision=precision, preferred_element_type=jnp.float32,
+  )
+  return out.astype(out_dtype)
+
+
+def tgmm_vjp(a, b, group_sizes, a_row_index, b_row_index, row_scale, d_out):
+  """Cotangents of `tgmm` for `(a, b, group_sizes, a_row_index, b_row_index,
+  row_scale)` given `d_out [g, ka, n]` (None for the integer arguments).
+
+  With `A'_r = s_r A_r` and `g(r)` the group of row `r`:
+  `dA'_r = d_out[g(r)] B_r` and `dB_r = d_out[g(r)]^T A'_r` (two `ragged_dot`s,
+  float32, HIGHEST), then `dA_r = s_r dA'_r`, `ds_r = <A_r, dA'_r>`, scattered
+  back to the rows of `a` / `b` by the row indices (summing repeats). The
+  rounding of `s_r A_r` to `a.dtype` is treated as the identity.
+  """
+  m = a.shape[0] if a_row_index is None else a_row_index.shape[0]
+  f32 = jnp.float32
+  d_out = d_out.astype(f32)
+  sizes = jnp.diff(_group_offsets(group_sizes, m))
+  rows_a = _rows(a, a_row_index).astype(f32)
+  scaled_a = _scaled_rows_a(a, a_row_index, row_scale).astype(f32)
+  rows_b = _rows(b, b_row_index).astype(f32)
+  hi = jax.lax.Precision.HIGHEST
+  if m == 0 or group_sizes.shape[0] == 0:
+    d_rows_a = jnp.zeros(rows_a.shape, f32)
+    d_rows_b = jnp.zeros(rows_b.shape, f32)
+  else:
+    d_rows_a = jax.lax.ragged_dot(
+        rows_b, jnp.swapaxes(d_out, 1, 2), sizes, precision=hi,
+        preferred_element_type=f32)
+    d_rows_b = jax.lax.ragged_dot(
+        scaled_a, d_out, sizes, precision=hi, preferred_element_type=f32)
+  d_scale = None
+  if row_scale is not None:
+    d_scale = jnp.sum(rows_a * d_rows_a, axis=1).astype(row_scale.dtype)
+    d_rows_a = d_rows_a * row_scale.astype(f32)[:, None]
+
+  def scatter(x, row_index, d_rows):
+    if row_index is None:
+      return d_rows.astype(x.dtype)
+    return jnp.zeros(x.shape, f32).at[row_index].add(d_rows).astype(x.dtype)
+
+  return (scatter(a, a_row_index, d_rows_a), scatter(b, b_row_index, d_rows_b),
+          None, None, None, d_scale)
+
+
+@functools.cache
+def _reference_fn(out_dtype: Any, precision: Any):
+  @jax.custom_vjp
+  def ref(a, b, group_sizes, a_row_index, b_row_index, row_scale):
+    return _forward_reference(a, b, group_sizes, a_row_index, b_row_index,
+                              row_scale, out_dtype, precision)
+
+  def fwd(*args):
+    return ref(*args), args
+
+  def bwd(residuals, d_out):
+    return tgmm_vjp(*residuals, d_out)
+
+  ref.defvjp(fwd, bwd)
+  return ref
+
+
+def tgmm_reference(
+    a: jax.Array,
+    b: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    a_row_index: jax.Array | None = None,
+    b_row_index: jax.Array | None = None,
+    row_scale: jax.Array | None = None,
+    out_dtype=jnp.float32,
+    precision=jax.lax.Precision.HIGHEST,
+) -> jax.Array:
+  """Pure-jnp `tgmm`: `jax.lax.ragged_dot_general` with a ragged contraction.
+
+  Same arguments and semantics as `tgmm`. The row scale is applied to the
+  gathered `a` rows in float32 and the result cast back to `a.dtype` (as the
+  kernel does, `A_r^T (s_r B_r) = (s_r A_r)^T B_r`); the products accumulate
+  in float32 at `precision`. Differentiable in `a`, `b` and `row_scale`
+  (`tgmm_vjp`; JAX has no VJP of a ragged contraction).
+
+  Returns:
+    `[g, ka, n]` in `out_dtype`.
+  """
+  _check_args(a, b, group_sizes, a_row_index, b_row_index, row_scale, out_dtype)
+  return _reference_fn(jnp.dtype(out_dtype), precision)(
+      a, b, group_sizes, a_row_index, b_row_index, row_scale)

@@ -1,0 +1,309 @@
+"""Tests of `jmoe.ops.tgmm` (transposed grouped GEMM, the MoE weight gradient).
+
+`TgmmTestBase` holds every check once, with a `BACKEND` attribute:
+`TestTgmmInterpret` runs it under Triton's interpreter on the CPU (small, odd
+shapes), `TestTgmmTriton` (marked `gpu`, skipped without CUDA) on the GPU, with
+the MoE benchmark shapes added. The kernel is compared with `tgmm_reference`
+(float32, HIGHEST precision), and the reference with a float64 numpy loop
+(`_oracle`), which shares no code with either.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.test_util  # noqa: F401
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import helpers
+from jmoe.ops.tgmm import TgmmConfig, tgmm, tgmm_reference
+
+BF16 = ml_dtypes.bfloat16
+
+# (m, ka, n, g, sizes): `sizes` names how rows are split into groups (see
+# `_group_sizes`). Every value of m {1, 37, 130}, ka {5, 48}, n {3, 33},
+# g {1, 4, 9} appears, with empty groups, one full group, and sum < m.
+SHAPES = (
+    (1, 5, 3, 1, "all"),
+    (1, 48, 33, 4, "one"),
+    (37, 5, 33, 1, "under"),
+    (37, 48, 3, 4, "random"),
+    (37, 48, 33, 9, "zeros"),
+    (130, 5, 3, 9, "under"),
+    (130, 48, 33, 4, "one"),
+    (130, 48, 33, 9, "zeros"),
+)
+# (a_row_index, b_row_index, row_scale) present?
+OPTIONS = ((False, False, False), (True, True, True))
+DTYPES = (np.float32, BF16)
+
+
+def _group_sizes(rng, m: int, g: int, kind: str) -> np.ndarray:
+  """Group sizes `[g]` int32 for `m` rows.
+
+  kind: "all" (every row, one group per row split at random), "random" (sum m),
+  "under" (sum < m), "zeros" (sum m, at least two empty groups when g > 2),
+  "one" (all m rows in one middle group, the others empty).
+  """
+  if kind == "one":
+    sizes = np.zeros(g, np.int64)
+    sizes[g // 2] = m
+    return sizes.astype(np.int32)
+  total = {"all": m, "random": m, "zeros": m, "under": max(m - 1 - m // 4, 0)}[kind]
+  probs = np.ones(g)
+  if kind == "zeros" and g > 2:
+    probs[rng.choice(g, size=2, replace=False)] = 0.0
+  return rng.multinomial(total, probs / probs.sum()).astype(np.int32)
+
+
+def _inputs(rng, m, ka, n, g, kind, dtype, options):
+  """`(a, b, group_sizes, kwargs)` with fresh random data (never zeros)."""
+  has_ai, has_bi, has_s = options
+  ma = m + 3 if has_ai else m
+  mb = m + 5 if has_bi else m
+  a = helpers.normal(rng, (ma, ka), dtype)
+  b = helpers.normal(rng, (mb, n), dtype)
+  sizes = _group_sizes(rng, m, g, kind)
+  kwargs = {}
+  if has_ai:
+    kwargs["a_row_index"] = rng.integers(0, ma, size=m).astype(np.int32)
+  if has_bi:
+    kwargs["b_row_index"] = rng.integers(0, mb, size=m).astype(np.int32)
+  if has_s:
+    kwargs["row_scale"] = rng.uniform(0.1, 1.0, size=m).astype(np.float32)
+  return a, b, sizes, kwargs
+
+
+def _oracle(a, b, group_sizes, *, a_row_index=None, b_row_index=None,
+            row_scale=None) -> np.ndarray:
+  """float64 loop over groups and rows: `out[gi] = sum_r A_r^T (s_r B_r)`."""
+  a = np.asarray(a).astype(np.float64)
+  b = np.asarray(b).astype(np.float64)
+  m = a.shape[0] if a_row_index is None else len(a_row_index)
+  out = np.zeros((len(group_sizes), a.shape[1], b.shape[1]))
+  r = 0
+  for gi, size in enumerate(np.asarray(group_sizes)):
+    for _ in range(max(int(size), 0)):
+      if r >= m:
+        break
+      a_r = a[r if a_row_index is None else a_row_index[r]]
+      b_r = b[r if b_row_index is None else b_row_index[r]]
+      s_r = 1.0 if row_scale is None else float(row_scale[r])
+      out[gi] += np.outer(a_r, s_r * b_r)
+      r += 1
+  return out
+
+
+class TgmmTestBase:
+  """Every tgmm check, run by the subclasses with their `BACKEND`."""
+
+  BACKEND: str = ""
+  CONFIG: TgmmConfig | None = None  # None: the backend's default (autotune)
+
+  def _tgmm(self, *args, **kwargs):
+    kwargs.setdefault("config", self.CONFIG)
+    return tgmm(*args, backend=self.BACKEND, **kwargs)
+
+  @pytest.mark.parametrize("options", OPTIONS)
+  @pytest.mark.parametrize("dtype", DTYPES)
+  @pytest.mark.parametrize("m,ka,n,g,kind", SHAPES)
+  def test_matches_reference(self, rng, m, ka, n, g, kind, dtype, options):
+    a, b, sizes, kw = _inputs(rng, m, ka, n, g, kind, dtype, options)
+    out = jax.jit(functools.partial(self._tgmm, **kw))(a, b, sizes)
+    assert out.shape == (g, ka, n) and out.dtype == jnp.float32
+    expected = tgmm_reference(a, b, sizes, **kw)
+    helpers.assert_close(out, expected, dtype)
+    helpers.assert_close(out, _oracle(a, b, sizes, **kw), dtype, err_msg="oracle")
+    empty = np.asarray(sizes) == 0
+    assert np.all(np.asarray(out)[empty] == 0), "groups without rows must be 0"
+
+  @pytest.mark.parametrize("use_jit", [False, True])
+  def test_every_element_written(self, rng, use_jit):
+    # With "interpret", outputs start as NaN; a missed tile would stay NaN.
+    # Zero-row groups (two of them) must be written as exact zeros.
+    m, ka, n, g = 70, 40, 35, 6
+    a, b, _, kw = _inputs(rng, m, ka, n, g, "random", np.float32, (True, False, True))
+    sizes = np.array([0, 30, 0, 25, 15, 0], np.int32)
+    fn = functools.partial(self._tgmm, **kw)
+    out = np.asarray((jax.jit(fn) if use_jit else fn)(a, b, sizes))
+    assert np.isfinite(out).all(), f"{np.isnan(out).sum()} unwritten elements"
+    assert np.all(out[[0, 2, 5]] == 0)
+    helpers.assert_close(out, _oracle(a, b, sizes, **kw), np.float32)
+
+  def test_sum_over_m_is_clipped(self, rng):
+    m, ka, n = 37, 48, 33
+    a, b, _, _ = _inputs(rng, m, ka, n, 4, "random", np.float32, OPTIONS[0])
+    sizes = np.array([10, 20, 30, 5], np.int32)  # 65 > 37: rows 30..36 in group 2
+    out = self._tgmm(a, b, sizes)
+    expected = _oracle(a, b, np.array([10, 20, 7, 0], np.int32))
+    helpers.assert_close(out, expected, np.float32)
+    assert np.all(np.asarray(out)[3] == 0)
+
+  @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
+  def test_out_dtype(self, rng, out_dtype):
+    a, b, sizes, kw = _inputs(rng, 37, 48, 33, 4, "random", BF16, OPTIONS[1])
+    out = self._tgmm(a, b, sizes, out_dtype=out_dtype, **kw)
+    assert out.dtype == out_dtype
+    helpers.assert_close(out, _oracle(a, b, sizes, **kw), out_dtype)
+
+  def test_is_ragged_dot_rhs_gradient(self, rng):
+    m, k, n, g = 37, 48, 33, 4
+    lhs = helpers.normal(rng, (m, k), np.float32)
+    rhs = helpers.normal(rng, (g, k, n), np.float32)
+    d_out = helpers.normal(rng, (m, n), np.float32)
+    sizes = _group_sizes(rng, m, g, "under")
+    _, vjp = jax.vjp(
+        lambda r: jax.lax.ragged_dot(lhs, r, sizes, precision="highest"), rhs)
+    (expected,) = vjp(d_out)
+    helpers.assert_close(self._tgmm(lhs, d_out, sizes), expected, np.float32)
+
+  def test_gradients(self, rng):
+    # The backward is `tgmm_vjp` (XLA); check it against finite differences of
+    # the kernel's forward, with repeated rows in both index arrays.
+    a, b, sizes, kw = _inputs(rng, 37, 5, 3, 4, "zeros", np.float32, OPTIONS[1])
+    ct = helpers.normal(rng, (4, 5, 3), np.float32)
+    ai, bi = kw["a_row_index"], kw["b_row_index"]
+
+    def f(fn, a, b, s):
+      return fn(a, b, sizes, a_row_index=ai, b_row_index=bi, row_scale=s) * ct
+
+    eps, atol, rtol = helpers.CHECK_GRADS["float32"]
+    args = (a, b, kw["row_scale"])
+    jax.test_util.check_grads(functools.partial(f, self._tgmm), args, 1,
+                              modes=("rev",), eps=eps, atol=atol, rtol=rtol)
+    got = jax.grad(lambda *x: f(self._tgmm, *x).sum(), argnums=(0, 1, 2))(*args)
+    want = jax.grad(lambda *x: f(tgmm_reference, *x).sum(), argnums=(0, 1, 2))(*args)
+    for name, g_got, g_want in zip(("a", "b", "row_scale"), got, want):
+      helpers.assert_close(g_got, g_want, np.float32, kind="grad", err_msg=name)
+
+  def test_empty_shapes(self, rng):
+    a = helpers.normal(rng, (0, 5), np.float32)
+    b = helpers.normal(rng, (0, 3), np.float32)
+    out = self._tgmm(a, b, np.array([0, 0], np.int32))
+    assert out.shape == (2, 5, 3) and np.all(np.asarray(out) == 0)
+    a = helpers.normal(rng, (4, 5), np.float32)
+    b = helpers.normal(rng, (4, 3), np.float32)
+    assert self._tgmm(a, b, np.zeros((0,), np.int32)).shape == (0, 5, 3)
+
+  def test_errors(self, rng):
+    a = helpers.normal(rng, (8, 5), np.float32)
+    b = helpers.normal(rng, (8, 3), np.float32)
+    sizes = np.array([3, 5], np.int32)
+    idx = np.arange(8, dtype=np.int32)
+    cases = [
+        ((a[0], b, sizes), {}, ValueError, r"a must have shape \[m, ka\]"),
+        ((a, b[:7], sizes), {}, ValueError, r"b must have shape \[m, n\]"),
+        ((a, b.astype(BF16), sizes), {}, TypeError, "same dtype"),
+        ((a.astype(np.int32), b.astype(np.int32), sizes), {}, TypeError,
+         "a must be float32, bfloat16 or float16"),
+        ((a, b, sizes.astype(np.float32)), {}, TypeError, "group_sizes must be int32"),
+        ((a, b, sizes[None]), {}, ValueError, r"group_sizes must have shape \[g\]"),
+        ((a, b, sizes), {"a_row_index": idx[:5]}, ValueError, "b must have shape"),
+        ((a, b, sizes), {"b_row_index": idx[:5]}, ValueError,
+         r"b_row_index must have shape \[m\] = \[8\]"),
+        ((a, b, sizes), {"a_row_index": idx.astype(np.float32)}, TypeError,
+         "a_row_index must be int32"),
+        ((a, b, sizes), {"row_scale": np.ones(7, np.float32)}, ValueError,
+         r"row_scale must have shape \[m\] = \[8\]"),
+        ((a, b, sizes), {"out_dtype": jnp.int32}, TypeError, "out_dtype must be"),
+        ((a, b, sizes), {"input_precision": "tf64"}, ValueError, "input_precision"),
+    ]
+    for args, kwargs, error, pattern in cases:
+      with pytest.raises(error, match=pattern):
+        jax.jit(functools.partial(self._tgmm, **kwargs))(*args)
+
+
+class TestTgmmInterpret(TgmmTestBase):
+  BACKEND = "interpret"
+
+  def test_reference_matches_oracle_float32(self, rng):
+    for options in ((True, False, False), (False, True, True)):
+      a, b, sizes, kw = _inputs(rng, 130, 48, 33, 9, "zeros", np.float32, options)
+      helpers.assert_close(tgmm_reference(a, b, sizes, **kw),
+                           _oracle(a, b, sizes, **kw), np.float32)
+
+  def test_bad_backend(self, rng):
+    a = helpers.normal(rng, (4, 5), np.float32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+      tgmm(a, a, np.array([4], np.int32), backend="cuda")
+
+
+# ----------------------------------------------------------------------------
+# GPU.
+# ----------------------------------------------------------------------------
+
+
+def _skewed_sizes(rng, m: int, g: int, n_empty: int = 2) -> np.ndarray:
+  """Skewed sizes summing to `m` (lognormal weights), `n_empty` groups empty."""
+  w = rng.lognormal(0.0, 1.0, size=g)
+  w[rng.choice(g, size=n_empty, replace=False)] = 0.0
+  sizes = np.floor(w / w.sum() * m).astype(np.int64)
+  sizes[np.argmax(w)] += m - sizes.sum()
+  return sizes.astype(np.int32)
+
+
+def _per_group_dots(a, b, sizes, a_row_index=None, b_row_index=None, row_scale=None):
+  """GPU oracle: one dense jnp.dot per group (host-side sizes), float32 accumulate.
+
+  With `row_scale`, the scaled `a` rows are rounded to `a.dtype` as the kernel
+  does, so bf16 results agree to float32 summation order.
+  """
+  rows_a = a if a_row_index is None else jnp.take(a, a_row_index, axis=0)
+  rows_b = b if b_row_index is None else jnp.take(b, b_row_index, axis=0)
+  if row_scale is not None:
+    rows_a = (rows_a.astype(jnp.float32) * row_scale[:, None]).astype(a.dtype)
+  outs, start = [], 0
+  for size in np.asarray(sizes):
+    outs.append(jax.lax.dot_general(
+        rows_a[start:start + size], rows_b[start:start + size], (((0,), (0,)), ((), ())),
+        precision="highest", preferred_element_type=jnp.float32))
+    start += int(size)
+  return jnp.stack(outs)
+
+
+@pytest.mark.gpu
+class TestTgmmTriton(TgmmTestBase):
+  BACKEND = "triton"
+
+  @pytest.mark.parametrize(
+      "m,ka,n,g,skewed,options",
+      [
+          (16384, 4096, 14336, 8, False, (False, False, False)),
+          (49152, 2048, 2816, 64, True, (False, False, False)),
+          (49152, 2048, 1408, 64, True, (True, False, False)),
+          (49152, 1408, 2048, 64, True, (False, True, True)),
+      ],
+  )
+  def test_moe_shapes_bf16(self, m, ka, n, g, skewed, options):
+    rng = helpers.rng_for(f"tgmm-{m}-{ka}-{n}-{g}")
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    ka_, kb = jax.random.split(key)
+    has_ai, has_bi, has_s = options
+    a = jax.random.normal(ka_, (m, ka), jnp.bfloat16)
+    b = jax.random.normal(kb, (m, n), jnp.bfloat16)
+    sizes = _skewed_sizes(rng, m, g) if skewed else np.full(g, m // g, np.int32)
+    kw = {}
+    if has_ai:
+      kw["a_row_index"] = jnp.asarray(rng.permutation(m).astype(np.int32))
+    if has_bi:
+      kw["b_row_index"] = jnp.asarray(rng.permutation(m).astype(np.int32))
+    if has_s:
+      kw["row_scale"] = jnp.asarray(rng.uniform(0.1, 1.0, m).astype(np.float32))
+    fn = jax.jit(functools.partial(self._tgmm, **kw))
+    sizes = jnp.asarray(sizes)
+    out = fn(a, b, sizes)
+    expected = _per_group_dots(a, b, sizes, **kw)
+    helpers.assert_close(out, expected, np.float32, rtol=1e-5)  # only sum order
+    empty = np.asarray(sizes) == 0
+    assert np.all(np.asarray(out[empty]) == 0)
+    again = fn(a, b, sizes)
+    assert np.array_equal(np.asarray(out), np.asarray(again)), "not bit-identical"
+
+  def test_float32_tf32(self, rng):
+    a, b, sizes, kw = _inputs(rng, 1000, 600, 300, 8, "zeros", np.float32, OPTIONS[1])
+    out = self._tgmm(a, b, sizes, input_precision="tf32", **kw)
+    helpers.assert_close(out, _oracle(a, b, sizes, **kw), "tf32")
