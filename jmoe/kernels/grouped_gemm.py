@@ -1,0 +1,383 @@
+"""Grouped GEMM kernels over a tile schedule (only `@triton.jit` code, no jax).
+
+Rows of the output ("slots") are sorted by group (expert): group `g` owns the
+contiguous rows `[start_g, end_g)`. A tile schedule `tiles [3, NUM_TILES]`
+int32 (built by `jmoe.ops.align`) lists, per BLOCK_M row tile:
+
+  tiles[0, i]  group of the tile, or -1 for a "zero tile" whose rows are
+               written with zeros (rows past the last group);
+  tiles[1, i]  first row of the tile;
+  tiles[2, i]  one past its last row (<= first row + BLOCK_M). A tile with
+               `start >= end` is idle: its programs exit at once.
+
+Every tile belongs to one group, so one program multiplies its rows by one
+weight matrix `B[g] = b[g, :, :]` (strides `STRIDE_BG, STRIDE_BK, STRIDE_BN`;
+a transposed weight is just other strides). With `GATHER_A`, row `r` of the
+output reads row `row_index[r]` of `a` inside the GEMM (no gathered copy).
+
+The launch grid is `NUM_TILES * cdiv(N, BLOCK_N)` programs, mapped to
+(tile, column block) with a GROUP_M swizzle for L2 reuse of `a` rows.
+
+Three entry points share `_tile_coords` and `_mainloop`:
+- `_grouped_gemm_kernel`: `c[r] = s_r * (a[row(r)] @ B[g])` (`SCALE_ROWS`).
+- `_grouped_gemm_act_kernel`: the expert up projection with the activation
+  in the epilogue, optionally gated (gate columns `[0, F)`, up `[F, 2F)` of
+  `B[g]`, both tiles computed by the same program) and optionally storing
+  the pre-activation for the backward.
+- `_grouped_gemm_act_bwd_kernel`: `g = dy[row(r)] @ down[g]^T` with the
+  activation backward in the epilogue: `d_pre` and per-column-block partial
+  sums of `<h, g>` (the router-weight gradient, summed later in a fixed order).
+
+Dot operands are upcast to float32 when `DOT_F32` (Triton's interpreter gets
+bf16/fp16 `tl.dot` wrong); accumulation is always float32.
+"""
+
+import triton
+import triton.language as tl
+
+from jmoe.kernels.activations import act_fwd
+from jmoe.kernels.activations import act_fwd_and_grad
+
+
+@triton.jit
+def _tile_coords(
+    tiles_ptr,
+    NUM_TILES: tl.constexpr,
+    N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+  """(column block, group, row start, row end) of this program."""
+  pid = tl.program_id(0)
+  num_pid_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+  num_pid_in_group: tl.constexpr = GROUP_M * num_pid_n
+  group_id = pid // num_pid_in_group
+  first_m = group_id * GROUP_M
+  group_size_m = tl.minimum(NUM_TILES - first_m, GROUP_M)
+  pid_m = first_m + (pid % num_pid_in_group) % group_size_m
+  pid_n = (pid % num_pid_in_group) // group_size_m
+  expert = tl.load(tiles_ptr + pid_m)
+  row_start = tl.load(tiles_ptr + NUM_TILES + pid_m)
+  row_end = tl.load(tiles_ptr + 2 * NUM_TILES + pid_m)
+  return pid_n, expert, row_start, row_end
+
+
+@triton.jit
+def _mainloop(
+    a_ptr,
+    b_ptr,
+    row_index_ptr,
+    expert,
+    row_start,
+    row_end,
+    pid_n,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    STRIDE_AM: tl.constexpr,
+    STRIDE_AK: tl.constexpr,
+    STRIDE_BG: tl.constexpr,
+    STRIDE_BK: tl.constexpr,
+    STRIDE_BN: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    GATED: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+  """float32 tile(s) `a[rows] @ B[expert][:, cols]` (and the up half if GATED).
+
+  Rows past `row_end` are clamped to a valid row (their results are never
+  stored) and columns past N wrap around, so loads need no M/N masks. A zero
+  tile (`expert < 0`) runs no K iterations and returns zeros.
+  """
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  rows = tl.where(offs_m < row_end, offs_m, row_start)
+  if GATHER_A:
+    a_rows = tl.load(row_index_ptr + rows)
+  else:
+    a_rows = rows
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  b_cols = offs_n % N
+  offs_k = tl.arange(0, BLOCK_K)
+  a_ptrs = (
+      a_ptr
+      + a_rows.to(tl.int64)[:, None] * STRIDE_AM
+      + offs_k[None, :] * STRIDE_AK
+  )
+  b_ptrs = (
+      b_ptr
+      + tl.maximum(expert, 0).to(tl.int64) * STRIDE_BG
+      + offs_k[:, None] * STRIDE_BK
+      + b_cols[None, :] * STRIDE_BN
+  )
+  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  num_k = tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)
+  for kk in range(0, num_k):
+    if K % BLOCK_K == 0:
+      a = tl.load(a_ptrs)
+      b = tl.load(b_ptrs)
+    else:
+      k_mask = offs_k < K - kk * BLOCK_K
+      a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+      b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+    if DOT_F32:
+      a = a.to(tl.float32)
+      b = b.to(tl.float32)
+    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if GATED:
+      if K % BLOCK_K == 0:
+        bu = tl.load(b_ptrs + UP_OFFSET * STRIDE_BN)
+      else:
+        bu = tl.load(b_ptrs + UP_OFFSET * STRIDE_BN, mask=k_mask[:, None], other=0.0)
+      if DOT_F32:
+        bu = bu.to(tl.float32)
+      acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+    a_ptrs += BLOCK_K * STRIDE_AK
+    b_ptrs += BLOCK_K * STRIDE_BK
+  return acc, acc_up
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    # Inputs.
+    a_ptr,  # [rows_a, K]
+    b_ptr,  # [G, K, N] through strides
+    tiles_ptr,  # [3, NUM_TILES] int32
+    row_index_ptr,  # [rows] int32 (GATHER_A) row of `a` for each output row
+    row_scale_ptr,  # [rows] float32 (SCALE_ROWS)
+    # Outputs.
+    c_ptr,  # [rows, N]
+    # Sizes and strides.
+    N: tl.constexpr,
+    K: tl.constexpr,
+    NUM_TILES: tl.constexpr,
+    STRIDE_AM: tl.constexpr,
+    STRIDE_AK: tl.constexpr,
+    STRIDE_BG: tl.constexpr,
+    STRIDE_BK: tl.constexpr,
+    STRIDE_BN: tl.constexpr,
+    STRIDE_CM: tl.constexpr,
+    # Switches and tiles.
+    GATHER_A: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+  """`c[r, :] = row_scale[r] * a[row_index[r], :] @ b[group(r)]`; zero tiles write 0."""
+  pid_n, expert, row_start, row_end = _tile_coords(
+      tiles_ptr, NUM_TILES, N, BLOCK_N, GROUP_M
+  )
+  if row_start >= row_end:
+    return
+  acc, _ = _mainloop(
+      a_ptr, b_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
+      N, K, STRIDE_AM, STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, 0,
+      BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
+  )
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  mask_m = offs_m < row_end
+  if SCALE_ROWS:
+    s = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
+    acc = acc * s[:, None]
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_CM + offs_n[None, :]
+  mask = mask_m[:, None] & (offs_n < N)[None, :]
+  tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_gemm_act_kernel(
+    # Inputs.
+    x_ptr,  # [t, K] token rows
+    w_ptr,  # [G, K, F] or [G, K, 2F] (GATED: gate columns first)
+    tiles_ptr,  # [3, NUM_TILES] int32
+    row_index_ptr,  # [rows] int32 (GATHER_A) token of each slot
+    # Outputs.
+    h_ptr,  # [rows, F] activation output, x dtype
+    pre_ptr,  # [rows, F or 2F] pre-activation (STORE_PRE), else unused [1]
+    # Sizes and strides.
+    F: tl.constexpr,
+    K: tl.constexpr,
+    NUM_TILES: tl.constexpr,
+    STRIDE_XM: tl.constexpr,
+    STRIDE_WG: tl.constexpr,
+    STRIDE_WK: tl.constexpr,
+    STRIDE_WN: tl.constexpr,
+    # Switches and tiles.
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+  """`h = act(x[row] @ w[g][:, :F]) (* x[row] @ w[g][:, F:] if GATED)`."""
+  pid_n, expert, row_start, row_end = _tile_coords(
+      tiles_ptr, NUM_TILES, F, BLOCK_N, GROUP_M
+  )
+  if row_start >= row_end:
+    return
+  gate, up = _mainloop(
+      x_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
+      F, K, STRIDE_XM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, F,
+      BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
+  )
+  if GATED:
+    h = act_fwd(gate, ACTIVATION) * up
+  else:
+    h = act_fwd(gate, ACTIVATION)
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  mask = (offs_m < row_end)[:, None] & (offs_n < F)[None, :]
+  rows64 = offs_m.to(tl.int64)[:, None]
+  tl.store(h_ptr + rows64 * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+  if STORE_PRE:
+    if GATED:
+      pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
+      tl.store(pre_ptrs, gate.to(pre_ptr.dtype.element_ty), mask=mask)
+      tl.store(pre_ptrs + F, up.to(pre_ptr.dtype.element_ty), mask=mask)
+    else:
+      pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
+      tl.store(pre_ptrs, gate.to(pre_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_gemm_act_bwd_kernel(
+    # Inputs.
+    dy_ptr,  # [t, K] output gradient per token
+    w_ptr,  # [G, F, K] down weights, read transposed through strides
+    tiles_ptr,  # [3, NUM_TILES] int32
+    row_index_ptr,  # [rows] int32 token of each slot
+    row_scale_ptr,  # [rows] float32 router weight of each slot
+    pre_ptr,  # [rows, F or 2F] pre-activation saved by the forward
+    # Outputs.
+    dpre_ptr,  # [rows, F or 2F] gradient of the pre-activation, pre dtype
+    dwp_ptr,  # [rows, DWP_COLS] float32 partial <h, g> per column block
+    # Sizes and strides.
+    F: tl.constexpr,
+    K: tl.constexpr,
+    NUM_TILES: tl.constexpr,
+    STRIDE_DYM: tl.constexpr,
+    STRIDE_WG: tl.constexpr,
+    STRIDE_WK: tl.constexpr,
+    STRIDE_WN: tl.constexpr,
+    DWP_COLS: tl.constexpr,
+    # Switches and tiles.
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+  """Backward of `y += w * act(pre) @ down` for one slot tile and column block.
+
+  `g = dy[row] @ down[e]^T` (float32); `h = act(pre)` (rounded to the pre
+  dtype, as the forward stored it); `dwp[r, pid_n] = sum_cols h * g`;
+  `dh = w * g`; `d_pre = dh * act'(pre)` (gated: `d_gate = dh * up *
+  act'(gate)`, `d_up = dh * act(gate)`).
+  """
+  pid_n, expert, row_start, row_end = _tile_coords(
+      tiles_ptr, NUM_TILES, F, BLOCK_N, GROUP_M
+  )
+  if row_start >= row_end:
+    return
+  g, _ = _mainloop(
+      dy_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
+      F, K, STRIDE_DYM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, 0,
+      BLOCK_M, BLOCK_N, BLOCK_K, True, False, DOT_F32, INPUT_PRECISION,
+  )
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  mask_m = offs_m < row_end
+  mask = mask_m[:, None] & (offs_n < F)[None, :]
+  load_mask = mask & (expert >= 0)
+  rows64 = offs_m.to(tl.int64)[:, None]
+  if GATED:
+    pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
+    dpre_ptrs = dpre_ptr + rows64 * (2 * F) + offs_n[None, :]
+  else:
+    pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
+    dpre_ptrs = dpre_ptr + rows64 * F + offs_n[None, :]
+  pre_g = tl.load(pre_ptrs, mask=load_mask, other=0.0).to(tl.float32)
+  act, dact = act_fwd_and_grad(pre_g, ACTIVATION)
+  if GATED:
+    pre_u = tl.load(pre_ptrs + F, mask=load_mask, other=0.0).to(tl.float32)
+    h = act * pre_u
+  else:
+    h = act
+  h = h.to(pre_ptr.dtype.element_ty).to(tl.float32)
+  g = tl.where(load_mask, g, 0.0)
+  dwp = tl.sum(h * g, axis=1)
+  tl.store(dwp_ptr + offs_m.to(tl.int64) * DWP_COLS + pid_n, dwp, mask=mask_m)
+  w = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
+  dh = g * w[:, None]
+  if GATED:
+    tl.store(dpre_ptrs, (dh * pre_u * dact).to(dpre_ptr.dtype.element_ty), mask=mask)
+    tl.store(dpre_ptrs + F, (dh * act).to(dpre_ptr.dtype.element_ty), mask=mask)
+  else:
+    tl.store(dpre_ptrs, (dh * dact).to(dpre_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# Autotuned variants. BLOCK_M is fixed by the caller (the tile schedule is built
+# for it); the configs choose BLOCK_N, BLOCK_K, GROUP_M, warps and stages.
+# Shared memory per stage (bf16): A BLOCK_M*BLOCK_K*2 + B BLOCK_K*BLOCK_N*2
+# (twice B when gated); Hopper allows 227 KB.
+# ----------------------------------------------------------------------------
+
+
+def _config(block_n, block_k, num_warps, num_stages, group_m=8):
+  return triton.Config(
+      {"BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+      num_warps=num_warps,
+      num_stages=num_stages,
+  )
+
+
+PLAIN_CONFIGS = [
+    _config(256, 64, 8, 3),
+    _config(128, 64, 8, 4),
+    _config(128, 64, 4, 4),
+    _config(64, 64, 4, 4),
+]
+GATED_CONFIGS = [
+    _config(128, 64, 8, 3),
+    _config(128, 64, 8, 4),
+    _config(64, 64, 4, 4),
+]
+ACT_BWD_CONFIGS = [
+    _config(128, 64, 8, 3),
+    _config(128, 64, 8, 4),
+    _config(64, 64, 4, 4),
+]
+
+grouped_gemm_autotuned = triton.autotune(
+    configs=PLAIN_CONFIGS, key=["N", "K", "NUM_TILES"]
+)(_grouped_gemm_kernel)
+grouped_gemm_act_autotuned = triton.autotune(
+    configs=PLAIN_CONFIGS, key=["F", "K", "NUM_TILES"]
+)(_grouped_gemm_act_kernel)
+grouped_gemm_act_gated_autotuned = triton.autotune(
+    configs=GATED_CONFIGS, key=["F", "K", "NUM_TILES"]
+)(_grouped_gemm_act_kernel)
+grouped_gemm_act_bwd_autotuned = triton.autotune(
+    configs=ACT_BWD_CONFIGS, key=["F", "K", "NUM_TILES"]
+)(_grouped_gemm_act_bwd_kernel)
+
+# The smallest BLOCK_N of the act_bwd configs: sizes the `dwp` partial sums.
+ACT_BWD_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in ACT_BWD_CONFIGS)

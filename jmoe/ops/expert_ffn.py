@@ -1,0 +1,349 @@
+"""The fused expert FFN of an MoE (dispatch, up + activation, down, combine) in Triton.
+
+`expert_ffn(x [t, d], expert_ids [t, k], weights [t, k], kept [t, k],
+up_kernel, down_kernel, *, activation, backend) -> y [t, d]` computes
+`y_i = sum_{j kept} weights[i, j] * down_e(act(x_i @ up_e))`, `e = expert_ids[i, j]`
+(DESIGN.md "Experts"). Pipeline, with `tk = t * top_k` slots:
+
+  align    `jmoe.ops.align.align`: copies sorted by expert (one XLA argsort),
+           slot of each copy, BLOCK_M tile schedule.
+  up       `_grouped_gemm_act_kernel`: reads token rows of x through the slot ->
+           token index inside the GEMM; gate and up tiles in one program;
+           activation in float32 in the epilogue -> h [tk, f] (x dtype). For
+           the backward it also stores the pre-activation [tk, f or 2f].
+  down     `_grouped_gemm_kernel`: h @ down[e], times the copy's router weight
+           in the epilogue -> o [tk, d] float32 (one row per slot).
+  combine  `_combine_kernel`: y[t] = sum_j o[slot(t, j)] in float32, in j order
+           (no atomics: bit-identical repeats), cast to x dtype.
+
+Backward (`custom_vjp`, every GEMM in Triton):
+
+  act_bwd  `_grouped_gemm_act_bwd_kernel`: g = dy[token] @ down[e]^T (gather
+           in the GEMM); epilogue: partial <h, g> per column block (router
+           weight gradient), dh = w * g, activation backward -> d_pre.
+  dW_down  tgmm(h, dy, b_row_index=token, row_scale=w)   `jmoe.ops.tgmm`
+  dW_up    tgmm(x, d_pre, a_row_index=token)
+  dx       `_grouped_gemm_kernel`: d_pre @ up[e]^T per slot (float32), then the
+           combine kernel sums the k slots of each token and the partial
+           <h, g> sums into d_weights.
+
+The pre-activation is stored by the forward (x dtype, `tk * f` or `tk * 2f`
+elements) rather than recomputed in the backward: recomputing costs another
+up GEMM (a third of the forward's flops) to save that memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jmoe.ops import align as align_lib
+from jmoe.ops import grouped_matmul as gmm_lib
+
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "geglu")
+_GATE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _is_gated(activation: str) -> bool:
+  return activation in _GATE_ACTIVATION
+
+
+def _combine_blocks(backend: str) -> dict[str, int]:
+  if backend == "interpret":
+    return {"BLOCK_T": 16, "BLOCK_D": 64, "num_warps": 4}
+  return {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 4}
+
+
+def combine(
+    src: jax.Array,
+    pos: jax.Array,
+    out_dtype: Any,
+    backend: str,
+    dwp: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """`out[t] = sum_j src[pos[t, j]]` (float32, j order), and optionally d_weights.
+
+  Args:
+    src: `[rows, d]` per-slot rows.
+    pos: `[t, top_k]` int32 slot of each copy, -1 where dropped.
+    out_dtype: dtype of `out`.
+    backend: `"triton"` or `"interpret"`.
+    dwp: optional `[rows, c]` float32 partial sums: also returns
+      `dw [t, top_k] = sum_c dwp[pos[t, j], c]` (0 where dropped).
+
+  Returns:
+    `out [t, d]`, or `(out, dw)` when `dwp` is given.
+  """
+  import triton  # pylint: disable=import-outside-toplevel
+
+  from jmoe.kernels.combine import _combine_kernel  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+
+  t, top_k = pos.shape
+  d = src.shape[1]
+  blocks = _combine_blocks(backend)
+  with_dw = dwp is not None
+  cols = dwp.shape[1] if with_dw else 1
+  out, dw = kernel_call(
+      _combine_kernel,
+      src,
+      pos,
+      dwp if with_dw else jnp.zeros((1,), jnp.float32),
+      out_shape=(
+          jax.ShapeDtypeStruct((t, d), out_dtype),
+          jax.ShapeDtypeStruct((t, top_k) if with_dw else (1,), jnp.float32),
+      ),
+      grid=(triton.cdiv(t, blocks["BLOCK_T"]), triton.cdiv(d, blocks["BLOCK_D"])),
+      backend=backend,
+      name="jmoe_combine",
+      T=t,
+      D=d,
+      TOP_K=top_k,
+      STRIDE_SRC=d,
+      DWP_COLS=cols,
+      WITH_DW=with_dw,
+      BLOCK_DW=triton.next_power_of_2(cols),
+      **blocks,
+  )
+  return (out, dw) if with_dw else out
+
+
+def _dims(x, up, activation):
+  t, d = x.shape
+  e, _, pf = up.shape
+  gated = _is_gated(activation)
+  f = pf // 2 if gated else pf
+  return t, d, e, pf, f, gated
+
+
+def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save):
+  t, d, e, pf, f, gated = _dims(x, up, activation)
+  top_k = expert_ids.shape[1]
+  tk = t * top_k
+  block_m = gmm_lib.block_m_for(tk, e, backend)
+  al = align_lib.align(expert_ids, kept, e, block_m)
+  num_tiles = al.tiles.shape[1]
+  w_sorted = weights.reshape(tk)[al.order]
+  act = _GATE_ACTIVATION.get(activation, activation)
+  h, pre = gmm_lib.gemm_call(
+      "act",
+      x,
+      up,
+      al.tiles,
+      al.token,
+      out_shape=(
+          jax.ShapeDtypeStruct((tk, f), x.dtype),
+          jax.ShapeDtypeStruct((tk, pf) if save else (1,), x.dtype),
+      ),
+      n=f,
+      k=d,
+      num_tiles=num_tiles,
+      block_m=block_m,
+      backend=backend,
+      name="jmoe_expert_up",
+      gated=gated,
+      F=f,
+      K=d,
+      NUM_TILES=num_tiles,
+      STRIDE_XM=d,
+      STRIDE_WG=d * pf,
+      STRIDE_WK=pf,
+      STRIDE_WN=1,
+      ACTIVATION=act,
+      GATED=gated,
+      STORE_PRE=save,
+      GATHER_A=True,
+      **gmm_lib.dot_flags(x.dtype, backend),
+  )
+  o = gmm_lib.grouped_gemm(
+      h, down, al.tiles, n=d, k=f, rows=tk, strides_b=(f * d, d, 1),
+      block_m=block_m, out_dtype=jnp.float32, backend=backend,
+      row_scale=w_sorted, name="jmoe_expert_down",
+  )
+  y = combine(o, al.pos, x.dtype, backend)
+  residuals = (x, up, down, al, w_sorted, h, pre) if save else None
+  return y, residuals
+
+
+def _backward(activation, backend, residuals, dy):
+  x, up, down, al, w_sorted, h, pre = residuals
+  t, d, e, pf, f, gated = _dims(x, up, activation)
+  tk = h.shape[0]
+  block_m = gmm_lib.block_m_for(tk, e, backend)
+  num_tiles = al.tiles.shape[1]
+  dy = dy.astype(x.dtype)
+  act = _GATE_ACTIVATION.get(activation, activation)
+  autotune = backend == "triton" and gmm_lib.autotune_enabled()
+  if autotune:
+    from jmoe.kernels.grouped_gemm import ACT_BWD_MIN_BLOCK_N  # pylint: disable=import-outside-toplevel
+
+    min_block_n = ACT_BWD_MIN_BLOCK_N
+  else:
+    min_block_n = gmm_lib.default_config("act_bwd", block_m, f, d, backend).block_n
+  dwp_cols = -(-f // min_block_n)
+  d_pre, dwp = gmm_lib.gemm_call(
+      "act_bwd",
+      dy,
+      down,
+      al.tiles,
+      al.token,
+      w_sorted,
+      pre,
+      out_shape=(
+          jax.ShapeDtypeStruct((tk, pf), x.dtype),
+          jax.ShapeDtypeStruct((tk, dwp_cols), jnp.float32),
+      ),
+      n=f,
+      k=d,
+      num_tiles=num_tiles,
+      block_m=block_m,
+      backend=backend,
+      name="jmoe_expert_act_bwd",
+      gated=gated,
+      # Larger autotuned BLOCK_N fill fewer partial-sum columns: the rest stay 0.
+      zeroed_outputs=(1,) if autotune else (),
+      F=f,
+      K=d,
+      NUM_TILES=num_tiles,
+      STRIDE_DYM=d,
+      STRIDE_WG=f * d,
+      STRIDE_WK=1,
+      STRIDE_WN=d,
+      DWP_COLS=dwp_cols,
+      ACTIVATION=act,
+      GATED=gated,
+      **gmm_lib.dot_flags(x.dtype, backend),
+  )
+  from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
+
+  d_down = tgmm(
+      h, dy, al.group_sizes, b_row_index=al.token, row_scale=w_sorted,
+      out_dtype=down.dtype, backend=backend,
+  )
+  d_up = tgmm(
+      x, d_pre, al.group_sizes, a_row_index=al.token, out_dtype=up.dtype,
+      backend=backend,
+  )
+  dxc = gmm_lib.grouped_gemm(
+      d_pre, up, al.tiles, n=d, k=pf, rows=tk, strides_b=(d * pf, 1, pf),
+      block_m=block_m, out_dtype=jnp.float32, backend=backend,
+      name="jmoe_expert_dx",
+  )
+  dx, d_weights = combine(dxc, al.pos, x.dtype, backend, dwp=dwp)
+  return dx, None, d_weights, None, d_up, d_down
+
+
+@functools.cache
+def _expert_ffn_fn(activation: str, backend: str):
+  @jax.custom_vjp
+  def op(x, expert_ids, weights, kept, up, down):
+    y, _ = _forward(x, expert_ids, weights, kept, up, down, activation, backend,
+                    save=False)
+    return y
+
+  def fwd(x, expert_ids, weights, kept, up, down):
+    return _forward(x, expert_ids, weights, kept, up, down, activation, backend,
+                    save=True)
+
+  def bwd(residuals, dy):
+    return _backward(activation, backend, residuals, dy)
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+def _check(x, expert_ids, weights, kept, up_kernel, down_kernel, activation):
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+  if not hasattr(x, "ndim") or x.ndim != 2:
+    raise ValueError(f"x must have shape [t, d], got {getattr(x, 'shape', x)}")
+  t, d = x.shape
+  if not any(x.dtype == dt for dt in _DTYPES):
+    raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+  if expert_ids.ndim != 2 or expert_ids.shape[0] != t:
+    raise ValueError(f"expert_ids must have shape [t={t}, top_k], got {expert_ids.shape}")
+  if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
+    raise TypeError(f"expert_ids must be int32, got {expert_ids.dtype}")
+  for name, a in (("weights", weights), ("kept", kept)):
+    if a.shape != expert_ids.shape:
+      raise ValueError(
+          f"{name} must have shape [t, top_k]={expert_ids.shape}, got {a.shape}"
+      )
+  if up_kernel.ndim != 3 or up_kernel.shape[1] != d:
+    raise ValueError(
+        f"up_kernel must have shape [e, d={d}, f] ([e, d, 2f] gated), got "
+        f"{up_kernel.shape}"
+    )
+  e, _, pf = up_kernel.shape
+  gated = _is_gated(activation)
+  if gated and pf % 2:
+    raise ValueError(
+        f"up_kernel must have shape [e, d, 2f] for {activation!r} (an even last "
+        f"dimension), got {up_kernel.shape}"
+    )
+  f = pf // 2 if gated else pf
+  if down_kernel.shape != (e, f, d):
+    raise ValueError(
+        f"down_kernel must have shape [e={e}, f={f}, d={d}], got {down_kernel.shape}"
+    )
+  for name, a in (("up_kernel", up_kernel), ("down_kernel", down_kernel)):
+    if not any(a.dtype == dt for dt in _DTYPES):
+      raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
+
+
+def expert_ffn(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    kept: jax.Array,
+    up_kernel: jax.Array,
+    down_kernel: jax.Array,
+    *,
+    activation: str,
+    backend: str,
+) -> jax.Array:
+  """The experts of an MoE for a given routing, fused into Triton kernels.
+
+  Example usage::
+
+    y = expert_ffn(x, routing.expert_ids, routing.weights, routing.kept,
+                   up_kernel, down_kernel, activation="swiglu",
+                   backend="triton")   # [t, d]
+
+  Args:
+    x: `[t, d]` float32, bfloat16 or float16.
+    expert_ids: `[t, top_k]` int32 expert of each copy (ids outside `[0, e)`
+      count as dropped).
+    weights: `[t, top_k]` combine weights (used in float32).
+    kept: `[t, top_k]` bool; dropped copies are not computed and add 0.
+    up_kernel: `[e, d, f]`, or `[e, d, 2f]` for `swiglu`/`geglu` (gate columns
+      first); cast to x's dtype.
+    down_kernel: `[e, f, d]`; cast to x's dtype.
+    activation: `"gelu"` (tanh), `"relu"`, `"silu"`, `"swiglu"`, `"geglu"`.
+    backend: `"triton"` or `"interpret"`.
+
+  Returns:
+    `y [t, d]` in x's dtype. Differentiable (custom_vjp) w.r.t. x, weights,
+    up_kernel and down_kernel.
+
+  Raises:
+    ValueError, TypeError: wrong shapes, dtypes or activation (trace time).
+  """
+  _check(x, expert_ids, weights, kept, up_kernel, down_kernel, activation)
+  if backend not in ("triton", "interpret"):
+    raise ValueError(f"backend must be 'triton' or 'interpret', got {backend!r}")
+  if x.shape[0] == 0 or x.shape[1] == 0:
+    return jnp.zeros(x.shape, x.dtype)
+  op = _expert_ffn_fn(activation, backend)
+  return op(
+      x,
+      expert_ids.astype(jnp.int32),
+      weights.astype(jnp.float32),
+      kept.astype(bool),
+      up_kernel.astype(x.dtype),
+      down_kernel.astype(x.dtype),
+  )

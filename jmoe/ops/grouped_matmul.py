@@ -1,0 +1,368 @@
+"""`grouped_matmul` (= `jax.lax.ragged_dot`) as a Triton op, and the GEMM launcher.
+
+`grouped_matmul(lhs [m, k], rhs [g, k, n], group_sizes [g])` runs
+`jmoe.kernels.grouped_gemm._grouped_gemm_kernel` over a tile schedule built
+from `group_sizes` (`jmoe.ops.align.tile_schedule`); rows at or past
+`sum(group_sizes)` are written with zeros by "zero tiles". Its `custom_vjp`:
+
+  d_lhs = grouped_matmul(d_out, rhs^T)   same kernel, rhs read transposed
+  d_rhs = tgmm(lhs, d_out, group_sizes)  `jmoe.ops.tgmm`
+
+`gemm_call` is the one launcher of the grouped GEMM kernels, shared with
+`jmoe.ops.expert_ffn`: it picks tiles (`GemmConfig`), the autotuned or pinned
+kernel, and the precision switches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmoe.ops import align as align_lib
+
+AUTOTUNE_ENV = "JMOE_AUTOTUNE"
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+  """Tiles of one grouped GEMM launch.
+
+  Attributes:
+    block_m: rows per tile (fixed per call: the tile schedule depends on it).
+    block_n: output columns per program (for gated activations, per half).
+    block_k: contraction step.
+    group_m: row tiles per L2 swizzle band.
+    num_warps: warps per program (GPU only).
+    num_stages: software-pipelining depth (GPU only).
+  """
+
+  block_m: int
+  block_n: int
+  block_k: int
+  group_m: int = 8
+  num_warps: int = 8
+  num_stages: int = 3
+
+  def metaparams(self) -> dict[str, int]:
+    return {
+        "BLOCK_M": self.block_m,
+        "BLOCK_N": self.block_n,
+        "BLOCK_K": self.block_k,
+        "GROUP_M": self.group_m,
+        "num_warps": self.num_warps,
+        "num_stages": self.num_stages,
+    }
+
+
+# Under Triton's interpreter: one small config (each program costs Python time).
+INTERPRET_CONFIG = GemmConfig(16, 32, 32, group_m=4, num_warps=4, num_stages=1)
+
+# Kinds of grouped GEMM launch (each has its own kernel and autotune list).
+KINDS = ("plain", "act", "act_bwd")
+
+
+def autotune_enabled() -> bool:
+  """GPU launches autotune unless the environment sets `JMOE_AUTOTUNE=0`.
+
+  With autotuning off, every launch uses `default_config` (a fixed config:
+  faster compiles, and bit-identical results across processes).
+  """
+  return os.environ.get(AUTOTUNE_ENV, "1").strip() not in ("0", "false", "False")
+
+
+def block_m_for(rows: int, groups: int, backend: str) -> int:
+  """Rows per tile: 128 on the GPU, 64 when groups average under 128 rows."""
+  if backend == "interpret":
+    return INTERPRET_CONFIG.block_m
+  return 128 if rows >= 128 * groups else 64
+
+
+def default_config(kind: str, block_m: int, n: int, k: int, backend: str,
+                   gated: bool = False) -> GemmConfig:
+  """The config used without autotuning (and the interpreter's)."""
+  del k
+  if backend == "interpret":
+    return INTERPRET_CONFIG
+  if kind == "plain":
+    if n >= 256 and block_m == 128:
+      return GemmConfig(block_m, 256, 64, 8, 8, 3)
+    if n >= 128:
+      return GemmConfig(block_m, 128, 64, 8, 8 if block_m == 128 else 4, 4)
+    return GemmConfig(block_m, 64, 64, 8, 4, 4)
+  if kind == "act":
+    if gated:
+      return GemmConfig(block_m, 128 if n >= 128 else 64, 64, 8, 8, 3)
+    return GemmConfig(block_m, 256 if n >= 256 and block_m == 128 else 128, 64, 8, 8, 3)
+  if kind == "act_bwd":
+    return GemmConfig(block_m, 128 if n >= 128 else 64, 64, 8, 8, 3)
+  raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def dot_flags(dtype: Any, backend: str) -> dict[str, Any]:
+  """`DOT_F32` (interpreter upcast) and `INPUT_PRECISION` for operands of `dtype`.
+
+  float32 operands use `"tf32x3"` on the GPU (three TF32 products, close to
+  float32 accuracy) and exact `"ieee"` products in the interpreter.
+  """
+  interpret = backend == "interpret"
+  f32 = np.dtype(dtype) == np.dtype(jnp.float32)
+  return {
+      "DOT_F32": interpret and not f32,
+      "INPUT_PRECISION": "ieee" if (interpret or not f32) else "tf32x3",
+  }
+
+
+def _kernel_for(kind: str, autotune: bool, gated: bool):
+  from jmoe.kernels import grouped_gemm as kernels  # pylint: disable=import-outside-toplevel
+
+  table = {
+      "plain": (kernels._grouped_gemm_kernel, kernels.grouped_gemm_autotuned),
+      "act": (
+          kernels._grouped_gemm_act_kernel,
+          kernels.grouped_gemm_act_gated_autotuned if gated
+          else kernels.grouped_gemm_act_autotuned,
+      ),
+      "act_bwd": (
+          kernels._grouped_gemm_act_bwd_kernel,
+          kernels.grouped_gemm_act_bwd_autotuned,
+      ),
+  }
+  return table[kind][1 if autotune else 0]
+
+
+def gemm_call(
+    kind: str,
+    *args: Any,
+    out_shape: Any,
+    n: int,
+    k: int,
+    num_tiles: int,
+    block_m: int,
+    backend: str,
+    name: str,
+    gated: bool = False,
+    zeroed_outputs=(),
+    **flags: Any,
+):
+  """Launches one grouped GEMM kernel of `kind` with tiles for `(n, k)`.
+
+  Args:
+    kind: `"plain"`, `"act"` or `"act_bwd"` (see `jmoe.kernels.grouped_gemm`).
+    *args: the kernel's array inputs (outputs follow from `out_shape`).
+    out_shape: `jax.ShapeDtypeStruct`(s) of the outputs.
+    n: output columns (per half when gated); k: contraction size.
+    num_tiles: static length of the tile schedule.
+    block_m: rows per tile (must match the schedule).
+    backend: `"triton"` or `"interpret"`.
+    name: kernel name for profiles.
+    gated: gated activation (two column halves per program).
+    zeroed_outputs: outputs that start at zero.
+    **flags: the kernel's other constexprs (sizes, strides, switches).
+  """
+  import triton  # pylint: disable=import-outside-toplevel
+
+  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+
+  autotune = backend == "triton" and autotune_enabled()
+  kernel = _kernel_for(kind, autotune, gated)
+  if autotune:
+    tiles = {"BLOCK_M": block_m}
+  else:
+    tiles = default_config(kind, block_m, n, k, backend, gated).metaparams()
+
+  def grid(meta):
+    return (num_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
+
+  return kernel_call(
+      kernel,
+      *args,
+      out_shape=out_shape,
+      grid=grid,
+      backend=backend,
+      name=name,
+      zeroed_outputs=zeroed_outputs,
+      **flags,
+      **tiles,
+  )
+
+
+def grouped_gemm(
+    a: jax.Array,
+    b: jax.Array,
+    tiles: jax.Array,
+    *,
+    n: int,
+    k: int,
+    rows: int,
+    strides_b: tuple[int, int, int],
+    block_m: int,
+    out_dtype: Any,
+    backend: str,
+    row_index: jax.Array | None = None,
+    row_scale: jax.Array | None = None,
+    name: str = "jmoe_grouped_gemm",
+) -> jax.Array:
+  """`c[r] = row_scale[r] * a[row_index[r]] @ B[group(r)]` over a tile schedule.
+
+  Args:
+    a: `[rows_a, k]` (contiguous rows).
+    b: the weights, read as `B[g][kk, nn] = b.flat[g*sg + kk*sk + nn*sn]`
+      with `strides_b = (sg, sk, sn)` (in elements).
+    tiles: `[3, num_tiles]` int32 from `jmoe.ops.align`, built with `block_m`.
+    n, k: output columns and contraction size.
+    rows: output rows.
+    out_dtype: output dtype.
+    row_index: optional `[rows]` int32 row of `a` for each output row.
+    row_scale: optional `[rows]` float32 factor applied in float32.
+
+  Returns:
+    `[rows, n]` of `out_dtype`.
+  """
+  dummy_i = jnp.zeros((1,), jnp.int32)
+  dummy_f = jnp.zeros((1,), jnp.float32)
+  return gemm_call(
+      "plain",
+      a,
+      b,
+      tiles,
+      dummy_i if row_index is None else row_index,
+      dummy_f if row_scale is None else row_scale,
+      out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype),
+      n=n,
+      k=k,
+      num_tiles=tiles.shape[1],
+      block_m=block_m,
+      backend=backend,
+      name=name,
+      N=n,
+      K=k,
+      NUM_TILES=tiles.shape[1],
+      STRIDE_AM=a.shape[1],
+      STRIDE_AK=1,
+      STRIDE_BG=strides_b[0],
+      STRIDE_BK=strides_b[1],
+      STRIDE_BN=strides_b[2],
+      STRIDE_CM=n,
+      GATHER_A=row_index is not None,
+      SCALE_ROWS=row_scale is not None,
+      **dot_flags(a.dtype, backend),
+  )
+
+
+# ----------------------------------------------------------------------------
+# grouped_matmul
+# ----------------------------------------------------------------------------
+
+
+def _check(lhs, rhs, group_sizes, preferred_element_type) -> None:
+  if not hasattr(lhs, "ndim") or lhs.ndim != 2:
+    raise ValueError(f"lhs must have shape [m, k], got {getattr(lhs, 'shape', lhs)}")
+  if not hasattr(rhs, "ndim") or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
+    raise ValueError(
+        f"rhs must have shape [g, k={lhs.shape[1]}, n], got {getattr(rhs, 'shape', rhs)}"
+    )
+  if (not hasattr(group_sizes, "shape") or group_sizes.shape != (rhs.shape[0],)
+      or not jnp.issubdtype(group_sizes.dtype, jnp.integer)):
+    raise ValueError(
+        f"group_sizes must be an int32 array of shape [g={rhs.shape[0]}], got "
+        f"{getattr(group_sizes, 'shape', group_sizes)} "
+        f"{getattr(group_sizes, 'dtype', '')}"
+    )
+  for name, x in (("lhs", lhs), ("rhs", rhs)):
+    if not any(x.dtype == d for d in _DTYPES):
+      raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+  if preferred_element_type is not None and not any(
+      np.dtype(preferred_element_type) == np.dtype(d) for d in _DTYPES
+  ):
+    raise TypeError(
+        "preferred_element_type must be None, float32, bfloat16 or float16, got "
+        f"{preferred_element_type!r}"
+    )
+
+
+def _forward(lhs, rhs, group_sizes, out_dtype, backend, transpose_rhs=False):
+  m, k = lhs.shape
+  g = rhs.shape[0]
+  # rhs [g, k0, n0]; transposed it is read as [g, n0, k0].
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  if m == 0 or n == 0:
+    return jnp.zeros((m, n), out_dtype)
+  if k == 0:
+    return jnp.zeros((m, n), out_dtype)
+  block_m = block_m_for(m, g, backend)
+  tiles = align_lib.tile_schedule(group_sizes, m, block_m)
+  r1, r2 = rhs.shape[1], rhs.shape[2]
+  strides = (r1 * r2, 1, r2) if transpose_rhs else (r1 * r2, r2, 1)
+  return grouped_gemm(
+      lhs, rhs, tiles, n=n, k=k, rows=m, strides_b=strides, block_m=block_m,
+      out_dtype=out_dtype, backend=backend, name="jmoe_grouped_matmul",
+  )
+
+
+@functools.cache
+def _grouped_matmul_fn(out_dtype: Any, backend: str):
+  from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
+
+  @jax.custom_vjp
+  def op(lhs, rhs, group_sizes):
+    return _forward(lhs, rhs, group_sizes, out_dtype, backend)
+
+  def fwd(lhs, rhs, group_sizes):
+    return op(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+  def bwd(res, d_out):
+    lhs, rhs, group_sizes = res
+    d_out = d_out.astype(lhs.dtype)
+    d_lhs = _forward(d_out, rhs, group_sizes, lhs.dtype, backend, transpose_rhs=True)
+    d_rhs = tgmm(lhs, d_out, group_sizes, out_dtype=rhs.dtype, backend=backend)
+    return d_lhs, d_rhs, None
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+def grouped_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    backend: str,
+) -> jax.Array:
+  """`out[i] = lhs[i] @ rhs[group(i)]`: `jax.lax.ragged_dot` in Triton.
+
+  Example usage::
+
+    out = grouped_matmul(lhs, rhs, group_sizes, backend="triton")  # [m, n]
+
+  Args:
+    lhs: `[m, k]` float32, bfloat16 or float16.
+    rhs: `[g, k, n]` (cast to lhs's dtype if it differs).
+    group_sizes: `[g]` int32; groups are contiguous from row 0, rows at or past
+      `sum(group_sizes)` are zero (sizes past `m` are clipped).
+    preferred_element_type: output dtype, default `lhs.dtype`; accumulation
+      is float32.
+    backend: `"triton"` or `"interpret"`.
+
+  Returns:
+    `[m, n]` in `preferred_element_type or lhs.dtype`.
+
+  Raises:
+    ValueError, TypeError: wrong shapes or dtypes (at trace time).
+  """
+  _check(lhs, rhs, group_sizes, preferred_element_type)
+  if backend not in ("triton", "interpret"):
+    raise ValueError(f"backend must be 'triton' or 'interpret', got {backend!r}")
+  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  rhs = rhs.astype(lhs.dtype)
+  return _grouped_matmul_fn(out_dtype, backend)(
+      lhs, rhs, group_sizes.astype(jnp.int32)
+  )
