@@ -1,0 +1,266 @@
+"""Tests of `jmoe.ops.grouped_matmul` (Triton `jax.lax.ragged_dot`) and `ops.align`.
+
+`GroupedMatmulTestBase` holds every check once with a `BACKEND` attribute:
+`TestGroupedMatmulInterpret` runs it under Triton's interpreter on the CPU
+(small odd shapes), `TestGroupedMatmulTriton` (marked `gpu`) on the GPU with
+large MoE shapes added. The op is compared with `jax.lax.ragged_dot` in
+float32 at HIGHEST precision (forward and both gradients), and that with the
+float64 numpy loop `oracle.ragged_dot`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.test_util  # noqa: F401
+import ml_dtypes
+import numpy as np
+import pytest
+
+import helpers
+import oracle
+from jmoe.ops import align as align_lib
+from jmoe.ops import grouped_matmul as gmm_lib
+
+BF16 = ml_dtypes.bfloat16
+
+# (m, k, n, g, sizes) with sizes as in `_group_sizes`: odd widths, empty groups,
+# one group with every row, a total below m, one row.
+SHAPES = (
+    (1, 20, 7, 3, "one"),
+    (37, 40, 24, 4, "zeros"),
+    (50, 33, 70, 5, "under"),
+    (70, 48, 33, 1, "all"),
+)
+DTYPES = (np.float32, BF16)
+
+
+def _group_sizes(rng, m: int, g: int, kind: str) -> np.ndarray:
+  """`[g]` int32: "all"/"random" sum to m, "under" < m, "zeros" with two empty
+  groups (g > 2), "one" every row in the middle group."""
+  if kind == "one":
+    sizes = np.zeros(g, np.int64)
+    sizes[g // 2] = m
+    return sizes.astype(np.int32)
+  total = m if kind != "under" else m - 1 - m // 4
+  probs = np.ones(g)
+  if kind == "zeros" and g > 2:
+    probs[rng.choice(g, size=2, replace=False)] = 0.0
+  return rng.multinomial(total, probs / probs.sum()).astype(np.int32)
+
+
+def _ragged_dot_f32(lhs, rhs, sizes):
+  return jax.lax.ragged_dot(
+      jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32), sizes,
+      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+  )
+
+
+class GroupedMatmulTestBase:
+  """Every grouped_matmul check, run by the subclasses with their `BACKEND`."""
+
+  BACKEND: str = ""
+
+  def _gmm(self, lhs, rhs, sizes, **kw):
+    return gmm_lib.grouped_matmul(lhs, rhs, sizes, backend=self.BACKEND, **kw)
+
+  @pytest.mark.parametrize("dtype", DTYPES)
+  @pytest.mark.parametrize("m,k,n,g,kind", SHAPES)
+  def test_matches_ragged_dot(self, rng, m, k, n, g, kind, dtype):
+    lhs = helpers.normal(rng, (m, k), dtype)
+    rhs = helpers.normal(rng, (g, k, n), dtype)
+    sizes = _group_sizes(rng, m, g, kind)
+    d_out = helpers.normal(rng, (m, n), np.float32)
+
+    def loss(fn, lhs, rhs):
+      out = fn(lhs, rhs, sizes)
+      return jnp.sum(out.astype(jnp.float32) * d_out), out
+
+    (_, out), grads = jax.jit(
+        jax.value_and_grad(functools.partial(loss, self._gmm), (0, 1), has_aux=True)
+    )(lhs, rhs)
+    assert out.shape == (m, n) and out.dtype == dtype
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    (_, expected), want = jax.value_and_grad(
+        functools.partial(loss, _ragged_dot_f32), (0, 1), has_aux=True
+    )(f32(lhs), f32(rhs))
+    helpers.assert_close(out, expected, dtype)
+    helpers.assert_close(out, oracle.ragged_dot(lhs, rhs, sizes), dtype, err_msg="oracle")
+    total = int(np.sum(sizes))
+    assert np.all(np.asarray(out)[total:] == 0), "rows past sum(group_sizes) must be 0"
+    for name, got, ref in zip(("lhs", "rhs"), grads, want):
+      assert got.dtype == dtype, name
+      helpers.assert_close(got, ref, dtype, kind="grad", err_msg=f"d_{name}")
+
+  @pytest.mark.parametrize("use_jit", [False, True])
+  def test_every_element_written(self, rng, use_jit):
+    # Under "interpret" outputs start as NaN: an unwritten row stays NaN. Rows
+    # past the groups' total must be exact zeros.
+    m, k, n = 45, 40, 35
+    lhs = helpers.normal(rng, (m, k), np.float32)
+    rhs = helpers.normal(rng, (6, k, n), np.float32)
+    sizes = np.array([0, 12, 0, 20, 3, 0], np.int32)
+    fn = jax.jit(self._gmm) if use_jit else self._gmm
+    out = np.asarray(fn(lhs, rhs, sizes))
+    assert np.isfinite(out).all(), f"{np.isnan(out).sum()} unwritten elements"
+    assert np.all(out[35:] == 0)
+    helpers.assert_close(out, oracle.ragged_dot(lhs, rhs, sizes), np.float32)
+
+  def test_sizes_past_m_are_clipped(self, rng):
+    lhs = helpers.normal(rng, (30, 20), np.float32)
+    rhs = helpers.normal(rng, (3, 20, 9), np.float32)
+    sizes = np.array([10, 25, 7], np.int32)
+    out = self._gmm(lhs, rhs, sizes)
+    expected = oracle.ragged_dot(lhs, rhs, np.array([10, 20, 0], np.int32))
+    helpers.assert_close(out, expected, np.float32)
+
+  @pytest.mark.parametrize(
+      "dtype,out_dtype", [(BF16, jnp.float32), (np.float32, jnp.bfloat16),
+                          (np.float16, jnp.float16)]
+  )
+  def test_preferred_element_type(self, rng, dtype, out_dtype):
+    lhs = helpers.normal(rng, (37, 40), dtype)
+    rhs = helpers.normal(rng, (4, 40, 24), dtype)
+    sizes = _group_sizes(rng, 37, 4, "zeros")
+    out = jax.jit(functools.partial(self._gmm, preferred_element_type=out_dtype))(
+        lhs, rhs, sizes
+    )
+    assert out.dtype == out_dtype
+    want = dtype if np.dtype(out_dtype).itemsize == 4 else out_dtype
+    helpers.assert_close(out, oracle.ragged_dot(lhs, rhs, sizes), want)
+
+  def test_finite_differences_float32(self, rng):
+    lhs = helpers.normal(rng, (9, 5), np.float32)
+    rhs = helpers.normal(rng, (3, 5, 4), np.float32)
+    sizes = np.array([3, 0, 5], np.int32)
+    eps, atol, rtol = helpers.CHECK_GRADS["float32"]
+    jax.test_util.check_grads(
+        lambda a, b: self._gmm(a, b, sizes), (lhs, rhs), 1, modes=("rev",),
+        eps=eps, atol=atol, rtol=rtol,
+    )
+
+  def test_vmap_and_checkpoint(self, rng):
+    lhs = helpers.normal(rng, (2, 21, 16), np.float32)
+    rhs = helpers.normal(rng, (3, 16, 10), np.float32)
+    sizes = np.array([[5, 0, 16], [7, 7, 7]], np.int32)
+    out = jax.jit(jax.vmap(self._gmm, in_axes=(0, None, 0)))(lhs, rhs, sizes)
+    for b in range(2):
+      helpers.assert_close(out[b], oracle.ragged_dot(lhs[b], rhs, sizes[b]), np.float32)
+    f = jax.checkpoint(lambda a, b: jnp.sum(self._gmm(a, b, sizes[0]) ** 2))
+    g = jax.grad(f, (0, 1))(lhs[0], rhs)
+    g_ref = jax.grad(lambda a, b: jnp.sum(_ragged_dot_f32(a, b, sizes[0]) ** 2), (0, 1))(
+        lhs[0], rhs
+    )
+    for got, ref in zip(g, g_ref):
+      helpers.assert_close(got, ref, np.float32, kind="grad")
+
+  def test_errors(self, rng):
+    lhs = helpers.normal(rng, (8, 5), np.float32)
+    rhs = helpers.normal(rng, (2, 5, 3), np.float32)
+    sizes = np.array([3, 5], np.int32)
+    cases = [
+        ((lhs[0], rhs, sizes), {}, ValueError, r"lhs must have shape \[m, k\]"),
+        ((lhs, rhs[:, :4], sizes), {}, ValueError, r"rhs must have shape \[g, k=5, n\]"),
+        ((lhs, rhs, sizes[:1]), {}, ValueError, r"group_sizes must be an int32 array"),
+        ((lhs, rhs, sizes.astype(np.float32)), {}, ValueError, "group_sizes must be"),
+        ((lhs.astype(np.int32), rhs, sizes), {}, TypeError, "lhs must be float32"),
+        ((lhs, rhs, sizes), {"preferred_element_type": jnp.int8}, TypeError,
+         "preferred_element_type must be"),
+    ]
+    for args, kwargs, error, pattern in cases:
+      with pytest.raises(error, match=pattern):
+        jax.jit(functools.partial(self._gmm, **kwargs))(*args)
+
+
+class TestGroupedMatmulInterpret(GroupedMatmulTestBase):
+  BACKEND = "interpret"
+
+  def test_bad_backend(self, rng):
+    lhs = helpers.normal(rng, (4, 5), np.float32)
+    rhs = helpers.normal(rng, (1, 5, 3), np.float32)
+    with pytest.raises(ValueError, match="backend must be 'triton' or 'interpret'"):
+      gmm_lib.grouped_matmul(lhs, rhs, np.array([4], np.int32), backend="reference")
+
+
+class TestAlign:
+  """The tile schedule and slot order (plain XLA ops, checked against numpy)."""
+
+  def test_docstring_example(self):
+    ids = np.array([[1, 0], [0, 1], [1, 0]], np.int32)
+    al = align_lib.align(jnp.asarray(ids), jnp.ones((3, 2), bool), 2, 2)
+    helpers.assert_equal(al.order, [1, 2, 5, 0, 3, 4])
+    helpers.assert_equal(al.token, [0, 1, 2, 0, 1, 2])
+    helpers.assert_equal(al.group_sizes, [3, 3])
+    helpers.assert_equal(al.pos, [[3, 0], [1, 4], [5, 2]])
+    helpers.assert_equal(
+        al.tiles, [[0, 0, 1, 1, -1], [0, 2, 3, 5, 6], [2, 3, 5, 6, 6]]
+    )
+
+  @pytest.mark.parametrize("t,top_k,e,block_m", [(37, 2, 5, 4), (50, 8, 64, 16),
+                                                 (13, 3, 1, 16), (1, 1, 3, 8)])
+  def test_schedule_covers_every_row_once(self, rng, t, top_k, e, block_m):
+    ids = np.stack([rng.permutation(max(e, top_k))[:top_k] % e for _ in range(t)])
+    kept = rng.random((t, top_k)) > 0.3
+    ids[rng.random((t, top_k)) < 0.05] = e + 3  # out of range: dropped
+    al = jax.jit(align_lib.align, static_argnums=(2, 3))(ids, kept, e, block_m)
+    valid = kept & (ids >= 0) & (ids < e)
+    tk = t * top_k
+    assert al.tiles.shape == (3, -(-tk // block_m) + e)
+    sizes = np.bincount(ids[valid], minlength=e)
+    helpers.assert_equal(al.group_sizes, sizes)
+    order, pos = np.asarray(al.order), np.asarray(al.pos)
+    for i in range(t):
+      for j in range(top_k):
+        if valid[i, j]:
+          assert order[pos[i, j]] == i * top_k + j
+        else:
+          assert pos[i, j] == -1
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    owner = np.full(tk, -2)
+    for ex, st, en in np.asarray(al.tiles).T:
+      assert en - st <= block_m
+      for r in range(st, en):
+        assert owner[r] == -2, f"row {r} in two tiles"
+        owner[r] = ex
+        if ex >= 0:
+          assert starts[ex] <= r < starts[ex + 1]
+          assert ids.reshape(-1)[order[r]] == ex
+        else:
+          assert r >= starts[-1]
+    assert np.all(owner != -2), "rows not covered by any tile"
+
+
+@pytest.mark.gpu
+class TestGroupedMatmulTriton(GroupedMatmulTestBase):
+  BACKEND = "triton"
+
+  @pytest.mark.parametrize(
+      "m,k,n,g", [(16384, 4096, 14336, 8), (49152, 2048, 1408, 64), (8192, 1536, 768, 256)]
+  )
+  def test_moe_shapes_bf16(self, m, k, n, g):
+    rng = helpers.rng_for(f"gmm-{m}-{k}-{n}-{g}")
+    k1, k2, k3 = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+    lhs = jax.random.normal(k1, (m, k), jnp.bfloat16)
+    rhs = (jax.random.normal(k2, (g, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+    w = rng.lognormal(0.0, 1.0, size=g)
+    w[rng.choice(g, size=min(2, g - 1), replace=False)] = 0.0
+    sizes = np.floor(w / w.sum() * (m - 5)).astype(np.int32)
+    sizes = jnp.asarray(sizes)
+    fn = jax.jit(self._gmm)
+    out = fn(lhs, rhs, sizes)
+    expected = jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+    helpers.assert_close(out, expected, BF16)
+    total = int(np.sum(sizes))
+    assert np.all(np.asarray(out[total:]) == 0)
+    again = fn(lhs, rhs, sizes)
+    assert np.array_equal(np.asarray(out), np.asarray(again)), "not bit-identical"
+    d_out = jax.random.normal(k3, (m, n), jnp.bfloat16)
+    _, vjp = jax.vjp(lambda a, b: self._gmm(a, b, sizes), lhs, rhs)
+    _, vjp_ref = jax.vjp(
+        lambda a, b: jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32),
+        lhs, rhs,
+    )
+    for name, got, ref in zip(("lhs", "rhs"), vjp(d_out), vjp_ref(d_out.astype(jnp.float32))):
+      helpers.assert_close(got, ref, BF16, kind="grad", err_msg=name)
