@@ -277,7 +277,7 @@ def _positive_kernel(x_ptr, n, out_ptr, BLOCK: tl.constexpr):
 
 
 def test_bool_output_and_language_restored(rng):
-  load = tl.load
+  load, reduce = tl.load, tl.core.reduce
   x = helpers.normal(rng, (13,), np.float32)
   out = jax.jit(lambda x: kernel_call(
       _positive_kernel, x, 13, out_shape=jax.ShapeDtypeStruct((13,), jnp.bool_),
@@ -286,3 +286,4 @@ def test_bool_output_and_language_restored(rng):
   assert out.dtype == jnp.bool_
   np.testing.assert_array_equal(out, np.asarray(x) > 0)
   assert tl.load is load  # the interpreter's patches of triton.language are undone
+  assert tl.core.reduce is reduce
