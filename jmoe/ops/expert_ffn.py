@@ -120,16 +120,20 @@ def _dims(x, up, activation):
   return t, d, e, pf, f, gated
 
 
-def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save):
+def plan(expert_ids, kept, num_experts, backend):
+  """Stage 1, align: `(Alignment, block_m)` for `[t, top_k]` routing."""
+  tk = expert_ids.size
+  block_m = gmm_lib.block_m_for(tk, num_experts, backend)
+  return align_lib.align(expert_ids, kept, num_experts, block_m), block_m
+
+
+def up_stage(x, up, al, block_m, activation, backend, save):
+  """Stage 2: `h [tk, f]` (and the pre-activation `[tk, pf]` if `save`)."""
   t, d, e, pf, f, gated = _dims(x, up, activation)
-  top_k = expert_ids.shape[1]
-  tk = t * top_k
-  block_m = gmm_lib.block_m_for(tk, e, backend)
-  al = align_lib.align(expert_ids, kept, e, block_m)
+  del t, e
+  tk = al.token.shape[0]
   num_tiles = al.tiles.shape[1]
-  w_sorted = weights.reshape(tk)[al.order]
-  act = _GATE_ACTIVATION.get(activation, activation)
-  h, pre = gmm_lib.gemm_call(
+  return gmm_lib.gemm_call(
       "act",
       x,
       up,
@@ -153,39 +157,52 @@ def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save):
       STRIDE_WG=d * pf,
       STRIDE_WK=pf,
       STRIDE_WN=1,
-      ACTIVATION=act,
+      ACTIVATION=_GATE_ACTIVATION.get(activation, activation),
       GATED=gated,
       STORE_PRE=save,
       GATHER_A=True,
       **gmm_lib.dot_flags(x.dtype, backend),
   )
-  o = gmm_lib.grouped_gemm(
+
+
+def down_stage(h, down, al, w_sorted, block_m, backend):
+  """Stage 3: `o [tk, d]` float32 = `w_slot * h @ down[e]`."""
+  tk, f = h.shape
+  d = down.shape[2]
+  return gmm_lib.grouped_gemm(
       h, down, al.tiles, n=d, k=f, rows=tk, strides_b=(f * d, d, 1),
       block_m=block_m, out_dtype=jnp.float32, backend=backend,
       row_scale=w_sorted, name="jmoe_expert_down",
   )
+
+
+def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save):
+  al, block_m = plan(expert_ids, kept, up.shape[0], backend)
+  w_sorted = weights.reshape(-1)[al.order]
+  h, pre = up_stage(x, up, al, block_m, activation, backend, save)
+  o = down_stage(h, down, al, w_sorted, block_m, backend)
   y = combine(o, al.pos, x.dtype, backend)
   residuals = (x, up, down, al, w_sorted, h, pre) if save else None
   return y, residuals
 
 
-def _backward(activation, backend, residuals, dy):
-  x, up, down, al, w_sorted, h, pre = residuals
-  t, d, e, pf, f, gated = _dims(x, up, activation)
-  tk = h.shape[0]
-  block_m = gmm_lib.block_m_for(tk, e, backend)
+def act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend):
+  """Backward stage 1: `(d_pre [tk, pf], dwp [tk, c])` from `dy [t, d]`."""
+  tk, pf = pre.shape
+  e, f, d = down.shape
+  gated = _is_gated(activation)
   num_tiles = al.tiles.shape[1]
-  dy = dy.astype(x.dtype)
-  act = _GATE_ACTIVATION.get(activation, activation)
   autotune = backend == "triton" and gmm_lib.autotune_enabled()
   if autotune:
     from jmoe.kernels.grouped_gemm import ACT_BWD_MIN_BLOCK_N  # pylint: disable=import-outside-toplevel
 
     min_block_n = ACT_BWD_MIN_BLOCK_N
   else:
-    min_block_n = gmm_lib.default_config("act_bwd", block_m, f, d, backend).block_n
+    min_block_n = gmm_lib.default_config(
+        "act_bwd", block_m, f, d, backend, gated
+    ).block_n
   dwp_cols = -(-f // min_block_n)
-  d_pre, dwp = gmm_lib.gemm_call(
+  return gmm_lib.gemm_call(
       "act_bwd",
       dy,
       down,
@@ -194,7 +211,7 @@ def _backward(activation, backend, residuals, dy):
       w_sorted,
       pre,
       out_shape=(
-          jax.ShapeDtypeStruct((tk, pf), x.dtype),
+          jax.ShapeDtypeStruct((tk, pf), pre.dtype),
           jax.ShapeDtypeStruct((tk, dwp_cols), jnp.float32),
       ),
       n=f,
@@ -214,25 +231,48 @@ def _backward(activation, backend, residuals, dy):
       STRIDE_WK=1,
       STRIDE_WN=d,
       DWP_COLS=dwp_cols,
-      ACTIVATION=act,
+      ACTIVATION=_GATE_ACTIVATION.get(activation, activation),
       GATED=gated,
-      **gmm_lib.dot_flags(x.dtype, backend),
+      **gmm_lib.dot_flags(pre.dtype, backend),
   )
+
+
+def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backend):
+  """Backward stage 2: `(d_up [e, d, pf], d_down [e, f, d])` with tgmm."""
   from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
 
+  config = gmm_lib.tgmm_config(backend)
   d_down = tgmm(
       h, dy, al.group_sizes, b_row_index=al.token, row_scale=w_sorted,
-      out_dtype=down.dtype, backend=backend,
+      out_dtype=down_dtype, backend=backend, config=config,
   )
   d_up = tgmm(
-      x, d_pre, al.group_sizes, a_row_index=al.token, out_dtype=up.dtype,
-      backend=backend,
+      x, d_pre, al.group_sizes, a_row_index=al.token, out_dtype=up_dtype,
+      backend=backend, config=config,
   )
-  dxc = gmm_lib.grouped_gemm(
+  return d_up, d_down
+
+
+def dx_stage(d_pre, up, al, block_m, backend):
+  """Backward stage 3: per-slot `d_pre @ up[e]^T` `[tk, d]` float32."""
+  tk, pf = d_pre.shape
+  d = up.shape[1]
+  return gmm_lib.grouped_gemm(
       d_pre, up, al.tiles, n=d, k=pf, rows=tk, strides_b=(d * pf, 1, pf),
       block_m=block_m, out_dtype=jnp.float32, backend=backend,
       name="jmoe_expert_dx",
   )
+
+
+def _backward(activation, backend, residuals, dy):
+  x, up, down, al, w_sorted, h, pre = residuals
+  block_m = gmm_lib.block_m_for(h.shape[0], up.shape[0], backend)
+  dy = dy.astype(x.dtype)
+  d_pre, dwp = act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend)
+  d_up, d_down = weight_grad_stage(
+      x, dy, h, d_pre, al, w_sorted, up.dtype, down.dtype, backend
+  )
+  dxc = dx_stage(d_pre, up, al, block_m, backend)
   dx, d_weights = combine(dxc, al.pos, x.dtype, backend, dwp=dwp)
   return dx, None, d_weights, None, d_up, d_down
 

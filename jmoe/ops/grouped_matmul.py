@@ -102,7 +102,9 @@ def default_config(kind: str, block_m: int, n: int, k: int, backend: str,
       return GemmConfig(block_m, 128 if n >= 128 else 64, 64, 8, 8, 3)
     return GemmConfig(block_m, 256 if n >= 256 and block_m == 128 else 128, 64, 8, 8, 3)
   if kind == "act_bwd":
-    return GemmConfig(block_m, 128 if n >= 128 else 64, 64, 8, 8, 3)
+    if gated or n < 128:
+      return GemmConfig(block_m, 64, 64, 8, 8, 4)
+    return GemmConfig(block_m, 128, 64, 8, 8, 3)
   raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -118,6 +120,15 @@ def dot_flags(dtype: Any, backend: str) -> dict[str, Any]:
       "DOT_F32": interpret and not f32,
       "INPUT_PRECISION": "ieee" if (interpret or not f32) else "tf32x3",
   }
+
+
+def tgmm_config(backend: str):
+  """The `TgmmConfig` for weight gradients: pinned when autotuning is off."""
+  if backend == "triton" and not autotune_enabled():
+    from jmoe.ops.tgmm import TgmmConfig  # pylint: disable=import-outside-toplevel
+
+    return TgmmConfig()
+  return None
 
 
 def _kernel_for(kind: str, autotune: bool, gated: bool):
@@ -322,7 +333,8 @@ def _grouped_matmul_fn(out_dtype: Any, backend: str):
     lhs, rhs, group_sizes = res
     d_out = d_out.astype(lhs.dtype)
     d_lhs = _forward(d_out, rhs, group_sizes, lhs.dtype, backend, transpose_rhs=True)
-    d_rhs = tgmm(lhs, d_out, group_sizes, out_dtype=rhs.dtype, backend=backend)
+    d_rhs = tgmm(lhs, d_out, group_sizes, out_dtype=rhs.dtype, backend=backend,
+                 config=tgmm_config(backend))
     return d_lhs, d_rhs, None
 
   op.defvjp(fwd, bwd)
