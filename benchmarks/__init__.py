@@ -1,0 +1,1 @@
+"""jmoe benchmark suite: `python -m benchmarks.run` (see `benchmarks/run.py`)."""

@@ -1,0 +1,244 @@
+"""Per-component profile: each MoE stage timed as its own jitted function.
+
+The four stages of the dropless MoE, on the same inputs as the whole-layer run:
+
+1. `router`: logits, softmax, top-k, weights, losses.
+2. `align/permute`: group the `t * top_k` copies by expert (sorted order, tile
+   plan) and, in the reference, gather the token rows.
+3. `up GEMM`: grouped `x @ up_kernel` with the activation.
+4. `down GEMM + combine`: grouped `h @ down_kernel`, weighted sum of the k copies.
+
+`fwd` times the stage's forward; `bwd` times its backward alone (residuals and
+a random cotangent computed once, outside the timed region). The inputs of a
+stage are the outputs of the previous one, computed once beforehand.
+
+- Reference (`jmoe.reference`, sorted form): each stage is a pure function and
+  its backward is its VJP.
+- jmoe (`jmoe.ops`): the stages call the ops' kernels the way
+  `jmoe.ops.expert_ffn` does; its backward kernels are attributed to the stage
+  whose forward they differentiate: `act_bwd` (dy @ down^T, activation
+  backward, router-weight partials) and `dW_down` (tgmm) to "down GEMM +
+  combine"; `dW_up` (tgmm), the dx GEMM and the dx/d_weights combine to "up
+  GEMM"; align has no backward. `tests/test_benchmarks.py` checks that the
+  stages reproduce `jmoe.ops.expert_ffn` and its VJP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jmoe import reference
+
+from benchmarks import timing
+from benchmarks.cases import Case
+
+
+@dataclasses.dataclass
+class Stage:
+  """One stage: `fwd(*fwd_args)` and, if it has one, `bwd(*bwd_args)`."""
+
+  name: str
+  fwd: Callable[..., Any]
+  fwd_args: tuple
+  bwd: Callable[..., Any] | None = None
+  bwd_args: tuple = ()
+
+
+def _random_like(tree, seed: int):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), max(1, len(leaves)))
+  return jax.tree.unflatten(treedef, [jax.random.normal(k, a.shape, a.dtype)
+                                      for k, a in zip(keys, leaves)])
+
+
+def vjp_stage(name: str, fn, diff_args: tuple, const_args: tuple = (), seed: int = 0):
+  """A stage of `fn(diff_args, const_args) -> (diff_out, aux_out)` with VJP backward.
+
+  Returns:
+    `(stage, (diff_out, aux_out))`, the outputs feeding the next stage.
+  """
+  def with_vjp(diff, const):
+    return jax.vjp(lambda *d: fn(d, const), *diff, has_aux=True)
+
+  diff_out, vjp_fn, aux_out = jax.jit(with_vjp)(diff_args, const_args)
+  stage = Stage(name, fn, (diff_args, const_args), lambda vjp_fn, ct: vjp_fn(ct),
+                (vjp_fn, _random_like(diff_out, seed)))
+  return stage, (diff_out, aux_out)
+
+
+def reference_stages(case: Case, x, params
+                     ) -> tuple[list[Stage], dict[str, float]]:
+  """The stages of `jmoe.reference.moe(..., dispatch="sorted")`, and no checks."""
+  top_k, e = case.top_k, case.experts
+
+  def router(diff, const):
+    x, w = diff
+    r = reference.route(x, w, top_k=top_k)
+    return (r.weights, r.load_balancing_loss, r.router_z_loss), (r.expert_ids, r.kept)
+
+  def permute(diff, const):
+    (x,), (expert_ids, kept) = diff, const
+    order, group_sizes = reference.sort_by_expert(expert_ids, kept, e)
+    return x[order // top_k], (order, group_sizes)
+
+  def up(diff, const):
+    (xs, w), (group_sizes,) = diff, const
+    h = reference.grouped_matmul(xs, w, group_sizes, preferred_element_type=jnp.float32)
+    return reference.apply_activation(h, case.activation).astype(xs.dtype), ()
+
+  def down(diff, const):
+    (h, w, weights), (group_sizes, order) = diff, const
+    out = reference.grouped_matmul(h, w, group_sizes, preferred_element_type=jnp.float32)
+    return reference.combine_sorted(out, order, weights, h.dtype), ()
+
+  s1, ((weights, _, _), (expert_ids, kept)) = vjp_stage(
+      "router", router, (x, params.router_kernel))
+  s2, (xs, (order, group_sizes)) = vjp_stage("align/permute", permute, (x,),
+                                             (expert_ids, kept))
+  s3, (h, _) = vjp_stage("up GEMM", up, (xs, params.up_kernel), (group_sizes,))
+  s4, _ = vjp_stage("down GEMM + combine", down, (h, params.down_kernel, weights),
+                    (group_sizes, order))
+  return [s1, s2, s3, s4], {}
+
+
+def jmoe_stages(case: Case, x, params, backend: str
+                ) -> tuple[list[Stage], dict[str, float]]:
+  """The stages of `jmoe.moe(..., backend=backend)`, from the kernels in `jmoe.ops`.
+
+  Returns:
+    `(stages, checks)`: `checks` maps `y, dx, d_weights, d_up, d_down` to the
+    relative error of the staged computation against `jmoe.ops.expert_ffn` and
+    its VJP on the same inputs (0 when the stages launch the same kernels).
+
+  Raises:
+    ImportError, AttributeError, TypeError: the ops are not (or no longer) what
+      this mirrors; `tests/test_benchmarks.py` catches that.
+  """
+  # pylint: disable=protected-access
+  ops_routing = importlib.import_module("jmoe.ops.routing")
+  ffn = importlib.import_module("jmoe.ops.expert_ffn")
+  gmm = importlib.import_module("jmoe.ops.grouped_matmul")
+  align_lib = importlib.import_module("jmoe.ops.align")
+  tgmm = importlib.import_module("jmoe.ops.tgmm").tgmm
+  t, d = x.shape
+  e, _, pf = params.up_kernel.shape
+  top_k, activation = case.top_k, case.activation
+  gated = ffn._is_gated(activation)
+  f = pf // 2 if gated else pf
+  tk = t * top_k
+  block_m = gmm.block_m_for(tk, e, backend)
+  act = ffn._GATE_ACTIVATION.get(activation, activation)
+  flags = gmm.dot_flags(x.dtype, backend)
+  up_k, down_k = params.up_kernel.astype(x.dtype), params.down_kernel.astype(x.dtype)
+
+  def router(diff, const):
+    x, w = diff
+    r = ops_routing.route(x, w, top_k=top_k, backend=backend)
+    return (r.weights, r.load_balancing_loss, r.router_z_loss), (r.expert_ids, r.kept)
+
+  def align(expert_ids, kept, weights):
+    al = align_lib.align(expert_ids, kept, e, block_m)
+    return al, weights.reshape(tk)[al.order]
+
+  def up(x, up_k, tiles, token, save=False):
+    return gmm.gemm_call(
+        "act", x, up_k, tiles, token,
+        out_shape=(jax.ShapeDtypeStruct((tk, f), x.dtype),
+                   jax.ShapeDtypeStruct((tk, pf) if save else (1,), x.dtype)),
+        n=f, k=d, num_tiles=tiles.shape[1], block_m=block_m, backend=backend,
+        name="jmoe_expert_up", gated=gated, F=f, K=d, NUM_TILES=tiles.shape[1],
+        STRIDE_XM=d, STRIDE_WG=d * pf, STRIDE_WK=pf, STRIDE_WN=1, ACTIVATION=act,
+        GATED=gated, STORE_PRE=save, GATHER_A=True, **flags)
+
+  def down_combine(h, down_k, tiles, w_sorted, pos):
+    o = gmm.grouped_gemm(h, down_k, tiles, n=d, k=f, rows=tk, strides_b=(f * d, d, 1),
+                         block_m=block_m, out_dtype=jnp.float32, backend=backend,
+                         row_scale=w_sorted, name="jmoe_expert_down")
+    return ffn.combine(o, pos, x.dtype, backend)
+
+  autotune = backend == "triton" and gmm.autotune_enabled()
+  if autotune:
+    min_block_n = importlib.import_module("jmoe.kernels.grouped_gemm").ACT_BWD_MIN_BLOCK_N
+  else:
+    min_block_n = gmm.default_config("act_bwd", block_m, f, d, backend).block_n
+  dwp_cols = -(-f // min_block_n)
+
+  def down_bwd(dy, down_k, h, tiles, token, w_sorted, pre, group_sizes):
+    dy = dy.astype(x.dtype)
+    d_pre, dwp = gmm.gemm_call(
+        "act_bwd", dy, down_k, tiles, token, w_sorted, pre,
+        out_shape=(jax.ShapeDtypeStruct((tk, pf), x.dtype),
+                   jax.ShapeDtypeStruct((tk, dwp_cols), jnp.float32)),
+        n=f, k=d, num_tiles=tiles.shape[1], block_m=block_m, backend=backend,
+        name="jmoe_expert_act_bwd", gated=gated,
+        zeroed_outputs=(1,) if autotune else (), F=f, K=d, NUM_TILES=tiles.shape[1],
+        STRIDE_DYM=d, STRIDE_WG=f * d, STRIDE_WK=1, STRIDE_WN=d, DWP_COLS=dwp_cols,
+        ACTIVATION=act, GATED=gated, **flags)
+    d_down = tgmm(h, dy, group_sizes, b_row_index=token, row_scale=w_sorted,
+                  out_dtype=down_k.dtype, backend=backend)
+    return d_pre, dwp, d_down
+
+  def up_bwd(x, d_pre, up_k, tiles, token, pos, dwp, group_sizes):
+    d_up = tgmm(x, d_pre, group_sizes, a_row_index=token, out_dtype=up_k.dtype,
+                backend=backend)
+    dxc = gmm.grouped_gemm(d_pre, up_k, tiles, n=d, k=pf, rows=tk,
+                           strides_b=(d * pf, 1, pf), block_m=block_m,
+                           out_dtype=jnp.float32, backend=backend, name="jmoe_expert_dx")
+    dx, d_weights = ffn.combine(dxc, pos, x.dtype, backend, dwp=dwp)
+    return dx, d_weights, d_up
+
+  s_router, ((weights, _, _), (expert_ids, kept)) = vjp_stage(
+      "router", router, (x, params.router_kernel))
+  al, w_sorted = jax.jit(align)(expert_ids, kept, weights)
+  h, pre = jax.jit(lambda *a: up(*a, save=True))(x, up_k, al.tiles, al.token)
+  dy = _random_like(x, 1)
+  d_pre, dwp, d_down = jax.jit(down_bwd)(dy, down_k, h, al.tiles, al.token, w_sorted,
+                                         pre, al.group_sizes)
+  # The stages must compute what the fused op computes: compare once.
+  y = jax.jit(down_combine)(h, down_k, al.tiles, w_sorted, al.pos)
+  dx, d_weights, d_up = jax.jit(up_bwd)(x, d_pre, up_k, al.tiles, al.token, al.pos, dwp,
+                                        al.group_sizes)
+
+  def fused(x, weights, up_k, down_k):
+    return ffn.expert_ffn(x, expert_ids, weights, kept, up_k, down_k,
+                          activation=activation, backend=backend)
+
+  y_op, vjp_op = jax.jit(lambda *a: jax.vjp(fused, *a))(x, weights, up_k, down_k)
+  grads_op = jax.jit(lambda v, ct: v(ct))(vjp_op, dy)
+  checks = {name: _rel_err(a, b) for name, a, b in (
+      ("y", y, y_op), ("dx", dx, grads_op[0]), ("d_weights", d_weights, grads_op[1]),
+      ("d_up", d_up, grads_op[2]), ("d_down", d_down, grads_op[3]))}
+  return [
+      s_router,
+      Stage("align/permute", align, (expert_ids, kept, weights)),
+      Stage("up GEMM", up, (x, up_k, al.tiles, al.token),
+            up_bwd, (x, d_pre, up_k, al.tiles, al.token, al.pos, dwp, al.group_sizes)),
+      Stage("down GEMM + combine", down_combine, (h, down_k, al.tiles, w_sorted, al.pos),
+            down_bwd, (dy, down_k, h, al.tiles, al.token, w_sorted, pre, al.group_sizes)),
+  ], checks
+
+
+def _rel_err(a, b) -> float:
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  den = float(jnp.linalg.norm(b))
+  return float(jnp.linalg.norm(a - b)) / (den if den > 0 else 1.0)
+
+
+def profile(stages: Sequence[Stage], **time_kwargs) -> list[dict[str, Any]]:
+  """`[{"stage", "fwd_s", "bwd_s"}]` for each stage (`bwd_s` None without one)."""
+  rows = []
+  for s in stages:
+    row = {"stage": s.name, "bwd_s": None}
+    row["fwd_s"] = timing.time_fn(jax.jit(s.fwd), *s.fwd_args, power=False,
+                                  **time_kwargs).median_s
+    if s.bwd is not None:
+      row["bwd_s"] = timing.time_fn(jax.jit(s.bwd), *s.bwd_args, power=False,
+                                    **time_kwargs).median_s
+    rows.append(row)
+  return rows

@@ -1,0 +1,471 @@
+"""The jmoe benchmark: `python -m benchmarks.run` (one command, sensible defaults).
+
+On a CPU it runs the tiny configurations (reference forms vs jmoe under Triton's
+interpreter) in about a minute; on a CUDA GPU the full set (`--preset gpu-full`:
+the three main configurations, their skewed-routing twins, and the E, top_k and
+token sweeps). Either way it prints a table and writes, under the results
+directory (default `benchmarks/results/<device-slug>/`):
+
+  results.json  every number, with device, versions, date and the exact command
+  report.md     tables, targets vs measured, memory, profile, what was skipped
+  *.png         speed-up per configuration, TFLOP/s across the E sweep, memory,
+                per-stage profile
+
+Examples::
+
+  python -m benchmarks.run                                  # CPU: tiny; GPU: full
+  python -m benchmarks.run --gpu-full --out /tmp/bench      # the lead's full H100 run
+  python -m benchmarks.run --cases main --impls jmoe,ref-sorted --modes fwd
+  python -m benchmarks.run --list                           # cases, groups, impls
+
+See `benchmarks/cases.py` (configurations), `implementations.py` (what is
+compared), `timing.py` (how), `memory.py`, `profile.py` and `report.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+# Memory is allocated on demand (not 75% up front) so that the fresh-process memory
+# probes (`benchmarks/memory.py`) can run beside this process. Set before jax starts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import cases as cases_lib  # noqa: E402
+from benchmarks import implementations as impls_lib  # noqa: E402
+from benchmarks import memory as memory_lib  # noqa: E402
+from benchmarks import profile as profile_lib  # noqa: E402
+from benchmarks import report as report_lib  # noqa: E402
+from benchmarks import timing as timing_lib  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EINSUM_IMPLS = ("ref-einsum", "ref-einsum-bf16")
+# The staged jmoe profile launches the fused op's kernels; beyond this relative
+# difference (autotuning may pick other tiles, changing rounding) it is flagged.
+PROFILE_CHECK_TOLERANCE = 1e-2
+
+
+@dataclasses.dataclass
+class Preset:
+  """Defaults of one kind of run; command-line flags override each field."""
+
+  cases: str
+  impls: str
+  modes: str = "fwd,fwdbwd"
+  repeats: int = 5
+  warmup: int = 1
+  min_sample_s: float = 0.02
+  dense_n: int = 8192
+  profile_cases: str = "main"
+  memory_process_cases: str = "deepseek"
+  # Implementations left out of the sweep groups (slow and not what sweeps show).
+  sweep_skip_impls: str = "ref-einsum"
+  einsum_max_elements: int = 2 ** 31
+  budget_s: float = 450.0
+
+
+PRESETS = {
+    "cpu": Preset(cases="cpu", impls="jmoe,ref-einsum,ref-einsum-bf16,ref-sorted,tokamax",
+                  repeats=3, min_sample_s=0.01, dense_n=512, profile_cases="tiny",
+                  memory_process_cases="", sweep_skip_impls="", budget_s=150.0),
+    "gpu-quick": Preset(cases="main",
+                        impls="jmoe,ref-einsum,ref-einsum-bf16,ref-sorted,tokamax",
+                        budget_s=240.0),
+    "gpu-full": Preset(cases="all-gpu",
+                       impls="jmoe,ref-einsum,ref-einsum-bf16,ref-sorted,tokamax"),
+}
+
+
+def device_slug(device) -> str:
+  kind = device.device_kind if device.platform != "cpu" else "cpu"
+  return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or device.platform
+
+
+def _version(dist: str) -> str | None:
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _git(*args) -> str | None:
+  try:
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=10, check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip()
+
+
+def environment(argv: list[str], preset: str) -> dict[str, Any]:
+  """Device, versions, date, command and git state of this run."""
+  device = jax.devices()[0]
+  dists = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "triton",
+           "jax-triton", "flax", "numpy", "tokamax", "nvidia-ml-py")
+  status = _git("status", "--porcelain", "--untracked-files=no")
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": "python -m benchmarks.run " + shlex.join(argv),
+      "preset": preset,
+      "platform": device.platform,
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "slug": device_slug(device),
+      "nvml": timing_lib.nvml_info(),
+      "host": platform.node(),
+      "cpu_count": os.cpu_count(),
+      "python": platform.python_version(),
+      "versions": {d: v for d in dists if (v := _version(d)) is not None},
+      "git_commit": _git("rev-parse", "HEAD"),
+      "git_dirty": None if status is None else bool(status),
+      "jmoe_backend": impls_lib.jmoe_backend(),
+      "env": {k: os.environ[k] for k in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS",
+                                         "JMOE_BACKEND") if k in os.environ},
+  }
+
+
+def _rel_err(a, b) -> float:
+  """Largest relative Frobenius error over the leaves of two pytrees."""
+  errs = []
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    den = jnp.linalg.norm(y)
+    errs.append(float(jnp.linalg.norm(x - y) / jnp.where(den > 0, den, 1.0)))
+  return max(errs) if errs else float("nan")
+
+
+def _short(e: BaseException) -> str:
+  msg = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+
+
+class Runner:
+  """Runs the selected measurements and collects the results dict."""
+
+  def __init__(self, args, preset: Preset, env: dict[str, Any]):
+    self.args = args
+    self.preset = preset
+    self.start = time.perf_counter()
+    self.time_kwargs = dict(repeats=args.repeats, warmup=args.warmup,
+                            min_sample_s=args.min_sample_s)
+    self.results: dict[str, Any] = {
+        "meta": env, "timing": dict(self.time_kwargs), "dense_peak": None,
+        "impls": {}, "cases": [], "results": [], "profile": [], "profile_checks": [],
+        "memory_process": [], "notes": [],
+    }
+    self._cache: dict[tuple, dict] = {}
+
+  # -- bookkeeping ---------------------------------------------------------------
+  def note(self, text: str) -> None:
+    print(f"note: {text}", flush=True)
+    self.results["notes"].append(text)
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def over_budget(self, what: str) -> bool:
+    if self.args.budget_s and self.elapsed() > self.args.budget_s:
+      self.note(f"skipped {what}: time budget of {self.args.budget_s:.0f} s spent "
+                f"({self.elapsed():.0f} s elapsed)")
+      return True
+    return False
+
+  # -- phases --------------------------------------------------------------------
+  def check_impls(self, names: list[str]) -> list[str]:
+    usable = []
+    for name in names:
+      impl = impls_lib.IMPLS[name]
+      reason = impl.unavailable()
+      self.results["impls"][name] = {"description": impl.description,
+                                     "dropless": impl.dropless,
+                                     "available": reason is None, "reason": reason}
+      if name == "jmoe":
+        self.results["impls"][name]["backend"] = impls_lib.jmoe_backend()
+        if reason is None and impls_lib.jmoe_backend() == "interpret":
+          self.note("jmoe runs under Triton's interpreter here (Python, one program at "
+                    "a time): its times check the path, they say nothing of kernel "
+                    "speed; 1 sample, no warm-up")
+      if reason is None:
+        usable.append(name)
+      else:
+        self.note(f"{name} skipped: {reason}")
+    return usable
+
+  def dense_peak(self) -> None:
+    n = self.args.dense_n
+    peak = timing_lib.dense_peak(n, **self.time_kwargs)
+    self.results["dense_peak"] = peak
+    print(f"dense {n}^3 bf16 jnp.dot: {peak['median_s'] * 1e3:.3f} ms = "
+          f"{peak['tflops']:.1f} TFLOP/s", flush=True)
+
+  def memory_probes(self, case_list, impls: list[str]) -> None:
+    for case in case_list:
+      for name in impls:
+        if self.over_budget(f"memory probe {case.name}/{name}"):
+          return
+        if self._einsum_too_big(case, name):
+          continue
+        res = memory_lib.process_peak(case.name, name, "fwdbwd", seed=self.args.seed)
+        res.update(case=case.name, impl=name, mode="fwdbwd")
+        self.results["memory_process"].append(res)
+        shown = (f"{res['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in res
+                 else res["error"])
+        print(f"memory (fresh process) {case.name} {name} fwdbwd: {shown}", flush=True)
+
+  def _einsum_too_big(self, case, impl: str) -> bool:
+    return (impl in EINSUM_IMPLS
+            and case.einsum_dispatch_elements() > self.args.einsum_max_elements)
+
+  def _skip_reason(self, case, impl: str) -> str | None:
+    if self._einsum_too_big(case, impl):
+      return (f"[t, e, c] one-hot dispatch has {case.einsum_dispatch_elements():.3g} "
+              f"elements > --einsum-max-elements {self.args.einsum_max_elements:.3g}")
+    if case.group.startswith("sweep") and impl in self.args.sweep_skip_impls:
+      return "left out of sweeps (--sweep-skip-impls)"
+    return None
+
+  def run_case(self, case, impls: list[str], modes: list[str]) -> None:
+    case_row = {"name": case.name, "group": case.group, "describe": case.describe(),
+                **{k: getattr(case, k) for k in ("tokens", "d_model", "d_ff", "experts",
+                                                 "top_k", "routing", "zipf", "dtype",
+                                                 "activation")},
+                "flops_fwd": case.flops("fwd"), "target_ms": dict(case.target_ms or {}),
+                "einsum_capacity": case.capacity(), "utilisation": None}
+    self.results["cases"].append(case_row)
+    print(f"\n== {case.name}: {case.describe()}", flush=True)
+    cached = [r for r in self._cache.get(case.shape_key, [])]
+    if cached:
+      self.note(f"{case.name} has the shape of {cached[0]['case']}: results reused")
+      src = next(c for c in self.results["cases"] if c["name"] == cached[0]["case"])
+      case_row["utilisation"] = src["utilisation"]
+      for r in cached:
+        self.results["results"].append({**r, "case": case.name, "reused_from": r["case"]})
+      return
+    x, params = cases_lib.make_inputs(case, self.args.seed)
+    dy = impls_lib.make_cotangent(case, self.args.seed + 1)
+    oracle_out: dict[str, Any] = {}
+    order = sorted(impls, key=lambda n: n != impls_lib.ORACLE)  # oracle first
+    rows = []
+    for name in order:
+      for mode in modes:
+        row = {"case": case.name, "impl": name, "mode": mode, "status": "ok"}
+        rows.append(row)
+        reason = self._skip_reason(case, name)
+        if reason:
+          row.update(status="skipped", reason=reason)
+          continue
+        try:
+          self._measure(case, name, mode, x, params, dy, row, oracle_out, case_row)
+        except Exception as e:  # noqa: BLE001  (recorded, shown, never hidden)
+          row.update(status="error", reason=_short(e))
+        gc.collect()
+        shown = (f"{row['median_ms']:.3f} ms" if row["status"] == "ok"
+                 else f"{row['status']}: {row.get('reason')}")
+        print(f"  {name:16s} {mode:7s} {shown}", flush=True)
+    del x, params, dy, oracle_out
+    gc.collect()
+    self.results["results"].extend(rows)
+    self._cache[case.shape_key] = rows
+
+  def _time_kwargs(self, impl: str) -> dict[str, Any]:
+    if impl == "jmoe" and impls_lib.jmoe_backend() == "interpret":
+      return dict(self.time_kwargs, repeats=1, warmup=0)
+    return self.time_kwargs
+
+  def _measure(self, case, name, mode, x, params, dy, row, oracle_out, case_row):
+    forward = impls_lib.IMPLS[name].make(case)
+    step, _ = impls_lib.make_step(forward, mode)
+    args = (x, params) if mode == "fwd" else (x, params, dy)
+    t0 = time.perf_counter()
+    compiled = step.lower(*args).compile()  # trace errors (missing ops) surface here
+    row["compile_s"] = time.perf_counter() - t0
+    row["memory_compiled"] = memory_lib.compiled_stats(compiled)
+
+    def check(out):
+      for a in jax.tree.leaves(out):
+        if jnp.issubdtype(a.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(a))):
+          raise FloatingPointError("non-finite values in the output")
+      if mode == "fwd":
+        y, aux = out
+        tpe = np.asarray(aux.tokens_per_expert)
+        row["dropped_fraction"] = float(aux.dropped_fraction)
+        row["tokens_per_expert"] = tpe.tolist()
+        if impls_lib.IMPLS[name].dropless and case_row["utilisation"] is None:
+          case_row["utilisation"] = {"tokens_per_expert": tpe.tolist(),
+                                     **cases_lib.expert_load(tpe)}
+        compare = y
+      else:
+        compare = out[1]
+      if name == impls_lib.ORACLE:
+        oracle_out[mode] = compare
+      elif impls_lib.IMPLS[name].dropless and mode in oracle_out:
+        row["rel_err_vs_oracle"] = _rel_err(compare, oracle_out[mode])
+
+    t = timing_lib.time_fn(compiled, *args, power=not self.args.no_energy,
+                           on_first=check, **self._time_kwargs(name))
+    flops = case.flops(mode)
+    row.update(
+        median_ms=t.median_s * 1e3, min_ms=t.min_s * 1e3, max_ms=t.max_s * 1e3,
+        spread=t.spread, repeats=len(t.samples_s), calls_per_sample=t.calls_per_sample,
+        first_call_s=t.first_call_s, tokens_per_s=case.tokens / t.median_s,
+        tflops=flops / t.median_s / 1e12, power_w=t.power_w,
+        power_samples=t.power_samples,
+        energy_j_per_token=None if t.energy_j is None else t.energy_j / case.tokens,
+        energy_counter_j_per_token=(None if t.energy_counter_j is None
+                                    else t.energy_counter_j / case.tokens),
+    )
+    peak = self.results["dense_peak"]
+    if peak:
+      row["frac_dense_peak"] = row["tflops"] / peak["tflops"]
+
+  def profile(self, case_list) -> None:
+    for case in case_list:
+      if self.over_budget(f"profile of {case.name}"):
+        return
+      x, params = cases_lib.make_inputs(case, self.args.seed)
+      builders = [("ref-sorted", lambda: profile_lib.reference_stages(case, x, params))]
+      if self.results["impls"].get("jmoe", {}).get("available"):
+        builders.insert(0, ("jmoe", lambda: profile_lib.jmoe_stages(
+            case, x, params, impls_lib.jmoe_backend())))
+      for name, build in builders:
+        try:
+          stages, checks = build()
+          rows = profile_lib.profile(stages, **self._time_kwargs(name))
+        except Exception as e:  # noqa: BLE001
+          self.note(f"profile of {name} on {case.name} skipped: {_short(e)}")
+          continue
+        if checks:
+          self.results["profile_checks"].append({"case": case.name, "impl": name,
+                                                 **checks})
+          worst = max(checks.values())
+          if not worst <= PROFILE_CHECK_TOLERANCE:
+            self.note(f"profile of {name} on {case.name}: the stages differ from the "
+                      f"fused op by {worst:.2e} (relative): {checks}")
+        for r in rows:
+          row = {"case": case.name, "impl": name, "stage": r["stage"],
+                 "fwd_ms": r["fwd_s"] * 1e3,
+                 "bwd_ms": None if r["bwd_s"] is None else r["bwd_s"] * 1e3}
+          self.results["profile"].append(row)
+          print(f"  profile {case.name} {name:10s} {r['stage']:20s} fwd "
+                f"{row['fwd_ms']:9.3f} ms  bwd {report_lib.fmt(row['bwd_ms'], '9.3f')} ms",
+                flush=True)
+      del x, params
+      gc.collect()
+
+
+def _split(s: str) -> list[str]:
+  return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.run", description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Defaults come from the preset (cpu on a CPU, gpu-full on a GPU).")
+  parser.add_argument("--preset", choices=sorted(PRESETS),
+                      help="defaults for the run (default: by platform)")
+  parser.add_argument("--gpu-full", action="store_true", help="= --preset gpu-full")
+  parser.add_argument("--cases", help="comma-separated case and group names")
+  parser.add_argument("--impls", help=f"comma-separated, from {sorted(impls_lib.IMPLS)}")
+  parser.add_argument("--modes", help="comma-separated, from fwd,fwdbwd")
+  parser.add_argument("--repeats", type=int, help="timed samples (median reported)")
+  parser.add_argument("--warmup", type=int, help="untimed calls after compiling")
+  parser.add_argument("--min-sample-s", type=float,
+                      help="each sample runs calls for at least this long")
+  parser.add_argument("--dense-n", type=int, help="size of the dense peak matmul")
+  parser.add_argument("--profile-cases", help="cases to profile per stage ('' = none)")
+  parser.add_argument("--memory-process-cases",
+                      help="cases whose fwd+bwd peak memory is also measured in fresh "
+                           "processes ('' = none; GPU only)")
+  parser.add_argument("--sweep-skip-impls", help="implementations left out of sweeps")
+  parser.add_argument("--einsum-max-elements", type=float,
+                      help="skip one-hot einsum forms whose [t, e, c] tensor is larger")
+  parser.add_argument("--budget-s", type=float,
+                      help="stop starting new measurements after this many seconds")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no-energy", action="store_true", help="no NVML power sampling")
+  parser.add_argument("--no-plots", action="store_true")
+  parser.add_argument("--out", help="results directory "
+                      "(default benchmarks/results/<device-slug>/)")
+  parser.add_argument("--list", action="store_true", help="list cases and impls, exit")
+  args = parser.parse_args(argv)
+  if args.gpu_full:
+    if args.preset not in (None, "gpu-full"):
+      parser.error("--gpu-full contradicts --preset " + args.preset)
+    args.preset = "gpu-full"
+  return parser, args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser, args = parse_args(argv)
+  if args.list:
+    for name, case in cases_lib.CASES.items():
+      print(f"{name:18s} {case.group:13s} {case.describe()}")
+    print("groups:", ", ".join(sorted(cases_lib.GROUPS)))
+    for impl in impls_lib.IMPLS.values():
+      print(f"{impl.name:16s} {impl.description}")
+    return {}
+  preset_name = args.preset or ("gpu-full" if impls_lib.on_gpu() else "cpu")
+  preset = PRESETS[preset_name]
+  for field in dataclasses.fields(Preset):
+    if getattr(args, field.name, None) is None:
+      setattr(args, field.name, getattr(preset, field.name))
+  args.einsum_max_elements = int(args.einsum_max_elements)
+  args.sweep_skip_impls = _split(args.sweep_skip_impls)
+  try:
+    case_list = cases_lib.select(_split(args.cases))
+    profile_cases = cases_lib.select(_split(args.profile_cases))
+    memory_cases = cases_lib.select(_split(args.memory_process_cases))
+  except ValueError as e:
+    parser.error(str(e))
+  impl_names = _split(args.impls)
+  modes = _split(args.modes)
+  for name in impl_names:
+    if name not in impls_lib.IMPLS:
+      parser.error(f"unknown implementation {name!r}; known: {sorted(impls_lib.IMPLS)}")
+  for mode in modes:
+    if mode not in cases_lib.MODES:
+      parser.error(f"unknown mode {mode!r}; known: {cases_lib.MODES}")
+
+  env = environment(argv, preset_name)
+  out_dir = args.out or os.path.join(ROOT, "benchmarks", "results", env["slug"])
+  os.makedirs(out_dir, exist_ok=True)
+  print(f"jmoe benchmark ({preset_name}) on {env['device_kind']} [{env['platform']}], "
+        f"jmoe backend {env['jmoe_backend']}; results -> {out_dir}", flush=True)
+  runner = Runner(args, preset, env)
+  impl_names = runner.check_impls(impl_names)
+  if memory_cases and env["platform"] == "gpu":
+    runner.memory_probes(memory_cases, impl_names)  # before this process fills memory
+  runner.dense_peak()
+  for case in case_list:
+    if runner.over_budget(f"case {case.name}"):
+      continue
+    runner.run_case(case, impl_names, modes)
+    if case.name in {c.name for c in profile_cases}:
+      runner.profile([case])
+  runner.results["meta"]["total_s"] = runner.elapsed()
+  results = runner.results
+  report_lib.finish(results, out_dir, plots=not args.no_plots)
+  return results
+
+
+if __name__ == "__main__":
+  main()

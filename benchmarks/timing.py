@@ -1,0 +1,216 @@
+"""Device-synchronised timing, NVML power sampling and the dense-matmul peak.
+
+Timing: the first call compiles (its time is kept as `first_call_s`), `warmup`
+more calls follow, then `repeats` samples; each sample dispatches `calls`
+asynchronous calls and ends with one `jax.block_until_ready`, so short
+functions are not dominated by the host round trip. `calls` is chosen so a
+sample lasts at least `min_sample_s`. The result is the median per-call time.
+
+Energy: while the samples run, a thread reads the board power through NVML
+(`pynvml`, from the `nvidia-ml-py` package) every `POWER_PERIOD_S`; energy per
+call is the mean sampled power times the median call time. It is whole-board
+power, idle power included. Where NVML is missing the energy fields are None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+POWER_PERIOD_S = 0.005
+
+
+@dataclasses.dataclass
+class Timing:
+  """Result of `time_fn` (seconds per call)."""
+
+  median_s: float
+  min_s: float
+  max_s: float
+  samples_s: list[float]
+  calls_per_sample: int
+  first_call_s: float
+  power_w: float | None = None  # mean sampled board power during the samples
+  power_samples: int = 0
+  energy_counter_j: float | None = None  # NVML energy counter / calls, cross-check
+
+  @property
+  def energy_j(self) -> float | None:
+    """Joules per call from sampled power, None without NVML."""
+    return None if self.power_w is None else self.power_w * self.median_s
+
+  @property
+  def spread(self) -> float:
+    """(max - min) / median of the samples: the run-to-run noise."""
+    return (self.max_s - self.min_s) / self.median_s if self.median_s else 0.0
+
+
+def time_fn(
+    fn: Callable[..., Any],
+    *args,
+    repeats: int = 5,
+    warmup: int = 1,
+    min_sample_s: float = 0.02,
+    max_calls: int = 200,
+    power: bool = True,
+    on_first: Callable[[Any], None] | None = None,
+) -> Timing:
+  """Median time per call of `fn(*args)` after compilation and warm-up.
+
+  Args:
+    fn: a function of arrays (normally `jax.jit`-ed) returning a pytree of arrays.
+    *args: its arguments.
+    repeats: timed samples (the median is reported).
+    warmup: untimed calls after the first (compiling) one. The last call before
+      the samples sizes them (with `warmup=0` that is the compiling call, so slow
+      functions run once per sample).
+    min_sample_s: a sample dispatches enough calls to last at least this long.
+    max_calls: at most this many calls per sample.
+    power: sample NVML board power during the timed samples where available.
+    on_first: called with the first call's output (e.g. to check it) before the
+      output is dropped.
+  """
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  first = last = time.perf_counter() - start
+  if on_first is not None:
+    on_first(out)
+  del out
+  for _ in range(warmup):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    last = time.perf_counter() - start
+  calls = int(min(max_calls, max(1, math.ceil(min_sample_s / max(last, 1e-7)))))
+  samples = []
+  sampler = PowerSampler() if power else None
+  with sampler if sampler is not None else contextlib.nullcontext():
+    for _ in range(repeats):
+      start = time.perf_counter()
+      out = None
+      for _ in range(calls):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      samples.append((time.perf_counter() - start) / calls)
+      del out
+  timing = Timing(
+      median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
+      samples_s=samples, calls_per_sample=calls, first_call_s=first,
+  )
+  if sampler is not None and sampler.mean_w is not None:
+    timing.power_w = sampler.mean_w
+    timing.power_samples = len(sampler.readings_w)
+    if sampler.energy_j is not None:
+      timing.energy_counter_j = sampler.energy_j / (calls * repeats)
+  return timing
+
+
+def _nvml():
+  """The initialised `pynvml` module, or None where NVML cannot be used."""
+  try:
+    import pynvml  # pylint: disable=import-outside-toplevel
+    pynvml.nvmlInit()
+    return pynvml
+  except Exception:  # ImportError, or NVMLError without a driver.  # noqa: BLE001
+    return None
+
+
+def nvml_info() -> dict[str, Any] | None:
+  """Driver version, GPU name and power limit from NVML, or None."""
+  nvml = _nvml()
+  if nvml is None:
+    return None
+  try:
+    handle = nvml.nvmlDeviceGetHandleByIndex(0)
+    info = {"driver": nvml.nvmlSystemGetDriverVersion(),
+            "name": nvml.nvmlDeviceGetName(handle)}
+    try:
+      info["power_limit_w"] = nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000
+    except nvml.NVMLError:
+      pass
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in info.items()}
+  except nvml.NVMLError:
+    return None
+
+
+class PowerSampler:
+  """Context manager sampling GPU 0's board power in a background thread.
+
+  After exit, `readings_w` holds the samples, `mean_w` their mean (None without
+  NVML or samples) and `energy_j` the NVML energy counter's difference (None if
+  the counter is unsupported).
+  """
+
+  def __init__(self, period_s: float = POWER_PERIOD_S):
+    self.period_s = period_s
+    self.readings_w: list[float] = []
+    self.energy_j: float | None = None
+    self._nvml = _nvml()
+    self._handle = None
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._energy0 = None
+    if self._nvml is not None:
+      try:
+        self._handle = self._nvml.nvmlDeviceGetHandleByIndex(0)
+      except self._nvml.NVMLError:
+        self._nvml = None
+
+  @property
+  def mean_w(self) -> float | None:
+    return statistics.fmean(self.readings_w) if self.readings_w else None
+
+  def _energy_mj(self):
+    try:
+      return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+    except self._nvml.NVMLError:
+      return None
+
+  def _run(self):
+    while not self._stop.is_set():
+      try:
+        self.readings_w.append(self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000)
+      except self._nvml.NVMLError:
+        return
+      self._stop.wait(self.period_s)
+
+  def __enter__(self):
+    if self._nvml is not None:
+      self._energy0 = self._energy_mj()
+      self._thread = threading.Thread(target=self._run, daemon=True)
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      energy1 = self._energy_mj()
+      if self._energy0 is not None and energy1 is not None:
+        self.energy_j = (energy1 - self._energy0) / 1000
+    return False
+
+
+def dense_peak(n: int, dtype=jnp.bfloat16, **time_kwargs) -> dict[str, float]:
+  """TFLOP/s of an `n x n x n` `jnp.dot` on random inputs (the run's matmul peak).
+
+  Returns:
+    `{"n": n, "median_s": ..., "tflops": 2 n^3 / median_s / 1e12}`.
+  """
+  ka, kb = jax.random.split(jax.random.key(1234))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
+  timing = time_fn(dot, a, b, power=False, **time_kwargs)
+  return {"n": n, "dtype": jnp.dtype(dtype).name, "median_s": timing.median_s,
+          "tflops": 2.0 * n ** 3 / timing.median_s / 1e12, "spread": timing.spread}
