@@ -230,7 +230,8 @@ def priority_margin(probs, expert_ids) -> float:
 def routing_inputs(rng, t: int, d: int, e: int, top_k: int, *, dtype=np.float32,
                    drop_policy: str = "token_order", router_scale: float = 1.0,
                    min_logit_gap: float = 1e-4, min_prob_gap: float = 1e-4,
-                   bias_expert: int | None = None, tries: int = 50):
+                   bias_expert: int | None = None, bias_strength: float = 10.0,
+                   tries: int = 50):
   """`(x [t, d], router_kernel [d, e])` whose top-k choice is unambiguous.
 
   Redraws until adjacent logits among each token's top `top_k + 1` differ by at
@@ -238,7 +239,7 @@ def routing_inputs(rng, t: int, d: int, e: int, top_k: int, *, dtype=np.float32,
   of copies on one expert differ relatively by `min_prob_gap`), so a float32
   implementation must agree exactly with the float64 oracle on the choices.
   With `bias_expert`, every token's first choice is that expert
-  (`bias_to_expert`).
+  (`bias_to_expert(..., strength=bias_strength)`).
   """
   import oracle  # pylint: disable=import-outside-toplevel
 
@@ -246,7 +247,7 @@ def routing_inputs(rng, t: int, d: int, e: int, top_k: int, *, dtype=np.float32,
     x = normal(rng, (t, d), dtype)
     w = normal(rng, (d, e), dtype, router_scale / math.sqrt(d))
     if bias_expert is not None:
-      x, w = bias_to_expert(x, w, bias_expert)
+      x, w = bias_to_expert(x, w, bias_expert, bias_strength)
     logits = oracle.router_logits(x, w)
     if routing_margin(logits, top_k) < min_logit_gap:
       continue

@@ -285,7 +285,7 @@ def test_route_grads_float64(rng, x64, capacity_factor, drop_policy):
   fn = functools.partial(_route_outputs, top_k=top_k, capacity_factor=capacity_factor,
                          drop_policy=drop_policy)
   eps, atol, rtol = helpers.CHECK_GRADS["float64"]
-  check_grads(fn, (jnp.asarray(x), jnp.asarray(w)), order=1, modes=("rev",),
+  check_grads(jax.jit(fn), (jnp.asarray(x), jnp.asarray(w)), order=1, modes=("rev",),
               eps=eps, atol=atol, rtol=rtol)
 
 
@@ -294,7 +294,7 @@ def test_route_grads_float32(rng):
   x, w = helpers.routing_inputs(rng, t, d, e, top_k, min_logit_gap=0.1)
   fn = functools.partial(_route_outputs, top_k=top_k, capacity_factor=1.0)
   eps, atol, rtol = helpers.CHECK_GRADS["float32"]
-  check_grads(fn, (jnp.asarray(x), jnp.asarray(w)), order=1, modes=("rev",),
+  check_grads(jax.jit(fn), (jnp.asarray(x), jnp.asarray(w)), order=1, modes=("rev",),
               eps=eps, atol=atol, rtol=rtol)
 
 
@@ -305,6 +305,6 @@ def test_dropped_weights_have_zero_gradient():
     return ref.route(jnp.asarray(x), w_, top_k=1, capacity_factor=0.5,
                      normalize_top_k=False).weights.sum()
 
-  grad = np.asarray(jax.grad(total_weight)(jnp.asarray(w)))
+  grad = np.asarray(jax.jit(jax.grad(total_weight))(jnp.asarray(w)))
   assert np.all(grad[1:] == 0.0)  # rows of tokens 1..3 (x is the identity)
   assert np.any(grad[0] != 0.0)
