@@ -268,6 +268,9 @@ def _per_group_dots(a, b, sizes, a_row_index=None, b_row_index=None, row_scale=N
 @pytest.mark.gpu
 class TestTgmmTriton(TgmmTestBase):
   BACKEND = "triton"
+  # One pinned config for the small shapes (each autotuned signature compiles
+  # every config); the MoE shapes below autotune.
+  CONFIG = TgmmConfig(32, 64, 64, 4, num_warps=4, num_stages=3)
 
   @pytest.mark.parametrize(
       "m,ka,n,g,skewed,options",
@@ -293,17 +296,21 @@ class TestTgmmTriton(TgmmTestBase):
       kw["b_row_index"] = jnp.asarray(rng.permutation(m).astype(np.int32))
     if has_s:
       kw["row_scale"] = jnp.asarray(rng.uniform(0.1, 1.0, m).astype(np.float32))
-    fn = jax.jit(functools.partial(self._tgmm, **kw))
+    fn = jax.jit(functools.partial(self._tgmm, config=None, **kw))
     sizes = jnp.asarray(sizes)
     out = fn(a, b, sizes)
     expected = _per_group_dots(a, b, sizes, **kw)
-    helpers.assert_close(out, expected, np.float32, rtol=1e-5)  # only sum order
-    empty = np.asarray(sizes) == 0
-    assert np.all(np.asarray(out[empty]) == 0)
+    # Checked on the device (the outputs hold up to 470M floats).
+    assert bool(jnp.all(jnp.isfinite(out))), "non-finite (unwritten?) outputs"
+    err = float(jnp.max(jnp.abs(out - expected)) / jnp.max(jnp.abs(expected)))
+    assert err <= 1e-5, f"relative error {err:.3e}"  # only the summation order
+    empty = np.flatnonzero(np.asarray(sizes) == 0)
+    assert bool(jnp.all(out[empty] == 0)), "groups without rows must be 0"
     again = fn(a, b, sizes)
-    assert np.array_equal(np.asarray(out), np.asarray(again)), "not bit-identical"
+    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint32)
+    assert bool(jnp.all(bits(out) == bits(again))), "repeat is not bit-identical"
 
   def test_float32_tf32(self, rng):
     a, b, sizes, kw = _inputs(rng, 1000, 600, 300, 8, "zeros", np.float32, OPTIONS[1])
-    out = self._tgmm(a, b, sizes, input_precision="tf32", **kw)
+    out = self._tgmm(a, b, sizes, input_precision="tf32", config=None, **kw)
     helpers.assert_close(out, _oracle(a, b, sizes, **kw), "tf32")

@@ -148,14 +148,21 @@ def _config(bm, bk, bn, warps, stages, group=8):
   )
 
 
-# Hopper-sized configs (BLOCK_M is the contraction depth of one step).
+# Hopper-sized configs for 16-bit operands (BLOCK_M is the contraction depth of
+# one step). Shared memory per stage: 2 * BLOCK_M * (BLOCK_K + BLOCK_N) bytes.
 TGMM_CONFIGS = (
     _config(64, 128, 256, 8, 3),
     _config(64, 128, 256, 8, 4),
     _config(64, 256, 128, 8, 3),
     _config(64, 128, 128, 8, 4),
-    _config(64, 128, 128, 4, 4),
-    _config(128, 128, 128, 8, 3),
+)
+
+# float32 operands take twice the shared memory per tile (and "ieee" dots run
+# on the FMA units, not wgmma): smaller tiles.
+TGMM_CONFIGS_F32 = (
+    _config(32, 128, 128, 8, 3),
+    _config(32, 64, 128, 4, 3),
+    _config(64, 64, 64, 4, 3),
 )
 
 # One small config for Triton's interpreter (tl.dot needs every dim >= 16).
@@ -174,7 +181,12 @@ tgmm_kernel_heuristic = triton.heuristics(
     }
 )(_tgmm_kernel)
 
-# The GPU entry point: autotuned over TGMM_CONFIGS, EVEN_K / EVEN_N derived.
+# The GPU entry points: autotuned, EVEN_K / EVEN_N derived. Choose by the
+# operand dtype (16-bit or float32).
 tgmm_kernel_autotuned = triton.autotune(
     configs=list(TGMM_CONFIGS), key=["M", "KA", "N"]
+)(tgmm_kernel_heuristic)
+
+tgmm_kernel_autotuned_f32 = triton.autotune(
+    configs=list(TGMM_CONFIGS_F32), key=["M", "KA", "N"]
 )(tgmm_kernel_heuristic)

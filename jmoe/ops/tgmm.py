@@ -202,7 +202,11 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   if backend == "interpret" and config is None:
     config = TgmmConfig.get_interpret_default()
   if config is None:
-    kernel, launch_options = kernels.tgmm_kernel_autotuned, {}
+    if a.dtype == jnp.float32:
+      kernel = kernels.tgmm_kernel_autotuned_f32
+    else:
+      kernel = kernels.tgmm_kernel_autotuned
+    launch_options = {}
   else:
     kernel = kernels.tgmm_kernel_heuristic
     launch_options = {
