@@ -23,10 +23,11 @@ A token's k choices are distinct experts, so "earlier in flattened order and
 same expert" only ever means "an earlier token": the prefix count is an
 exclusive cumulative sum over tokens of the [BLOCK_T, E_PAD] choice mask.
 
-Backward (`_router_bwd_kernel`), one program per block of tokens: the gradient
-of the probabilities (top-k weights with renormalisation, load-balancing
-column term, direct cotangents), softmax backward, z-loss term, then
-`dx = dlogits @ w^T` (w passed transposed, `[e, d]`). `_router_dw_kernel`:
+Backward: `_router_dlogits_kernel`, one program per block of tokens: the
+gradient of the probabilities (top-k weights with renormalisation,
+load-balancing column term, direct cotangents), softmax backward and z-loss
+term. `_router_dx_kernel`: `dx = dlogits @ w^T` (w passed transposed,
+`[e, d]`), a GEMM tiled over (tokens, d) with K = e. `_router_dw_kernel`:
 `dw = x^T @ dlogits`, a grid over (d blocks, token splits) writing float32
 partials `[SPLIT, d, e]` that the caller sums in a fixed order.
 
@@ -51,42 +52,51 @@ def _itemsize(arg) -> int:
   return getattr(dtype, "itemsize", 4) if dtype is not None else 4
 
 
+def _fits(configs, smem_per_stage, regs=lambda c: 0):
+  """Configs whose pipelined tiles ((num_stages - 1) buffers) fit in shared
+  memory and whose float32 register tiles need at most 64 registers per
+  thread; if none does, the one with the smallest footprint."""
+  def smem(c):
+    return max(1, c.num_stages - 1) * smem_per_stage(c)
+
+  kept = [c for c in configs if smem(c) <= _SMEM_BYTES and regs(c) <= 64]
+  return kept or [min(configs, key=lambda c: (regs(c) > 64, smem(c)))]
+
+
 def _prune_fwd(configs, named_args, **kwargs):
-  """Drops configs whose pipelined x and w tiles overflow shared memory."""
+  """Forward: x [BLOCK_T, BLOCK_D] and w [BLOCK_D, E_PAD] tiles in shared
+  memory, [BLOCK_T, E_PAD] float32 tiles in registers (ptxas spills kilobytes
+  at e=256, BLOCK_T=64 with 4 warps)."""
   del kwargs
   e_pad = _pow2_at_least(int(named_args["e"]), 16)
   size = _itemsize(named_args.get("x_ptr"))
-  kept = [
-      c for c in configs
-      if c.num_stages * size * c.kwargs["BLOCK_D"] * (c.kwargs["BLOCK_T"] + e_pad)
-      <= _SMEM_BYTES
-  ]
-  return kept or configs[:1]
+  return _fits(
+      configs,
+      lambda c: size * c.kwargs["BLOCK_D"] * (c.kwargs["BLOCK_T"] + e_pad),
+      lambda c: c.kwargs["BLOCK_T"] * e_pad // (32 * c.num_warps),
+  )
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-  """Drops configs whose pipelined w^T tiles overflow shared memory."""
+def _prune_dx(configs, named_args, **kwargs):
   del kwargs
   e_pad = _pow2_at_least(int(named_args["e"]), 16)
   size = _itemsize(named_args.get("wt_ptr"))
-  kept = [
-      c for c in configs
-      if c.num_stages * size * c.kwargs["BLOCK_D"] * e_pad
-      + 4 * c.kwargs["BLOCK_T"] * e_pad <= _SMEM_BYTES
-  ]
-  return kept or configs[:1]
+  block_e = min(64, e_pad)
+  return _fits(
+      configs,
+      lambda c: block_e * (4 * c.kwargs["BLOCK_T"] + size * c.kwargs["BLOCK_D"]),
+  )
 
 
 def _prune_dw(configs, named_args, **kwargs):
   del kwargs
   e_pad = _pow2_at_least(int(named_args["e"]), 16)
   size = _itemsize(named_args.get("x_ptr"))
-  kept = [
-      c for c in configs
-      if c.num_stages * c.kwargs["BLOCK_T"] * (size * c.kwargs["BLOCK_D"] + 4 * e_pad)
-      <= _SMEM_BYTES
-  ]
-  return kept or configs[:1]
+  return _fits(
+      configs,
+      lambda c: c.kwargs["BLOCK_T"] * (size * c.kwargs["BLOCK_D"] + 4 * e_pad),
+      lambda c: c.kwargs["BLOCK_D"] * e_pad // (32 * c.num_warps) // 2,
+  )
 
 
 # BLOCK_T is chosen by the op (the per-block outputs depend on it) and passed
@@ -94,20 +104,18 @@ def _prune_dw(configs, named_args, **kwargs):
 FWD_CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
     for bt in (16, 32, 64)
-    for bd, nw, ns in ((64, 4, 3), (128, 8, 3), (64, 8, 4), (128, 4, 2))
+    for bd, nw, ns in ((64, 4, 3), (64, 8, 4), (128, 8, 3))
 ]
 
-BWD_CONFIGS = [
+# BLOCK_E (the contraction tile of dx) is min(64, E_PAD), passed by the op.
+DX_CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
-    for bt in (16, 32, 64)
-    for bd, nw, ns in ((64, 4, 2), (128, 8, 3), (64, 8, 3))
+    for bt, bd, nw, ns in ((128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 2))
 ]
 
 DW_CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
-    for bt, bd, nw, ns in (
-        (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 4),
-    )
+    for bt, bd, nw, ns in ((64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 4))
 ]
 
 
@@ -146,28 +154,29 @@ def _router_fwd_body(
     acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
   valid = row_ok[:, None] & col_ok[None, :]
+  te_ofs = rows64[:, None] * e + cols[None, :]
+  tl.store(logits_ptr + te_ofs, acc, mask=valid)
   logits = tl.where(col_ok[None, :], acc, float("-inf"))
   row_max = tl.max(logits, axis=1)
-  ex = tl.exp(logits - row_max[:, None])
-  denom = tl.sum(ex, axis=1)
-  probs = ex / denom[:, None]
-  lse = row_max + tl.log(denom)
-  tl.store(logits_ptr + rows64[:, None] * e + cols[None, :], acc, mask=valid)
-  tl.store(probs_ptr + rows64[:, None] * e + cols[None, :], probs, mask=valid)
-  tl.store(lse_ptr + rows, lse, mask=row_ok)
+  probs = tl.exp(logits - row_max[:, None])
+  denom = tl.sum(probs, axis=1)
+  probs = probs / denom[:, None]
+  tl.store(lse_ptr + rows, row_max + tl.log(denom), mask=row_ok)
+  tl.store(probs_ptr + te_ofs, probs, mask=valid)
+  block_ofs = pid * e + cols
+  tl.store(psum_ptr + block_ofs, tl.sum(tl.where(valid, probs, 0.0), axis=0),
+           mask=col_ok)
 
-  # Top-k: TOP_K rounds of argmax; ties go to the lower expert index.
+  # Top-k: TOP_K rounds of argmax; ties go to the lower expert index. Chosen
+  # entries of `work` become -2 (padded experts are -1: never chosen).
   kcols = tl.arange(0, K_PAD)
   work = tl.where(col_ok[None, :], probs, -1.0)
-  chosen = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
   top_p = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
   top_i = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
   for j in tl.static_range(TOP_K):
     best = tl.max(work, axis=1)
     idx = tl.min(tl.where(work == best[:, None], cols[None, :], E_PAD), axis=1)
-    hit = cols[None, :] == idx[:, None]
-    chosen = tl.where(hit, 1, chosen)
-    work = tl.where(hit, -2.0, work)
+    work = tl.where(cols[None, :] == idx[:, None], -2.0, work)
     top_p = tl.where(kcols[None, :] == j, best[:, None], top_p)
     top_i = tl.where(kcols[None, :] == j, idx[:, None], top_i)
   weights = top_p
@@ -178,11 +187,8 @@ def _router_fwd_body(
   tl.store(ids_ptr + kofs, top_i, mask=kmask)
   tl.store(weights_ptr + kofs, weights, mask=kmask)
 
-  # Per-block statistics (rows past t excluded).
-  chosen = tl.where(row_ok[:, None], chosen, 0)
-  block_ofs = pid * e + cols
-  tl.store(psum_ptr + block_ofs, tl.sum(tl.where(valid, probs, 0.0), axis=0),
-           mask=col_ok)
+  # Routed copies per expert in this block (rows past t excluded).
+  chosen = ((work == -2.0) & row_ok[:, None]).to(tl.int32)
   tl.store(counts_ptr + block_ofs, tl.sum(chosen, axis=0), mask=col_ok)
   if WRITE_POS:
     before = tl.cumsum(chosen, axis=0) - chosen  # [BLOCK_T, E_PAD], exclusive
@@ -237,26 +243,21 @@ def _router_fwd_pos_kernel(
   )
 
 
-@triton.autotune(
-    configs=BWD_CONFIGS, key=["d", "e"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
-)
 @triton.jit
-def _router_bwd_kernel(
+def _router_dlogits_kernel(
     probs_ptr, lse_ptr, ids_ptr, gw_ptr, glogits_ptr, gprobs_ptr, colterm_ptr,
-    zcoef_ptr, wt_ptr, t, d, e,
-    dlogits_ptr, dx_ptr,
+    zcoef_ptr, t, e,
+    dlogits_ptr,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_GLOGITS: tl.constexpr, HAS_GPROBS: tl.constexpr,
-    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-  """dlogits [t, e] float32 and dx = dlogits @ w^T [t, d] for a block of tokens.
+  """dlogits [t, e] float32 for a block of BLOCK_T tokens.
 
   Inputs: probs [t, e], lse [t], expert ids [t, TOP_K], gw [t, TOP_K] (weight
   cotangent, already zero for dropped copies), optional glogits / gprobs
   [t, e], colterm [e] (load-balancing loss term of dprobs), zcoef [1]
-  (`2 * g_z / t`), wt = w^T [e, d].
+  (`2 * g_z / t`, the z-loss term).
   """
   pid = tl.program_id(0)
   rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -269,66 +270,73 @@ def _router_bwd_kernel(
   kcols = tl.arange(0, K_PAD)
   kmask = row_ok[:, None] & (kcols[None, :] < TOP_K)
   kofs = rows64[:, None] * TOP_K + kcols[None, :]
-
   probs = tl.load(probs_ptr + te_ofs, mask=valid, other=0.0)
-  ids = tl.load(ids_ptr + kofs, mask=kmask, other=-1)
+  ids = tl.load(ids_ptr + kofs, mask=kmask, other=0)
   gw = tl.load(gw_ptr + kofs, mask=kmask, other=0.0)
 
-  # dprobs from the top-k weights: w_j = p_j / S (S = sum of top-k p).
-  g_top = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
-  is_top = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
-  top_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
-  g_dot_p = tl.zeros((BLOCK_T,), dtype=tl.float32)
-  for j in tl.static_range(TOP_K):
-    id_j = tl.sum(tl.where(kcols[None, :] == j, ids, 0), axis=1)
-    g_j = tl.sum(tl.where(kcols[None, :] == j, gw, 0.0), axis=1)
-    hit = cols[None, :] == id_j[:, None]
-    p_j = tl.sum(tl.where(hit, probs, 0.0), axis=1)
-    top_sum += p_j
-    g_dot_p += g_j * p_j
-    g_top = tl.where(hit, g_j[:, None], g_top)
-    is_top = tl.where(hit, 1, is_top)
+  # dprobs from the top-k weights w_j = p_j / S (S = sum of the top-k p_j):
+  # dp_j = (g_j - sum_l g_l w_l) / S, or g_j without renormalisation.
   if NORMALIZE:
-    top_sum = tl.where(row_ok, top_sum, 1.0)
-    inv = 1.0 / top_sum
-    shift = g_dot_p * inv  # sum_j g_j * w_j
-    dprobs = tl.where(is_top != 0, (g_top - shift[:, None]) * inv[:, None], 0.0)
-  else:
-    dprobs = g_top
+    p_top = tl.load(probs_ptr + rows64[:, None] * e + ids, mask=kmask, other=0.0)
+    inv = 1.0 / tl.where(row_ok, tl.sum(p_top, axis=1), 1.0)
+    gw = (gw - (tl.sum(gw * p_top, axis=1) * inv)[:, None]) * inv[:, None]
+  dprobs = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
   dprobs += tl.load(colterm_ptr + cols, mask=col_ok, other=0.0)[None, :]
   if HAS_GPROBS:
     dprobs += tl.load(gprobs_ptr + te_ofs, mask=valid, other=0.0)
+  for j in tl.static_range(TOP_K):
+    id_j = tl.sum(tl.where(kcols[None, :] == j, ids, 0), axis=1)
+    g_j = tl.sum(tl.where(kcols[None, :] == j, gw, 0.0), axis=1)
+    dprobs += tl.where(cols[None, :] == id_j[:, None], g_j[:, None], 0.0)
 
   # Softmax backward, plus the z-loss term 2 g_z lse / t * probs.
   inner = tl.sum(probs * dprobs, axis=1)
   lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
   zcoef = tl.load(zcoef_ptr)
-  dlogits = probs * (dprobs - inner[:, None]) + (zcoef * lse)[:, None] * probs
+  dlogits = probs * (dprobs - inner[:, None] + (zcoef * lse)[:, None])
   if HAS_GLOGITS:
     dlogits += tl.load(glogits_ptr + te_ofs, mask=valid, other=0.0)
-  dlogits = tl.where(valid, dlogits, 0.0)
   tl.store(dlogits_ptr + te_ofs, dlogits, mask=valid)
 
-  # dx = dlogits @ w^T, one BLOCK_D column block at a time.
-  if DOT_F32:
-    lhs = dlogits
-  else:
-    lhs = dlogits.to(wt_ptr.dtype.element_ty)
-  for d0 in range(0, d, BLOCK_D):
-    dd = d0 + tl.arange(0, BLOCK_D)
-    d_ok = dd < d
-    wt_tile = tl.load(
-        wt_ptr + cols.to(tl.int64)[:, None] * d + dd[None, :],
-        mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-    )
+
+@triton.autotune(
+    configs=DX_CONFIGS, key=["d", "e"],
+    prune_configs_by={"early_config_prune": _prune_dx},
+)
+@triton.jit
+def _router_dx_kernel(
+    dlogits_ptr, wt_ptr, t, d, e,
+    dx_ptr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+  """dx [t, d] = dlogits [t, e] @ wt [e, d], one [BLOCK_T, BLOCK_D] tile each.
+
+  dlogits is float32; unless DOT_F32 it is rounded to wt's dtype for the
+  tensor cores (float32 accumulation).
+  """
+  pid_t = tl.program_id(0)
+  pid_d = tl.program_id(1)
+  rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+  row_ok = rows < t
+  rows64 = rows.to(tl.int64)
+  dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+  d_ok = dd < d
+  acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+  for e0 in range(0, e, BLOCK_E):
+    ee = e0 + tl.arange(0, BLOCK_E)
+    e_ok = ee < e
+    g = tl.load(dlogits_ptr + rows64[:, None] * e + ee[None, :],
+                mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+    wt = tl.load(wt_ptr + ee.to(tl.int64)[:, None] * d + dd[None, :],
+                 mask=e_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_F32:
-      wt_tile = wt_tile.to(tl.float32)
-    dx = tl.dot(lhs, wt_tile, input_precision=INPUT_PRECISION)
-    tl.store(
-        dx_ptr + rows64[:, None] * d + dd[None, :],
-        dx.to(dx_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+      wt = wt.to(tl.float32)
+    else:
+      g = g.to(wt_ptr.dtype.element_ty)
+    acc = tl.dot(g, wt, acc, input_precision=INPUT_PRECISION)
+  tl.store(dx_ptr + rows64[:, None] * d + dd[None, :], acc.to(dx_ptr.dtype.element_ty),
+           mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.autotune(

@@ -10,6 +10,7 @@ on the host (`jmoe.interpret`). Every launch is wrapped in
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -101,11 +102,20 @@ def kernel_call(
 
     def launch(*arrays):
       import jax_triton  # pylint: disable=import-outside-toplevel
+      import triton  # pylint: disable=import-outside-toplevel
 
+      launched = kernel
+      if isinstance(kernel, triton.runtime.Autotuner):
+        # jax-triton 0.3.1 replaces `early_config_prune` of the autotuner it
+        # lowers with a wrapper that prunes by this call's explicit
+        # metaparameters and then calls the previous one, so a second call
+        # with other metaparameters would find no config. Each launch gets
+        # its own shallow copy (compiled kernels are cached by JITFunction).
+        launched = copy.copy(kernel)
       return tuple(
           jax_triton.triton_call(
               *merge(arrays),
-              kernel=kernel,
+              kernel=launched,
               out_shape=out_shapes,
               grid=grid,
               name=name,

@@ -40,23 +40,23 @@ from jmoe.types import Routing
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-  """Fixed tile settings for the three router kernels (None fields: autotune).
+  """Tile settings of the router kernels (None fields: autotune on the GPU).
 
   `block_t` (tokens per forward program) is always fixed, because the shapes of
   the per-block outputs depend on it; `None` picks it from `e`.
 
   Attributes:
-    block_t: tokens per program of the forward and backward kernels.
-    block_d: model-dimension tile of all three kernels.
-    num_warps, num_stages: launch settings of all three kernels.
-    dw_block_t: token tile of the dw kernel.
+    block_t: tokens per program of the forward kernel.
+    block_d: model-dimension tile of the forward, dx and dw kernels.
+    num_warps, num_stages: launch settings of those three kernels.
+    gemm_block_t: token tile of the dx and dw kernels.
   """
 
   block_t: int | None = None
   block_d: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
-  dw_block_t: int | None = None
+  gemm_block_t: int | None = None
 
   @property
   def fixed(self) -> bool:
@@ -66,14 +66,21 @@ class RouterConfig:
 # The interpreter runs with small, fixed tiles (many blocks: exercises the
 # cross-block capacity logic on small inputs).
 INTERPRET_CONFIG = RouterConfig(
-    block_t=32, block_d=32, num_warps=4, num_stages=1, dw_block_t=32
+    block_t=32, block_d=32, num_warps=4, num_stages=1, gemm_block_t=32
 )
 
 
-def default_block_t(e: int) -> int:
-  """Tokens per forward program: the [block_t, E_PAD] tiles stay in registers."""
+def dlogits_block(e: int) -> int:
+  """Tokens per program of the dlogits kernel (no register spills at e=256)."""
   e_pad = kernels._pow2_at_least(e, 16)  # pylint: disable=protected-access
-  return 64 if e_pad <= 128 else 32
+  return max(16, min(64, 4096 // e_pad))
+
+
+def default_block_t(e: int) -> int:
+  """Tokens per forward program (64 fills a Hopper wgmma tile; with e=256 the
+  [64, 256] float32 tiles still fit in registers at 8 warps)."""
+  del e
+  return 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,25 +102,25 @@ def _dot_settings(dtype, backend: str) -> tuple[bool, str]:
   return False, "ieee"
 
 
-def _launch_options(kernel, config: RouterConfig, *, dw: bool = False):
-  """(kernel, metaparams): the bare JITFunction when the config is fixed."""
+def _launch_options(kernel, config: RouterConfig, *, gemm: bool = False):
+  """(kernel, metaparams) for an autotuned kernel under `config`.
+
+  The forward kernel always gets `BLOCK_T=config.block_t`; the backward GEMMs
+  (`gemm=True`: dx and dw) get `config.gemm_block_t` if set. A fixed config
+  (`config.fixed`) launches the bare JITFunction with exactly those settings.
+  """
   meta = {}
-  if dw:
-    if config.dw_block_t is not None:
-      meta["BLOCK_T"] = config.dw_block_t
-  else:
-    meta["BLOCK_T"] = config.block_t
-  if config.fixed:
-    meta.update(
-        BLOCK_D=config.block_d, num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-    if dw and "BLOCK_T" not in meta:
-      meta["BLOCK_T"] = config.block_t
-    return kernel.fn, meta
+  block_t = config.gemm_block_t if gemm else config.block_t
+  if block_t is not None:
+    meta["BLOCK_T"] = block_t
   if config.block_d is not None:
     meta["BLOCK_D"] = config.block_d
-  return kernel, meta
+  if not config.fixed:
+    return kernel, meta
+  meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
+  if gemm:
+    meta.setdefault("BLOCK_T", 64)
+  return kernel.fn, meta
 
 
 def _forward(x, w, static: _Static):
@@ -241,27 +248,35 @@ def _backward(static: _Static, residuals, ct: Routing):
   glogits_arg = dummy if g_logits is None else g_logits.astype(f32)
   gprobs_arg = dummy if g_probs is None else g_probs.astype(f32)
 
-  kernel, meta = _launch_options(
-      kernels._router_bwd_kernel, cfg  # pylint: disable=protected-access
-  )
-  dlogits, dx = kernel_call(
-      kernel, probs, lse, expert_ids, gw, glogits_arg, gprobs_arg, colterm, zcoef,
-      w.T, t, d, e,
-      out_shape=(jax.ShapeDtypeStruct((t, e), f32), jax.ShapeDtypeStruct((t, d), x.dtype)),
-      grid=(-(-t // cfg.block_t),),
+  dlogits_block_t = dlogits_block(e)
+  dlogits = kernel_call(
+      kernels._router_dlogits_kernel,  # pylint: disable=protected-access
+      probs, lse, expert_ids, gw, glogits_arg, gprobs_arg, colterm, zcoef, t, e,
+      out_shape=jax.ShapeDtypeStruct((t, e), f32),
+      grid=(-(-t // dlogits_block_t),),
       backend=static.backend,
-      name="jmoe_router_bwd",
-      TOP_K=k, K_PAD=triton_next_pow2(k), E_PAD=e_pad,
+      name="jmoe_router_dlogits",
+      TOP_K=k, K_PAD=triton_next_pow2(k), E_PAD=e_pad, BLOCK_T=dlogits_block_t,
       NORMALIZE=static.normalize_top_k, HAS_GLOGITS=g_logits is not None,
-      HAS_GPROBS=g_probs is not None, DOT_F32=dot_f32, INPUT_PRECISION=precision,
-      **meta,
+      HAS_GPROBS=g_probs is not None, num_warps=4,
+  )
+  kernel, meta = _launch_options(
+      kernels._router_dx_kernel, cfg, gemm=True  # pylint: disable=protected-access
+  )
+  dx = kernel_call(
+      kernel, dlogits, w.T, t, d, e,
+      out_shape=jax.ShapeDtypeStruct((t, d), x.dtype),
+      grid=lambda m: (-(-t // m["BLOCK_T"]), -(-d // m["BLOCK_D"])),
+      backend=static.backend,
+      name="jmoe_router_dx",
+      BLOCK_E=min(64, e_pad), DOT_F32=dot_f32, INPUT_PRECISION=precision, **meta,
   )
 
   splits = _dw_splits(t, d)
   tokens_per_split = _round_up(-(-t // splits), 128)  # a multiple of any BLOCK_T
   splits = -(-t // tokens_per_split)
   kernel, meta = _launch_options(
-      kernels._router_dw_kernel, cfg, dw=True  # pylint: disable=protected-access
+      kernels._router_dw_kernel, cfg, gemm=True  # pylint: disable=protected-access
   )
   partial_dw = kernel_call(
       kernel, x, dlogits, t, d, e, tokens_per_split,
