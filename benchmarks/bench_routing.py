@@ -115,7 +115,8 @@ def main():
     import pytest  # pylint: disable=import-outside-toplevel
 
     t0 = time.perf_counter()
-    code = pytest.main(["-q", "-rfEs", "tests/test_ops_routing.py", "-k", "Triton",
+    code = pytest.main(["-q", "-rfEs", "--maxfail=6", "--durations=8",
+                        "tests/test_ops_routing.py", "-k", "Triton",
                         "-p", "no:cacheprovider"])
     lines.append(f"pytest exit code {int(code)} in {time.perf_counter() - t0:.0f} s")
   dev = jax.devices()[0]
