@@ -14,13 +14,13 @@ stage are the outputs of the previous one, computed once beforehand.
 
 - Reference (`jmoe.reference`, sorted form): each stage is a pure function and
   its backward is its VJP.
-- jmoe (`jmoe.ops`): the stages call the ops' kernels the way
-  `jmoe.ops.expert_ffn` does; its backward kernels are attributed to the stage
-  whose forward they differentiate: `act_bwd` (dy @ down^T, activation
-  backward, router-weight partials) and `dW_down` (tgmm) to "down GEMM +
-  combine"; `dW_up` (tgmm), the dx GEMM and the dx/d_weights combine to "up
-  GEMM"; align has no backward. `tests/test_benchmarks.py` checks that the
-  stages reproduce `jmoe.ops.expert_ffn` and its VJP.
+- jmoe (`jmoe.ops`): the stage functions of `jmoe.ops.expert_ffn`. Backward
+  kernels go to the stage whose forward they differentiate: `act_bwd`
+  (dy @ down^T, activation backward, router-weight partials) to "down GEMM +
+  combine", the dx GEMM and the dx/d_weights combine to "up GEMM"; both weight
+  gradients (one `weight_grad_stage`, two tgmm launches) are a backward-only
+  row; align has no backward. `tests/test_benchmarks.py` checks that the stages
+  reproduce `jmoe.ops.expert_ffn` and its VJP.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from benchmarks.cases import Case
 
 @dataclasses.dataclass
 class Stage:
-  """One stage: `fwd(*fwd_args)` and, if it has one, `bwd(*bwd_args)`."""
+  """One stage: `fwd(*fwd_args)` and `bwd(*bwd_args)` (either may be None)."""
 
   name: str
-  fwd: Callable[..., Any]
+  fwd: Callable[..., Any] | None
   fwd_args: tuple
   bwd: Callable[..., Any] | None = None
   bwd_args: tuple = ()
@@ -109,7 +109,9 @@ def reference_stages(case: Case, x, params
 
 def jmoe_stages(case: Case, x, params, backend: str
                 ) -> tuple[list[Stage], dict[str, float]]:
-  """The stages of `jmoe.moe(..., backend=backend)`, from the kernels in `jmoe.ops`.
+  """The stages of `jmoe.moe(..., backend=backend)`, from the stage functions of
+  `jmoe.ops.expert_ffn` (`plan`, `up_stage`, `down_stage`, `combine`,
+  `act_bwd_stage`, `weight_grad_stage`, `dx_stage`) and `jmoe.ops.routing.route`.
 
   Returns:
     `(stages, checks)`: `checks` maps `y, dx, d_weights, d_up, d_down` to the
@@ -118,23 +120,11 @@ def jmoe_stages(case: Case, x, params, backend: str
 
   Raises:
     ImportError, AttributeError, TypeError: the ops are not (or no longer) what
-      this mirrors; `tests/test_benchmarks.py` catches that.
+      this calls; `tests/test_benchmarks.py` catches that.
   """
-  # pylint: disable=protected-access
   ops_routing = importlib.import_module("jmoe.ops.routing")
   ffn = importlib.import_module("jmoe.ops.expert_ffn")
-  gmm = importlib.import_module("jmoe.ops.grouped_matmul")
-  align_lib = importlib.import_module("jmoe.ops.align")
-  tgmm = importlib.import_module("jmoe.ops.tgmm").tgmm
-  t, d = x.shape
-  e, _, pf = params.up_kernel.shape
-  top_k, activation = case.top_k, case.activation
-  gated = ffn._is_gated(activation)
-  f = pf // 2 if gated else pf
-  tk = t * top_k
-  block_m = gmm.block_m_for(tk, e, backend)
-  act = ffn._GATE_ACTIVATION.get(activation, activation)
-  flags = gmm.dot_flags(x.dtype, backend)
+  top_k, activation, e = case.top_k, case.activation, case.experts
   up_k, down_k = params.up_kernel.astype(x.dtype), params.down_kernel.astype(x.dtype)
 
   def router(diff, const):
@@ -142,68 +132,42 @@ def jmoe_stages(case: Case, x, params, backend: str
     r = ops_routing.route(x, w, top_k=top_k, backend=backend)
     return (r.weights, r.load_balancing_loss, r.router_z_loss), (r.expert_ids, r.kept)
 
-  def align(expert_ids, kept, weights):
-    al = align_lib.align(expert_ids, kept, e, block_m)
-    return al, weights.reshape(tk)[al.order]
-
-  def up(x, up_k, tiles, token, save=False):
-    return gmm.gemm_call(
-        "act", x, up_k, tiles, token,
-        out_shape=(jax.ShapeDtypeStruct((tk, f), x.dtype),
-                   jax.ShapeDtypeStruct((tk, pf) if save else (1,), x.dtype)),
-        n=f, k=d, num_tiles=tiles.shape[1], block_m=block_m, backend=backend,
-        name="jmoe_expert_up", gated=gated, F=f, K=d, NUM_TILES=tiles.shape[1],
-        STRIDE_XM=d, STRIDE_WG=d * pf, STRIDE_WK=pf, STRIDE_WN=1, ACTIVATION=act,
-        GATED=gated, STORE_PRE=save, GATHER_A=True, **flags)
-
-  def down_combine(h, down_k, tiles, w_sorted, pos):
-    o = gmm.grouped_gemm(h, down_k, tiles, n=d, k=f, rows=tk, strides_b=(f * d, d, 1),
-                         block_m=block_m, out_dtype=jnp.float32, backend=backend,
-                         row_scale=w_sorted, name="jmoe_expert_down")
-    return ffn.combine(o, pos, x.dtype, backend)
-
-  autotune = backend == "triton" and gmm.autotune_enabled()
-  if autotune:
-    min_block_n = importlib.import_module("jmoe.kernels.grouped_gemm").ACT_BWD_MIN_BLOCK_N
-  else:
-    min_block_n = gmm.default_config("act_bwd", block_m, f, d, backend).block_n
-  dwp_cols = -(-f // min_block_n)
-
-  def down_bwd(dy, down_k, h, tiles, token, w_sorted, pre, group_sizes):
-    dy = dy.astype(x.dtype)
-    d_pre, dwp = gmm.gemm_call(
-        "act_bwd", dy, down_k, tiles, token, w_sorted, pre,
-        out_shape=(jax.ShapeDtypeStruct((tk, pf), x.dtype),
-                   jax.ShapeDtypeStruct((tk, dwp_cols), jnp.float32)),
-        n=f, k=d, num_tiles=tiles.shape[1], block_m=block_m, backend=backend,
-        name="jmoe_expert_act_bwd", gated=gated,
-        zeroed_outputs=(1,) if autotune else (), F=f, K=d, NUM_TILES=tiles.shape[1],
-        STRIDE_DYM=d, STRIDE_WG=f * d, STRIDE_WK=1, STRIDE_WN=d, DWP_COLS=dwp_cols,
-        ACTIVATION=act, GATED=gated, **flags)
-    d_down = tgmm(h, dy, group_sizes, b_row_index=token, row_scale=w_sorted,
-                  out_dtype=down_k.dtype, backend=backend)
-    return d_pre, dwp, d_down
-
-  def up_bwd(x, d_pre, up_k, tiles, token, pos, dwp, group_sizes):
-    d_up = tgmm(x, d_pre, group_sizes, a_row_index=token, out_dtype=up_k.dtype,
-                backend=backend)
-    dxc = gmm.grouped_gemm(d_pre, up_k, tiles, n=d, k=pf, rows=tk,
-                           strides_b=(d * pf, 1, pf), block_m=block_m,
-                           out_dtype=jnp.float32, backend=backend, name="jmoe_expert_dx")
-    dx, d_weights = ffn.combine(dxc, pos, x.dtype, backend, dwp=dwp)
-    return dx, d_weights, d_up
-
   s_router, ((weights, _, _), (expert_ids, kept)) = vjp_stage(
       "router", router, (x, params.router_kernel))
+  # block_m is a static python int: take it from one call outside jit.
+  block_m = ffn.plan(expert_ids, kept, e, backend)[1]
+
+  def align(expert_ids, kept, weights):
+    al, _ = ffn.plan(expert_ids, kept, e, backend)
+    return al, weights.reshape(-1)[al.order]
+
+  def up(x, up_k, al, save=False):
+    return ffn.up_stage(x, up_k, al, block_m, activation, backend, save)
+
+  def down_combine(h, down_k, al, w_sorted):
+    o = ffn.down_stage(h, down_k, al, w_sorted, block_m, backend)
+    return ffn.combine(o, al.pos, x.dtype, backend)
+
+  def down_bwd(dy, down_k, al, w_sorted, pre):
+    return ffn.act_bwd_stage(dy, down_k, al, w_sorted, pre, block_m, activation, backend)
+
+  def weight_grads(x, dy, h, d_pre, al, w_sorted):
+    return ffn.weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_k.dtype,
+                                 down_k.dtype, backend)
+
+  def up_bwd(d_pre, up_k, al, dwp):
+    dxc = ffn.dx_stage(d_pre, up_k, al, block_m, backend)
+    return ffn.combine(dxc, al.pos, x.dtype, backend, dwp=dwp)
+
   al, w_sorted = jax.jit(align)(expert_ids, kept, weights)
-  h, pre = jax.jit(lambda *a: up(*a, save=True))(x, up_k, al.tiles, al.token)
+  h, pre = jax.jit(lambda *a: up(*a, save=True))(x, up_k, al)
   dy = _random_like(x, 1)
-  d_pre, dwp, d_down = jax.jit(down_bwd)(dy, down_k, h, al.tiles, al.token, w_sorted,
-                                         pre, al.group_sizes)
+  d_pre, dwp = jax.jit(down_bwd)(dy, down_k, al, w_sorted, pre)
+
   # The stages must compute what the fused op computes: compare once.
-  y = jax.jit(down_combine)(h, down_k, al.tiles, w_sorted, al.pos)
-  dx, d_weights, d_up = jax.jit(up_bwd)(x, d_pre, up_k, al.tiles, al.token, al.pos, dwp,
-                                        al.group_sizes)
+  y = jax.jit(down_combine)(h, down_k, al, w_sorted)
+  dx, d_weights = jax.jit(up_bwd)(d_pre, up_k, al, dwp)
+  d_up, d_down = jax.jit(weight_grads)(x, dy, h, d_pre, al, w_sorted)
 
   def fused(x, weights, up_k, down_k):
     return ffn.expert_ffn(x, expert_ids, weights, kept, up_k, down_k,
@@ -217,10 +181,11 @@ def jmoe_stages(case: Case, x, params, backend: str
   return [
       s_router,
       Stage("align/permute", align, (expert_ids, kept, weights)),
-      Stage("up GEMM", up, (x, up_k, al.tiles, al.token),
-            up_bwd, (x, d_pre, up_k, al.tiles, al.token, al.pos, dwp, al.group_sizes)),
-      Stage("down GEMM + combine", down_combine, (h, down_k, al.tiles, w_sorted, al.pos),
-            down_bwd, (dy, down_k, h, al.tiles, al.token, w_sorted, pre, al.group_sizes)),
+      Stage("up GEMM", up, (x, up_k, al), up_bwd, (d_pre, up_k, al, dwp)),
+      Stage("down GEMM + combine", down_combine, (h, down_k, al, w_sorted),
+            down_bwd, (dy, down_k, al, w_sorted, pre)),
+      Stage("weight grads (2 tgmm)", None, (), weight_grads,
+            (x, dy, h, d_pre, al, w_sorted)),
   ], checks
 
 
@@ -231,12 +196,13 @@ def _rel_err(a, b) -> float:
 
 
 def profile(stages: Sequence[Stage], **time_kwargs) -> list[dict[str, Any]]:
-  """`[{"stage", "fwd_s", "bwd_s"}]` for each stage (`bwd_s` None without one)."""
+  """`[{"stage", "fwd_s", "bwd_s"}]` for each stage (None where it has none)."""
   rows = []
   for s in stages:
-    row = {"stage": s.name, "bwd_s": None}
-    row["fwd_s"] = timing.time_fn(jax.jit(s.fwd), *s.fwd_args, power=False,
-                                  **time_kwargs).median_s
+    row = {"stage": s.name, "fwd_s": None, "bwd_s": None}
+    if s.fwd is not None:
+      row["fwd_s"] = timing.time_fn(jax.jit(s.fwd), *s.fwd_args, power=False,
+                                    **time_kwargs).median_s
     if s.bwd is not None:
       row["bwd_s"] = timing.time_fn(jax.jit(s.bwd), *s.bwd_args, power=False,
                                     **time_kwargs).median_s

@@ -59,6 +59,7 @@ EINSUM_IMPLS = ("ref-einsum", "ref-einsum-bf16")
 # The staged jmoe profile launches the fused op's kernels; beyond this relative
 # difference (autotuning may pick other tiles, changing rounding) it is flagged.
 PROFILE_CHECK_TOLERANCE = 1e-2
+PROFILED = ("jmoe", "ref-sorted")
 
 
 @dataclasses.dataclass
@@ -340,10 +341,17 @@ class Runner:
       if self.over_budget(f"profile of {case.name}"):
         return
       x, params = cases_lib.make_inputs(case, self.args.seed)
-      builders = [("ref-sorted", lambda: profile_lib.reference_stages(case, x, params))]
-      if self.results["impls"].get("jmoe", {}).get("available"):
-        builders.insert(0, ("jmoe", lambda: profile_lib.jmoe_stages(
-            case, x, params, impls_lib.jmoe_backend())))
+      builders = []
+      if "jmoe" in self.args.profile_impls:
+        if self.results["impls"].get("jmoe", {}).get("available", False):
+          builders.append(("jmoe", lambda: profile_lib.jmoe_stages(
+              case, x, params, impls_lib.jmoe_backend())))
+        else:
+          self.note(f"profile of jmoe on {case.name} skipped: jmoe not available or "
+                    "not selected")
+      if "ref-sorted" in self.args.profile_impls:
+        builders.append(("ref-sorted",
+                         lambda: profile_lib.reference_stages(case, x, params)))
       for name, build in builders:
         try:
           stages, checks = build()
@@ -360,12 +368,12 @@ class Runner:
                       f"fused op by {worst:.2e} (relative): {checks}")
         for r in rows:
           row = {"case": case.name, "impl": name, "stage": r["stage"],
-                 "fwd_ms": r["fwd_s"] * 1e3,
-                 "bwd_ms": None if r["bwd_s"] is None else r["bwd_s"] * 1e3}
+                 **{f"{p}_ms": None if r[f"{p}_s"] is None else r[f"{p}_s"] * 1e3
+                    for p in ("fwd", "bwd")}}
           self.results["profile"].append(row)
-          print(f"  profile {case.name} {name:10s} {r['stage']:20s} fwd "
-                f"{row['fwd_ms']:9.3f} ms  bwd {report_lib.fmt(row['bwd_ms'], '9.3f')} ms",
-                flush=True)
+          print(f"  profile {case.name} {name:10s} {r['stage']:22s} fwd "
+                f"{report_lib.fmt(row['fwd_ms'], '9.3f')} ms  bwd "
+                f"{report_lib.fmt(row['bwd_ms'], '9.3f')} ms", flush=True)
       del x, params
       gc.collect()
 
@@ -391,6 +399,8 @@ def parse_args(argv):
                       help="each sample runs calls for at least this long")
   parser.add_argument("--dense-n", type=int, help="size of the dense peak matmul")
   parser.add_argument("--profile-cases", help="cases to profile per stage ('' = none)")
+  parser.add_argument("--profile-impls", default="jmoe,ref-sorted",
+                      help="implementations profiled per stage (jmoe, ref-sorted)")
   parser.add_argument("--memory-process-cases",
                       help="cases whose fwd+bwd peak memory is also measured in fresh "
                            "processes ('' = none; GPU only)")
@@ -430,6 +440,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       setattr(args, field.name, getattr(preset, field.name))
   args.einsum_max_elements = int(args.einsum_max_elements)
   args.sweep_skip_impls = _split(args.sweep_skip_impls)
+  args.profile_impls = _split(args.profile_impls)
+  for name in args.profile_impls:
+    if name not in PROFILED:
+      parser.error(f"--profile-impls: {name!r} has no stage profile; known: {PROFILED}")
   try:
     case_list = cases_lib.select(_split(args.cases))
     profile_cases = cases_lib.select(_split(args.profile_cases))

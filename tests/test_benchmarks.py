@@ -1,0 +1,239 @@
+"""Tests of the benchmark suite (`benchmarks/`): cases, baselines, timing, report, run.
+
+CPU only and small: the end-to-end test runs `python -m benchmarks.run` on the
+tiny case with one sample and checks that every output file exists and holds
+finite numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmoe import reference
+
+from benchmarks import cases, implementations, profile, report, run, timing
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="the interpret backend needs triton")
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_named_cases_match_the_brief():
+  small, mixtral, deepseek = (cases.CASES[n] for n in ("small", "mixtral", "deepseek"))
+  assert (small.tokens, small.d_model, small.d_ff, small.experts, small.top_k) == (
+      4096, 768, 3072, 8, 2)
+  assert (mixtral.tokens, mixtral.d_model, mixtral.d_ff, mixtral.experts,
+          mixtral.top_k) == (8192, 4096, 14336, 8, 2)
+  assert (deepseek.tokens, deepseek.d_model, deepseek.d_ff, deepseek.experts,
+          deepseek.top_k) == (8192, 2048, 1408, 64, 6)
+  assert small.flops("fwd") == 2 * 4096 * 2 * 3 * 768 * 3072
+  assert small.flops("fwdbwd") == 3 * small.flops("fwd")
+  assert deepseek.capacity() == math.ceil(1.25 * 8192 * 6 / 64)
+  assert [cases.CASES[n].experts for n in cases.GROUPS["sweep-e"]] == [
+      8, 16, 32, 64, 128, 256]
+  assert [cases.CASES[n].top_k for n in cases.GROUPS["sweep-k"]] == [1, 2, 4, 8]
+  assert [cases.CASES[n].tokens for n in cases.GROUPS["sweep-tokens"]] == [
+      1024 * 2 ** i for i in range(6)]
+  for name in cases.GROUPS["skewed"]:
+    assert cases.CASES[name].routing == "skewed"
+
+
+def test_select_groups_and_unknown_names():
+  names = [c.name for c in cases.select(["main", "small", "sweep-k"])]
+  assert names == ["small", "mixtral", "deepseek", "sweep-k1", "sweep-k2", "sweep-k4",
+                   "sweep-k8"]
+  with pytest.raises(ValueError, match="unknown case 'nope'"):
+    cases.select(["nope"])
+  with pytest.raises(ValueError, match="top_k"):
+    cases.Case("bad", 8, 8, 8, 2, 3)
+  with pytest.raises(ValueError, match="mode"):
+    cases.CASES["small"].flops("bwd")
+
+
+def test_inputs_are_random_and_skew_routes_unevenly():
+  loads = {}
+  for routing in cases.ROUTINGS:
+    case = cases.Case("t", 1024, 64, 32, 8, 2, routing=routing)
+    x, params = cases.make_inputs(case)
+    assert x.shape == (1024, 64) and x.dtype == jnp.bfloat16
+    assert params.up_kernel.shape == (8, 64, 64)  # gated: 2f columns
+    assert params.down_kernel.shape == (8, 32, 64)
+    for a in (x, *params):
+      assert float(jnp.std(a.astype(jnp.float32))) > 0
+    r = jax.jit(lambda x, w: reference.route(x, w, top_k=2))(x, params.router_kernel)
+    loads[routing] = cases.expert_load(r.tokens_per_expert)["max_over_mean"]
+  assert loads["learned"] < 1.5 < 2.0 < loads["skewed"], loads
+  x_other_seed, _ = cases.make_inputs(case, seed=1)
+  assert not bool(jnp.array_equal(x, x_other_seed))
+
+
+def test_baselines_match_the_reference():
+  case = cases.Case("t", 96, 40, 24, 8, 2, routing="skewed")
+  x, params = cases.make_inputs(case)
+
+  # The tokamax form with jax.lax.ragged_dot is the dropless reference.
+  y, aux = jax.jit(lambda x, p: implementations.sorted_moe(
+      x, p, top_k=2, activation="swiglu", ragged_dot=jax.lax.ragged_dot))(x, params)
+  y_ref, aux_ref = jax.jit(lambda x, p: reference.moe(
+      x, p, top_k=2, activation="swiglu"))(x, params)
+  np.testing.assert_array_equal(np.asarray(aux.tokens_per_expert),
+                                np.asarray(aux_ref.tokens_per_expert))
+  assert _rel(y, y_ref) < 1e-2  # bf16 output; the GEMM precision may differ
+
+  # The bf16 one-hot form is the one-hot reference up to bf16 rounding.
+  y, aux = jax.jit(lambda x, p: implementations.einsum_bf16_moe(
+      x, p, top_k=2, activation="swiglu", capacity_factor=1.25))(x, params)
+  y_ref, aux_ref = jax.jit(lambda x, p: reference.moe(
+      x, p, top_k=2, activation="swiglu", capacity_factor=1.25,
+      dispatch="one_hot"))(x, params)
+  assert int(aux.dropped_count) == int(aux_ref.dropped_count) > 0
+  assert _rel(y, y_ref) < 2e-2
+
+
+def test_fwdbwd_step_differentiates_x_and_every_parameter():
+  case = cases.Case("t", 32, 16, 8, 4, 2)
+  x, params = cases.make_inputs(case)
+  dy = implementations.make_cotangent(case)
+  step, names = implementations.make_step(
+      implementations.IMPLS["ref-sorted"].make(case), "fwdbwd")
+  assert names == ("x", "params", "dy")
+  loss, (dx, dparams) = step(x, params, dy)
+  assert np.isfinite(float(loss))
+  for g, a in zip((dx, *dparams), (x, *params)):
+    assert g.shape == a.shape
+    assert float(jnp.abs(g.astype(jnp.float32)).max()) > 0
+  with pytest.raises(ValueError, match="mode"):
+    implementations.make_step(lambda x, p: None, "bwd")
+
+
+def test_time_fn_counts_calls_and_checks_first_output():
+  calls = []
+  seen = []
+
+  def fn(a):
+    calls.append(1)
+    return a + 1
+
+  t = timing.time_fn(fn, jnp.ones(3), repeats=3, warmup=2, min_sample_s=0.0,
+                     power=False, on_first=seen.append)
+  assert len(calls) == 1 + 2 + 3 * t.calls_per_sample
+  assert t.calls_per_sample == 1 and len(t.samples_s) == 3
+  assert 0 < t.min_s <= t.median_s <= t.max_s
+  assert float(seen[0][0]) == 2.0
+  assert t.power_w is None and t.energy_j is None
+  with pytest.raises(ValueError, match="repeats"):
+    timing.time_fn(fn, jnp.ones(3), repeats=0)
+
+
+def test_targets_report_ratio_and_missed():
+  results = {
+      "cases": [{"name": "small", "target_ms": {"fwd": 0.3, "fwdbwd": 1.0}},
+                {"name": "deepseek", "target_ms": {}}],
+      "results": [
+          {"case": "small", "impl": "jmoe", "mode": "fwd", "status": "ok",
+           "median_ms": 0.6},
+          {"case": "small", "impl": "jmoe", "mode": "fwdbwd", "status": "ok",
+           "median_ms": 0.5},
+          {"case": "small", "impl": "ref-sorted", "mode": "fwd", "status": "ok",
+           "median_ms": 3.0},
+          {"case": "deepseek", "impl": "jmoe", "mode": "fwdbwd", "status": "ok",
+           "median_ms": 1.0, "memory_compiled": {"peak": 3 * 2 ** 30}},
+          {"case": "deepseek", "impl": "ref-einsum", "mode": "fwdbwd", "status": "ok",
+           "median_ms": 9.0, "memory_compiled": {"peak": 8 * 2 ** 30}},
+      ],
+      "memory_process": [],
+  }
+  rows = {r["what"]: r for r in report.targets(results)}
+  assert rows["small fwd time"]["ratio"] == pytest.approx(2.0)
+  assert rows["small fwd time"]["met"] is False
+  assert rows["small fwdbwd time"]["met"] is True
+  mem = next(r for w, r in rows.items() if "peak memory" in w)
+  assert mem["target"] == pytest.approx(4.0) and mem["measured"] == pytest.approx(3.0)
+  assert mem["met"] is True
+  report.add_speedups(results)
+  assert results["results"][2]["jmoe_speedup"] == pytest.approx(5.0)
+
+
+@needs_triton
+def test_jmoe_stages_reproduce_the_fused_op():
+  case = cases.Case("t", 16, 24, 40, 4, 2)
+  x, params = cases.make_inputs(case)
+  stages, checks = profile.jmoe_stages(case, x, params, "interpret")
+  assert [s.name for s in stages][:4] == ["router", "align/permute", "up GEMM",
+                                          "down GEMM + combine"]
+  assert set(checks) == {"y", "dx", "d_weights", "d_up", "d_down"}
+  assert max(checks.values()) <= 1e-6, checks
+  rows = profile.profile(stages, repeats=1, warmup=0)
+  assert all(r["fwd_s"] is None or r["fwd_s"] > 0 for r in rows)
+  assert any(r["bwd_s"] for r in rows)
+
+
+def _all_finite(obj, path="results"):
+  if isinstance(obj, float):
+    assert math.isfinite(obj), path
+  elif isinstance(obj, dict):
+    for k, v in obj.items():
+      _all_finite(v, f"{path}.{k}")
+  elif isinstance(obj, list):
+    for i, v in enumerate(obj):
+      _all_finite(v, f"{path}[{i}]")
+
+
+def test_run_writes_json_markdown_and_plots(tmp_path):
+  impls = "ref-sorted,ref-einsum" + (
+      ",jmoe" if importlib.util.find_spec("triton") is not None else "")
+  out = tmp_path / "bench"
+  results = run.main(["--preset", "cpu", "--cases", "tiny", "--impls", impls,
+                      "--repeats", "1", "--profile-cases", "tiny", "--profile-impls",
+                      "ref-sorted", "--out", str(out)])
+  for name in ("results.json", "report.md", "speedup.png", "tflops.png", "memory.png",
+               "profile.png"):
+    path = out / name
+    assert path.is_file() and path.stat().st_size > 0, name
+    if name.endswith(".png"):
+      assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  saved = json.loads((out / "results.json").read_text())
+  _all_finite(saved)
+  rows = [r for r in saved["results"] if r["status"] == "ok"]
+  measured = {(r["impl"], r["mode"]) for r in rows}
+  for impl in impls.split(","):
+    for mode in ("fwd", "fwdbwd"):
+      assert (impl, mode) in measured, (impl, mode, saved["notes"])
+  for r in rows:
+    assert r["median_ms"] > 0 and r["tflops"] > 0 and r["tokens_per_s"] > 0
+    assert r["memory_compiled"]["peak"] > 0
+    if r["impl"] == "jmoe":
+      assert r["rel_err_vs_oracle"] < 2e-2  # bf16
+      assert "jmoe_speedup" not in r
+    elif "jmoe" in impls:
+      assert r["jmoe_speedup"] > 0
+  assert saved["dense_peak"]["tflops"] > 0
+  assert saved["cases"][0]["utilisation"]["max_over_mean"] >= 1
+  assert [p["stage"] for p in saved["profile"]] == [
+      "router", "align/permute", "up GEMM", "down GEMM + combine"]
+  md = (out / "report.md").read_text()
+  assert "python -m benchmarks.run --preset cpu" in md
+  for section in ("## Method", "## Implementations", "## Results", "## Memory",
+                  "## Per-stage profile", "speedup.png"):
+    assert section in md, section
+  assert results["meta"]["slug"] == "cpu"
+
+
+def test_run_rejects_unknown_names(capsys):
+  for argv in (["--cases", "nope"], ["--impls", "nope"], ["--modes", "bwd"],
+               ["--profile-impls", "ref-einsum"]):
+    with pytest.raises(SystemExit):
+      run.main(argv)
+  assert "unknown" in capsys.readouterr().err
