@@ -299,7 +299,8 @@ def save_checkpoint(path: pathlib.Path, state: TrainState, cfg: Config) -> None:
   os.replace(tmp, path)
 
 
-def restore_checkpoint(path: pathlib.Path, template: TrainState) -> tuple[TrainState, dict]:
+def restore_checkpoint(path: pathlib.Path,
+                       template: TrainState) -> tuple[TrainState, dict]:
   """Restores a checkpoint into the structure of `template` (a fresh state).
 
   Returns `(state, saved_config_dict)`. Raises ValueError when the checkpoint
@@ -519,6 +520,7 @@ def train(cfg: Config, out_dir: pathlib.Path, *, resume: bool = False,
   history_path.write_text(json.dumps({"train": history, "eval": evals}))
   plots = write_plots(out_dir, history, evals, cfg) if history else []
   tokens_per_s = timed_tokens / timed_seconds if timed_seconds > 0 else None
+  last = history[-1] if history else {}
   summary = {
       "config": dataclasses.asdict(cfg),
       "backend": backend,
@@ -533,12 +535,12 @@ def train(cfg: Config, out_dir: pathlib.Path, *, resume: bool = False,
       "tokens_per_step": tokens_per_step,
       "tokens_per_s": tokens_per_s,
       "compile_and_first_step_s": compile_seconds,
-      "final_train_ce": history[-1]["ce"] if history else None,
+      "final_train_ce": last.get("ce"),
       "final_eval_ce": evals[-1]["eval_ce"] if evals else None,
       "final_eval_bits_per_byte": evals[-1]["eval_bits_per_byte"] if evals else None,
-      "final_load_balancing_loss": history[-1]["load_balancing_loss"] if history else None,
-      "final_router_z_loss": history[-1]["router_z_loss"] if history else None,
-      "final_utilisation": history[-1]["utilisation"] if history else None,
+      "final_load_balancing_loss": last.get("load_balancing_loss"),
+      "final_router_z_loss": last.get("router_z_loss"),
+      "final_utilisation": last.get("utilisation"),
       "checkpoint": str(ckpt) if save else None,
       "plots": plots,
   }
@@ -568,8 +570,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
   for field in dataclasses.fields(Config):
     flag = "--" + field.name.replace("_", "-")
     if field.name == "capacity_factor":
-      parser.add_argument(flag, type=lambda s: None if s.lower() == "none" else float(s),
-                          default=None, help="float, or 'none' for dropless")
+      parser.add_argument(
+          flag, type=lambda s: None if s.lower() == "none" else float(s),
+          default=None, help="float, or 'none' for dropless")
     else:
       kind = {int: int, float: float, str: str}[type(field.default)]
       parser.add_argument(flag, type=kind, default=None)

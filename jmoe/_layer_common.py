@@ -11,13 +11,16 @@ The MoE math itself is not written here: `moe_apply` calls the public `jmoe.moe`
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.nnx.nn import dtypes
+
+from jmoe import api
+from jmoe.types import MoEParams
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -82,7 +85,8 @@ class MoEOptions:
   def __post_init__(self):
     for name in ("d_model", "num_experts", "d_ff", "top_k"):
       value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+      if not is_int or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if self.top_k > self.num_experts:
       raise ValueError(
@@ -99,7 +103,8 @@ class MoEOptions:
       )
     if self.capacity_factor is not None and not self.capacity_factor > 0:
       raise ValueError(
-          f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor!r}"
+          "capacity_factor must be None (dropless) or > 0, got "
+          f"{self.capacity_factor!r}"
       )
     if not 0.0 <= self.router_jitter < 1.0:
       raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter!r}")
@@ -145,12 +150,13 @@ def canonical_expert_cost(
         f"{cost.shape}"
     )
   if not np.all(np.isfinite(cost)) or np.any(cost < 0):
-    raise ValueError(f"expert_cost must be finite and non-negative, got {cost.tolist()}")
+    raise ValueError(
+        f"expert_cost must be finite and non-negative, got {cost.tolist()}")
   return tuple(float(c) for c in cost)
 
 
 def check_moe_input(x: jax.Array, d_model: int, name: str = "x") -> None:
-  """Raises ValueError/TypeError at trace time unless `x` is a float `[..., d_model]`."""
+  """Raises ValueError/TypeError at trace time unless `x` is float `[..., d_model]`."""
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array [..., d_model={d_model}], got {type(x)}")
   if x.ndim < 1 or x.shape[-1] != d_model:
@@ -208,10 +214,6 @@ def moe_apply(
   Returns:
     `(y [..., d], aux)`, aux a dict with the keys `AUX_KEYS`.
   """
-  # Imported here: jmoe/__init__ imports this module's users lazily.
-  import jmoe  # pylint: disable=import-outside-toplevel
-  from flax.nnx.nn import dtypes  # pylint: disable=import-outside-toplevel
-
   check_moe_input(x, options.d_model)
   x, router_kernel, up_kernel, down_kernel = dtypes.promote_dtype(
       (x, router_kernel, up_kernel, down_kernel), dtype=dtype
@@ -233,8 +235,8 @@ def moe_apply(
       rng=rng if jitter > 0.0 else None,
       backend=options.backend,
   )
-  params = jmoe.MoEParams(router_kernel, up_kernel, down_kernel)
-  y, aux = jmoe.moe(x, params, logit_bias=options.logit_bias(), **kwargs)
+  params = MoEParams(router_kernel, up_kernel, down_kernel)
+  y, aux = api.moe(x, params, logit_bias=options.logit_bias(), **kwargs)
   return y, _aux_dict(aux, options)
 
 
@@ -287,8 +289,6 @@ def causal_self_attention(
   Returns:
     `[..., s, d]`.
   """
-  from flax.nnx.nn import dtypes  # pylint: disable=import-outside-toplevel
-
   if x.ndim < 2:
     raise ValueError(
         f"x must have shape [..., seq, d_model={qkv_kernel.shape[0]}], got shape "
@@ -339,11 +339,3 @@ def sum_aux(auxes: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:
     out[key] = jnp.stack([a[key] for a in auxes])
   return out
 
-
-def capacity(options: MoEOptions, num_tokens: int) -> int | None:
-  """Per-expert capacity `ceil(capacity_factor * t * top_k / e)` (None: dropless)."""
-  if options.capacity_factor is None:
-    return None
-  return math.ceil(
-      options.capacity_factor * num_tokens * options.top_k / options.num_experts
-  )

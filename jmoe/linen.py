@@ -126,9 +126,10 @@ class MoELayer(nn.Module):
     )
     up = common.up_width(self.activation, self.d_ff)
     e, d, f = self.num_experts, self.d_model, self.d_ff
-    router_kernel = self.param("router_kernel", self.router_init, (d, e), self.param_dtype)
-    up_kernel = self.param("up_kernel", self.kernel_init, (e, d, up), self.param_dtype)
-    down_kernel = self.param("down_kernel", self.kernel_init, (e, f, d), self.param_dtype)
+    pd = self.param_dtype
+    router_kernel = self.param("router_kernel", self.router_init, (d, e), pd)
+    up_kernel = self.param("up_kernel", self.kernel_init, (e, d, up), pd)
+    down_kernel = self.param("down_kernel", self.kernel_init, (e, f, d), pd)
     rng = None
     if not deterministic and options.router_jitter > 0:
       rng = self.make_rng("router")

@@ -508,7 +508,7 @@ _HAVE_OPS = (
 )
 
 
-@pytest.mark.skipif(not _HAVE_OPS, reason="jmoe.ops.expert_ffn / routing not written yet")
+@pytest.mark.skipif(not _HAVE_OPS, reason="needs triton and jmoe.ops")
 def test_interpret_train_step_equals_reference(rng):
   d, e, f, top_k = 16, 4, 16, 2
   x = jnp.asarray(helpers.normal(rng, (2, 5, d)))

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def train_lm():
-  spec = importlib.util.spec_from_file_location("train_lm", ROOT / "examples/train_lm.py")
+  path = ROOT / "examples" / "train_lm.py"
+  spec = importlib.util.spec_from_file_location("train_lm", path)
   module = importlib.util.module_from_spec(spec)
   sys.modules["train_lm"] = module  # dataclasses look their module up
   try:
@@ -35,7 +36,8 @@ FLAGS = ["--tiny", "--steps", "6", "--log-every", "2", "--eval-every", "3",
 def _leaves(train_lm, out_dir: pathlib.Path):
   cfg, _ = train_lm.parse_args(FLAGS)
   _, template, _, _ = train_lm.init_state(cfg)
-  state, saved_cfg = train_lm.restore_checkpoint(out_dir / "checkpoint.msgpack", template)
+  ckpt = out_dir / "checkpoint.msgpack"
+  state, saved_cfg = train_lm.restore_checkpoint(ckpt, template)
   return state, saved_cfg, jax.tree.leaves((state.params, state.opt_state))
 
 
@@ -50,7 +52,8 @@ def test_tiny_run_resume_and_restore(train_lm, tmp_path):
     assert pathlib.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   on_disk = json.loads((full / "summary.json").read_text())
   assert on_disk["steps"] == 6 and on_disk["backend"] == "reference"
-  assert np.isfinite(on_disk["final_train_ce"]) and np.isfinite(on_disk["final_eval_ce"])
+  assert np.isfinite(on_disk["final_train_ce"])
+  assert np.isfinite(on_disk["final_eval_ce"])
   assert on_disk["final_eval_ce"] < np.log(256)  # better than uniform bytes
   assert on_disk["tokens_per_s"] > 0
   util = np.array(on_disk["final_utilisation"])  # [layers, experts]
