@@ -174,6 +174,23 @@ class GroupedMatmulTestBase:
         jax.jit(functools.partial(self._gmm, **kwargs))(*args)
 
 
+  @pytest.mark.parametrize("t,top_k,e,block_m", [(37, 2, 5, 16), (50, 8, 64, 16),
+                                                 (13, 3, 1, 64), (300, 2, 256, 128)])
+  def test_triton_align_matches_xla(self, rng, t, top_k, e, block_m):
+    ids = np.stack([rng.permutation(max(e, top_k))[:top_k] % e for _ in range(t)])
+    ids = ids.astype(np.int32)
+    kept = rng.random((t, top_k)) > 0.3
+    ids[rng.random((t, top_k)) < 0.05] = e + 3  # out of range: dropped
+    weights = rng.random((t, top_k)).astype(np.float32)
+    want = jax.jit(align_lib.align, static_argnums=(2, 3))(ids, kept, e, block_m)
+    got, w_sorted = jax.jit(align_lib.align_triton, static_argnums=(3, 4, 5))(
+        ids, kept, weights, e, block_m, self.BACKEND
+    )
+    for name, a, b in zip(want._fields, got, want):
+      helpers.assert_equal(a, b, err_msg=name)
+    helpers.assert_equal(w_sorted, weights.reshape(-1)[np.asarray(want.order)])
+
+
 class TestGroupedMatmulInterpret(GroupedMatmulTestBase):
   BACKEND = "interpret"
 

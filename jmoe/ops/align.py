@@ -26,6 +26,7 @@ keys (the only sort), a scatter for `pos`, and O(tiles * experts) compares.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -128,3 +129,77 @@ def align(
   token = order // top_k
   tiles = tile_schedule(group_sizes, tk, block_m)
   return Alignment(group_sizes, order, token, pos, tiles)
+
+
+ALIGN_IMPL_ENV = "JMOE_ALIGN"
+ALIGN_IMPLS = ("triton", "xla")
+
+
+def align_impl() -> str:
+  """Which align runs in `expert_ffn`: `JMOE_ALIGN` ("triton" or "xla"), default
+  "triton" (one kernel launch; see benchmarks/results/kernels_h100.md)."""
+  impl = os.environ.get(ALIGN_IMPL_ENV, "triton").strip() or "triton"
+  if impl not in ALIGN_IMPLS:
+    raise ValueError(f"{ALIGN_IMPL_ENV} must be one of {ALIGN_IMPLS}, got {impl!r}")
+  return impl
+
+
+def align_triton(
+    expert_ids: jax.Array,
+    kept: jax.Array,
+    weights: jax.Array,
+    num_experts: int,
+    block_m: int,
+    backend: str,
+) -> tuple[Alignment, jax.Array]:
+  """`align` in one Triton launch (`jmoe.kernels.align._align_kernel`).
+
+  Same results as `align` (bit-identical), plus the router weight of each slot.
+
+  Args:
+    expert_ids: `[t, top_k]` int32.
+    kept: `[t, top_k]` bool.
+    weights: `[t, top_k]` float32.
+    num_experts: `e`.
+    block_m: rows per GEMM tile.
+    backend: `"triton"` or `"interpret"`.
+
+  Returns:
+    `(Alignment, w_sorted [t * top_k] float32)`.
+  """
+  import triton  # pylint: disable=import-outside-toplevel
+
+  from jmoe.kernels.align import _align_kernel  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+
+  t, top_k = expert_ids.shape
+  tk = t * top_k
+  n = num_tiles(tk, num_experts, block_m)
+  i32 = jnp.int32
+  order, token, w_sorted, pos, sizes, tiles = kernel_call(
+      _align_kernel,
+      expert_ids.reshape(tk).astype(i32),
+      kept.reshape(tk).astype(bool),
+      weights.reshape(tk).astype(jnp.float32),
+      out_shape=(
+          jax.ShapeDtypeStruct((tk,), i32),
+          jax.ShapeDtypeStruct((tk,), i32),
+          jax.ShapeDtypeStruct((tk,), jnp.float32),
+          jax.ShapeDtypeStruct((tk,), i32),
+          jax.ShapeDtypeStruct((num_experts,), i32),
+          jax.ShapeDtypeStruct((3, n), i32),
+      ),
+      grid=(num_experts + 1,),
+      backend=backend,
+      name="jmoe_align",
+      TK=tk,
+      E=num_experts,
+      TOP_K=top_k,
+      NUM_TILES=n,
+      BLOCK_M=block_m,
+      BLOCK=min(4096, triton.next_power_of_2(tk)),
+      E_BINS=triton.next_power_of_2(num_experts + 1),
+      TILE_CHUNK=128 if backend == "triton" else 32,
+      num_warps=8,
+  )
+  return Alignment(sizes, order, token, pos.reshape(t, top_k), tiles), w_sorted

@@ -5,8 +5,9 @@ up_kernel, down_kernel, *, activation, backend) -> y [t, d]` computes
 `y_i = sum_{j kept} weights[i, j] * down_e(act(x_i @ up_e))`, `e = expert_ids[i, j]`
 (DESIGN.md "Experts"). Pipeline, with `tk = t * top_k` slots:
 
-  align    `jmoe.ops.align.align`: copies sorted by expert (one XLA argsort),
-           slot of each copy, BLOCK_M tile schedule.
+  align    `jmoe.kernels.align._align_kernel` (one launch; or XLA ops,
+           `JMOE_ALIGN=xla`): copies sorted by expert, slot of each copy,
+           per-slot token and router weight, BLOCK_M tile schedule.
   up       `_grouped_gemm_act_kernel`: reads token rows of x through the slot ->
            token index inside the GEMM; gate and up tiles in one program;
            activation in float32 in the epilogue -> h [tk, f] (x dtype). For
@@ -120,11 +121,24 @@ def _dims(x, up, activation):
   return t, d, e, pf, f, gated
 
 
-def plan(expert_ids, kept, num_experts, backend):
-  """Stage 1, align: `(Alignment, block_m)` for `[t, top_k]` routing."""
+def plan(expert_ids, kept, weights, num_experts, backend, impl=None):
+  """Stage 1, align: `(Alignment, w_sorted [tk] float32, block_m)`.
+
+  `impl` is "triton" (one `_align_kernel` launch) or "xla" (argsort and a few
+  XLA ops, `jmoe.ops.align.align`); default `jmoe.ops.align.align_impl()`.
+  Both give bit-identical results.
+  """
   tk = expert_ids.size
   block_m = gmm_lib.block_m_for(tk, num_experts, backend)
-  return align_lib.align(expert_ids, kept, num_experts, block_m), block_m
+  impl = impl or align_lib.align_impl()
+  if impl == "triton":
+    al, w_sorted = align_lib.align_triton(
+        expert_ids, kept, weights, num_experts, block_m, backend
+    )
+  else:
+    al = align_lib.align(expert_ids, kept, num_experts, block_m)
+    w_sorted = weights.reshape(-1)[al.order]
+  return al, w_sorted, block_m
 
 
 def up_stage(x, up, al, block_m, activation, backend, save):
@@ -177,8 +191,7 @@ def down_stage(h, down, al, w_sorted, block_m, backend):
 
 
 def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save):
-  al, block_m = plan(expert_ids, kept, up.shape[0], backend)
-  w_sorted = weights.reshape(-1)[al.order]
+  al, w_sorted, block_m = plan(expert_ids, kept, weights, up.shape[0], backend)
   h, pre = up_stage(x, up, al, block_m, activation, backend, save)
   o = down_stage(h, down, al, w_sorted, block_m, backend)
   y = combine(o, al.pos, x.dtype, backend)
