@@ -147,15 +147,17 @@ def bench_case(name, reps, with_reference, with_moe, be="triton"):
   # Whole op.
   ct = jax.random.normal(jax.random.key(8), (t, d), jnp.float32)
 
-  def loss(fn, x, w, u, dn):
+  # Routing is passed as arguments (closed-over constants would let XLA fold the
+  # reference's argsort at compile time).
+  def loss(fn, x, ids, w, kept, u, dn):
     return jnp.sum(fn(x, ids, w, kept, u, dn).astype(jnp.float32) * ct)
 
   op = functools.partial(ffn.expert_ffn, activation=act, backend=be)
-  fwd = jax.jit(lambda x, w, u, dn: op(x, ids, w, kept, u, dn))
-  fb = jax.jit(jax.value_and_grad(functools.partial(loss, op), (0, 1, 2, 3)))
-  ms_fwd, first, spread = time_fn(fwd, x, weights, up, down, reps=reps)
+  fwd = jax.jit(op)
+  fb = jax.jit(jax.value_and_grad(functools.partial(loss, op), (0, 2, 4, 5)))
+  ms_fwd, first, spread = time_fn(fwd, x, ids, weights, kept, up, down, reps=reps)
   row("expert_ffn fwd (triton)", ms_fwd, fl_fwd, f"first {first:.1f}s spread {spread:.1%}")
-  ms_fb, first, spread = time_fn(fb, x, weights, up, down, reps=reps)
+  ms_fb, first, spread = time_fn(fb, x, ids, weights, kept, up, down, reps=reps)
   row("expert_ffn fwd+bwd (triton)", ms_fb, 3 * fl_fwd, f"first {first:.1f}s spread {spread:.1%}")
   a = jax.random.normal(jax.random.key(9), (tk, d), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(10), (d, 3 * f), jnp.bfloat16)
@@ -163,12 +165,12 @@ def bench_case(name, reps, with_reference, with_moe, be="triton"):
   row("dense jnp.dot, same flops", ms, fl_fwd)
   if with_reference:
     ref = functools.partial(reference.expert_ffn, activation=act)
-    rfwd = jax.jit(lambda x, w, u, dn: ref(x, ids, w, kept, u, dn))
-    rfb = jax.jit(jax.value_and_grad(functools.partial(loss, ref), (0, 1, 2, 3)))
-    ms, _, _ = time_fn(rfwd, x, weights, up, down, reps=max(1, reps // 2))
+    rfwd = jax.jit(ref)
+    rfb = jax.jit(jax.value_and_grad(functools.partial(loss, ref), (0, 2, 4, 5)))
+    ms, _, _ = time_fn(rfwd, x, ids, weights, kept, up, down, reps=max(1, reps // 2))
     row("reference fwd (XLA ragged_dot)", ms, fl_fwd)
     if e <= 8:  # the ragged_dot backward materialises [e, t*k, f] float32
-      ms, _, _ = time_fn(rfb, x, weights, up, down, reps=max(1, reps // 2))
+      ms, _, _ = time_fn(rfb, x, ids, weights, kept, up, down, reps=max(1, reps // 2))
       row("reference fwd+bwd (XLA)", ms, 3 * fl_fwd)
     lhs = x[al.token]
     gfn = jax.jit(lambda l, r, s: gmm.grouped_matmul(l, r, s, backend=be))
