@@ -242,7 +242,8 @@ def _grouped_gemm_act_kernel(
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   mask = (offs_m < row_end)[:, None] & (offs_n < F)[None, :]
   rows64 = offs_m.to(tl.int64)[:, None]
-  tl.store(h_ptr + rows64 * F + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+  h_ptrs = h_ptr + rows64 * F + offs_n[None, :]
+  tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
   if STORE_PRE:
     if GATED:
       pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]

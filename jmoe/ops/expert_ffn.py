@@ -318,7 +318,9 @@ def _check(x, expert_ids, weights, kept, up_kernel, down_kernel, activation):
   if not any(x.dtype == dt for dt in _DTYPES):
     raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
   if expert_ids.ndim != 2 or expert_ids.shape[0] != t:
-    raise ValueError(f"expert_ids must have shape [t={t}, top_k], got {expert_ids.shape}")
+    raise ValueError(
+        f"expert_ids must have shape [t={t}, top_k], got {expert_ids.shape}"
+    )
   if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
     raise TypeError(f"expert_ids must be int32, got {expert_ids.dtype}")
   for name, a in (("weights", weights), ("kept", kept)):

@@ -278,7 +278,8 @@ def _check(lhs, rhs, group_sizes, preferred_element_type) -> None:
     raise ValueError(f"lhs must have shape [m, k], got {getattr(lhs, 'shape', lhs)}")
   if not hasattr(rhs, "ndim") or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
     raise ValueError(
-        f"rhs must have shape [g, k={lhs.shape[1]}, n], got {getattr(rhs, 'shape', rhs)}"
+        f"rhs must have shape [g, k={lhs.shape[1]}, n], got "
+        f"{getattr(rhs, 'shape', rhs)}"
     )
   if (not hasattr(group_sizes, "shape") or group_sizes.shape != (rhs.shape[0],)
       or not jnp.issubdtype(group_sizes.dtype, jnp.integer)):
