@@ -224,8 +224,10 @@ class TestRouteTriton(RouteTestBase):
   set of constexprs compiles kernels), plus large autotuned ones."""
 
   BACKEND = "triton"
+  # Fits shared memory for float32 at e=256 too (block_d=64, 3 stages needs
+  # 288 KB there: checked with the compiler's metadata on sm_90).
   CONFIG = ops_routing.RouterConfig(
-      block_t=64, block_d=64, num_warps=8, num_stages=3, gemm_block_t=64
+      block_t=64, block_d=32, num_warps=8, num_stages=2, gemm_block_t=64
   )
 
   def tol_dtype(self, dtype):

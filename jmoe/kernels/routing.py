@@ -52,15 +52,27 @@ def _itemsize(arg) -> int:
   return getattr(dtype, "itemsize", 4) if dtype is not None else 4
 
 
-def _fits(configs, smem_per_stage, regs=lambda c: 0):
-  """Configs whose pipelined tiles ((num_stages - 1) buffers) fit in shared
-  memory and whose float32 register tiles need at most 64 registers per
-  thread; if none does, the one with the smallest footprint."""
-  def smem(c):
-    return max(1, c.num_stages - 1) * smem_per_stage(c)
+def _fits(configs, smem_estimate, regs=lambda c: 0):
+  """Configs whose shared memory estimate fits and whose float32 register
+  tiles need at most 64 registers per thread. The small fallback configs
+  (`BLOCK_D == 32`) are kept only when no larger one fits; if none fits at
+  all, the one with the smallest footprint.
 
-  kept = [c for c in configs if smem(c) <= _SMEM_BYTES and regs(c) <= 64]
-  return kept or [min(configs, key=lambda c: (regs(c) > 64, smem(c)))]
+  The estimates were checked against the compiler's own numbers (Triton 3.6,
+  sm_90, `metadata.shared`) for every config at e=64 and e=256, bf16 and
+  float32: they never under-estimate a config that does not fit.
+  """
+  kept = [c for c in configs if smem_estimate(c) <= _SMEM_BYTES and regs(c) <= 64]
+  large = [c for c in kept if c.kwargs["BLOCK_D"] > 32]
+  if large:
+    return large
+  return kept or [min(configs, key=lambda c: (regs(c) > 64, smem_estimate(c)))]
+
+
+def _buffers(c, itemsize: int) -> float:
+  """Pipeline buffers to count: bf16 / fp16 dots need ~(num_stages - 1) tile
+  buffers; float32 operands (tf32x3) ~1.5 * num_stages (split operands)."""
+  return 1.5 * c.num_stages if itemsize == 4 else max(1, c.num_stages - 1)
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -72,7 +84,8 @@ def _prune_fwd(configs, named_args, **kwargs):
   size = _itemsize(named_args.get("x_ptr"))
   return _fits(
       configs,
-      lambda c: size * c.kwargs["BLOCK_D"] * (c.kwargs["BLOCK_T"] + e_pad),
+      lambda c: _buffers(c, size) * size * c.kwargs["BLOCK_D"]
+      * (c.kwargs["BLOCK_T"] + e_pad),
       lambda c: c.kwargs["BLOCK_T"] * e_pad // (32 * c.num_warps),
   )
 
@@ -84,7 +97,8 @@ def _prune_dx(configs, named_args, **kwargs):
   block_e = min(64, e_pad)
   return _fits(
       configs,
-      lambda c: block_e * (4 * c.kwargs["BLOCK_T"] + size * c.kwargs["BLOCK_D"]),
+      lambda c: (_buffers(c, size) + 1) * block_e
+      * (4 * c.kwargs["BLOCK_T"] + size * c.kwargs["BLOCK_D"]),
   )
 
 
@@ -94,7 +108,8 @@ def _prune_dw(configs, named_args, **kwargs):
   size = _itemsize(named_args.get("x_ptr"))
   return _fits(
       configs,
-      lambda c: c.kwargs["BLOCK_T"] * (size * c.kwargs["BLOCK_D"] + 4 * e_pad),
+      lambda c: (_buffers(c, size) + 1) * c.kwargs["BLOCK_T"]
+      * (size * c.kwargs["BLOCK_D"] + 4 * e_pad),
       lambda c: c.kwargs["BLOCK_D"] * e_pad // (32 * c.num_warps) // 2,
   )
 
@@ -104,18 +119,20 @@ def _prune_dw(configs, named_args, **kwargs):
 FWD_CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
     for bt in (16, 32, 64)
-    for bd, nw, ns in ((64, 4, 3), (64, 8, 4), (128, 8, 3))
+    for bd, nw, ns in ((64, 4, 3), (64, 8, 4), (128, 8, 3), (32, 8, 2))
 ]
 
 # BLOCK_E (the contraction tile of dx) is min(64, E_PAD), passed by the op.
 DX_CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
-    for bt, bd, nw, ns in ((128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 2))
+    for bt, bd, nw, ns in ((128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2))
 ]
 
 DW_CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
-    for bt, bd, nw, ns in ((64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 4))
+    for bt, bd, nw, ns in (
+        (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 4), (32, 32, 4, 2),
+    )
 ]
 
 
