@@ -139,7 +139,7 @@ def main():
   lines += [
       f"device: {dev.device_kind} ({dev.platform}), host {platform.node()}",
       f"date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
-      f"jax {jax.__version__}, jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}",
+      f"jax {jax.__version__}",
       f"benchmark wall time {time.perf_counter() - t0:.0f} s",
       "", HEADER, *map(_fmt, rows),
   ]
