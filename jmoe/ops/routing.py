@@ -14,12 +14,18 @@ Forward:
    - `"probability"`: one stable XLA sort of the `t * top_k` copies by
      (expert, -probability) gives each copy's rank within its expert.
 
-Backward (custom_vjp; integer outputs get no gradient): `_router_bwd_kernel`
+Backward (custom_vjp; integer outputs get no gradient): `_router_dlogits_kernel`
 computes dlogits (top-k weights with renormalisation, load-balancing loss
 through the mean probabilities, z-loss through the logsumexp, and any direct
-cotangent of `logits`/`probs`) and `dx = dlogits @ w^T`; `_router_dw_kernel`
-computes `dw = x^T @ dlogits` as float32 partials over token splits, summed by
-XLA in a fixed order (no floating-point atomics: bit-identical run to run).
+cotangent of `logits`/`probs`); `_router_dx_kernel` computes
+`dx = dlogits @ w^T` (a GEMM with K = e); `_router_dw_kernel` computes
+`dw = x^T @ dlogits` as float32 partials over token splits, summed by XLA in a
+fixed order. No floating-point atomics anywhere: bit-identical run to run
+(checked on the H100 for bf16 at t=8192, d=4096, e=256, k=8).
+
+Dots: bf16/fp16 operands with float32 accumulation (dlogits is rounded to the
+weight dtype for the backward GEMMs); float32 operands as tf32x3 on the GPU;
+everything float32 ("ieee") in the interpreter.
 """
 
 from __future__ import annotations
