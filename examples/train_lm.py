@@ -499,6 +499,10 @@ def train(cfg: Config, out_dir: pathlib.Path, *, resume: bool = False,
           ce=f"{record['ce']:.3f}",
           lb=f"{record['load_balancing_loss'] / cfg.num_layers:.3f}",
           tok_s=f"{tps:,.0f}")
+      if not progress and not is_eval:
+        print(f"step {done:6d} | train ce {record['ce']:.4f} | lb "
+              f"{record['load_balancing_loss'] / cfg.num_layers:.3f} | tokens/s "
+              f"{tps:,.0f}", flush=True)
       if is_eval:
         ev = {"step": done, **evaluate(eval_step, state, valid_data, cfg)}
         evals.append(ev)
@@ -509,7 +513,7 @@ def train(cfg: Config, out_dir: pathlib.Path, *, resume: bool = False,
             f"lb {record['load_balancing_loss'] / cfg.num_layers:.3f} "
             f"z {record['router_z_loss'] / cfg.num_layers:.3f} "
             f"dropped {record['dropped_fraction']:.2%} | expert share "
-            + " ".join(f"{u:.2f}" for u in util))
+            + " ".join(f"{u:.2f}" for u in util) + f" | tokens/s {tps:,.0f}")
       if is_ckpt and save:
         save_checkpoint(ckpt, state, cfg)
       t_mark = time.perf_counter()
