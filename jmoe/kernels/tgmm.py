@@ -40,8 +40,8 @@ def _tgmm_kernel(
     row_scale_ptr,  # [m] float32 (if HAS_SCALE)
     # Sizes.
     M,  # logical rows (only an autotune key; the offsets bound the loop)
-    KA,  # columns of a (= out rows per group)
-    N,  # columns of b (= out columns)
+    KA_Q,  # KA // KA_MULT (KA: columns of a = out rows per group)
+    N_Q,  # N // N_MULT (N: columns of b = out columns)
     # Outputs.
     out_ptr,  # [g, KA, N] float32 / bfloat16 / float16
     # Meta-parameters.
@@ -50,6 +50,8 @@ def _tgmm_kernel(
     HAS_SCALE: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast dot operands to float32 (interpreter)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (float32 operands only)
+    KA_MULT: tl.constexpr,  # a power of two dividing KA (16 when it can)
+    N_MULT: tl.constexpr,  # a power of two dividing N
     EVEN_K: tl.constexpr,  # KA % BLOCK_K == 0
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
     BLOCK_M: tl.constexpr,  # rows per step of the contraction loop
@@ -59,6 +61,12 @@ def _tgmm_kernel(
 ):
   pid = tl.program_id(0)
   gi = tl.program_id(1)
+  # jax-triton gives scalar arguments no divisibility hints, so the row strides
+  # come as quotients times a constexpr: the compiler then knows that rows start
+  # 16-byte aligned and issues 16-byte cp.async loads (with plain KA / N it
+  # falls back to 2-byte loads without pipelining: ~7x slower on the H100).
+  KA = KA_Q * KA_MULT
+  N = N_Q * N_MULT
 
   # Swizzle the tiles of one group so that programs running together share
   # row bands of `a` (columns of `a`) and of `b` in L2.
@@ -173,20 +181,30 @@ TGMM_INTERPRET_CONFIG = {
     "GROUP_SIZE": 2,
 }
 
+def stride_multiple(size: int) -> int:
+  """The largest of 16, 8, 4, 2, 1 dividing `size` (pass as KA_MULT / N_MULT)."""
+  for mult in (16, 8, 4, 2):
+    if size % mult == 0:
+      return mult
+  return 1
+
+
 # EVEN_K / EVEN_N derived from the sizes; pass the tile config explicitly.
 tgmm_kernel_heuristic = triton.heuristics(
     {
-        "EVEN_K": lambda meta: meta["KA"] % meta["BLOCK_K"] == 0,
-        "EVEN_N": lambda meta: meta["N"] % meta["BLOCK_N"] == 0,
+        "EVEN_K": lambda meta: (meta["KA_Q"] * meta["KA_MULT"]) % meta["BLOCK_K"]
+        == 0,
+        "EVEN_N": lambda meta: (meta["N_Q"] * meta["N_MULT"]) % meta["BLOCK_N"]
+        == 0,
     }
 )(_tgmm_kernel)
 
 # The GPU entry points: autotuned, EVEN_K / EVEN_N derived. Choose by the
 # operand dtype (16-bit or float32).
 tgmm_kernel_autotuned = triton.autotune(
-    configs=list(TGMM_CONFIGS), key=["M", "KA", "N"]
+    configs=list(TGMM_CONFIGS), key=["M", "KA_Q", "N_Q"]
 )(tgmm_kernel_heuristic)
 
 tgmm_kernel_autotuned_f32 = triton.autotune(
-    configs=list(TGMM_CONFIGS_F32), key=["M", "KA", "N"]
+    configs=list(TGMM_CONFIGS_F32), key=["M", "KA_Q", "N_Q"]
 )(tgmm_kernel_heuristic)

@@ -185,10 +185,12 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
       jnp.zeros((1,), jnp.float32) if row_scale is None
       else row_scale.astype(jnp.float32),
       m,
-      ka,
-      n,
+      ka // kernels.stride_multiple(ka),
+      n // kernels.stride_multiple(n),
   )
   flags = {
+      "KA_MULT": kernels.stride_multiple(ka),
+      "N_MULT": kernels.stride_multiple(n),
       "HAS_A_INDEX": a_row_index is not None,
       "HAS_B_INDEX": b_row_index is not None,
       "HAS_SCALE": row_scale is not None,
