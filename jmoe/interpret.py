@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -255,7 +256,14 @@ def run_kernel(
     jit_function.__call__ = _interpreted_device_call
     scope = _patch_language()
     try:
-      _interpreted(fn)[grid](*host_args, *host_outs, **meta)
+      with warnings.catch_warnings():
+        # The interpreter turns scalar arguments into 1-element arrays and
+        # `range(0, n, BLOCK)` calls `int()` on them (NumPy 1.25+ warns).
+        warnings.filterwarnings(
+            "ignore", "Conversion of an array with ndim > 0 to a scalar",
+            DeprecationWarning,
+        )
+        _interpreted(fn)[grid](*host_args, *host_outs, **meta)
     finally:
       scope.restore()
       jit_function.__call__ = previous_call
