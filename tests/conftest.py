@@ -33,7 +33,7 @@ def x64():
 
 def _triton_unavailable_reason() -> str | None:
   try:
-    from jmoe._backend import triton_unavailable_reason  # pylint: disable=import-outside-toplevel
+    from jmoe._backend import triton_unavailable_reason  # noqa: PLC0415
   except ImportError as e:  # pragma: no cover
     return f"jmoe._backend cannot be imported: {e}"
   return triton_unavailable_reason()

@@ -290,4 +290,5 @@ def check_routing_dtypes(r, t: int, e: int, top_k: int) -> None:
   for field, (shape, dtype) in want.items():
     a = getattr(r, field)
     assert tuple(a.shape) == shape, f"{field}: shape {a.shape}, expected {shape}"
-    assert np.dtype(a.dtype) == np.dtype(dtype), f"{field}: dtype {a.dtype}, expected {dtype}"
+    assert np.dtype(a.dtype) == np.dtype(dtype), (
+        f"{field}: dtype {a.dtype}, expected {np.dtype(dtype)}")

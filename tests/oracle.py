@@ -304,7 +304,7 @@ def moe(
     drop_policy: str = "token_order",
     round_hidden=None,
 ) -> tuple[np.ndarray, MoEAux]:
-  """The oracle of `jmoe.moe` (no jitter): `x [..., d]` -> `(y [..., d] float64, aux)`."""
+  """The oracle of `jmoe.moe` (no jitter): `x [..., d]` -> `(y [..., d] f64, aux)`."""
   x = np.asarray(x)
   lead, d = x.shape[:-1], x.shape[-1]
   xt = x.reshape(-1, d)

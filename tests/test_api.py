@@ -58,7 +58,8 @@ def test_moe_leading_axes_match_oracle(rng, lead, capacity_factor, drop_policy):
   helpers.assert_equal(aux.tokens_per_expert, want_aux.tokens_per_expert)
   helpers.assert_equal(aux.dropped_count, want_aux.dropped_count)
   helpers.assert_close(aux.dropped_fraction, want_aux.dropped_fraction, np.float32)
-  helpers.assert_close(aux.load_balancing_loss, want_aux.load_balancing_loss, np.float32)
+  helpers.assert_close(aux.load_balancing_loss, want_aux.load_balancing_loss,
+                       np.float32)
   helpers.assert_close(aux.router_z_loss, want_aux.router_z_loss, np.float32)
   t = int(np.prod(lead))
   np.testing.assert_allclose(float(aux.dropped_fraction),
@@ -159,7 +160,8 @@ def test_vmap_route_over_batch(rng):
   b, t, d, e, top_k = 3, 7, 5, 8, 2
   xs, params = _inputs(rng, (b, t), d, e, 3, top_k)
   fn = functools.partial(jmoe.route, top_k=top_k, capacity_factor=0.5, **REF)
-  r = jax.vmap(fn, in_axes=(0, None))(jnp.asarray(xs), jnp.asarray(params.router_kernel))
+  r = jax.vmap(fn, in_axes=(0, None))(jnp.asarray(xs),
+                                      jnp.asarray(params.router_kernel))
   for i in range(b):
     want = oracle.route(xs[i], params.router_kernel, top_k=top_k, capacity_factor=0.5)
     got = jax.tree.map(lambda a, i=i: a[i], r)

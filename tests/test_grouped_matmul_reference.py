@@ -66,8 +66,8 @@ def test_eager_equals_jit(rng):
   sizes = jnp.asarray(_group_sizes(rng, 33, 8, "zeros"))
   eager = jmoe.grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), sizes,
                               backend="reference")
-  np.testing.assert_array_equal(np.asarray(eager),
-                                np.asarray(gmm(jnp.asarray(lhs), jnp.asarray(rhs), sizes)))
+  jitted = gmm(jnp.asarray(lhs), jnp.asarray(rhs), sizes)
+  np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted))
 
 
 @pytest.mark.parametrize("dtype,pet", [(ml_dtypes.bfloat16, None),
@@ -105,8 +105,8 @@ def test_gradients_equal_ragged_dot(rng, kind):
       helpers.normal(rng, (g, k, n)))
   sizes = jnp.asarray(_group_sizes(rng, m, g, kind))
   cot = jnp.asarray(helpers.normal(rng, (m, n)))
-  _, vjp_got = jax.vjp(lambda a, b: jmoe.grouped_matmul(a, b, sizes, backend="reference"),
-                       lhs, rhs)
+  _, vjp_got = jax.vjp(
+      lambda a, b: jmoe.grouped_matmul(a, b, sizes, backend="reference"), lhs, rhs)
   _, vjp_want = jax.vjp(
       lambda a, b: jax.lax.ragged_dot(a, b, sizes, precision=jax.lax.Precision.HIGHEST),
       lhs, rhs)
@@ -143,7 +143,8 @@ def test_vmap(rng, batched):
   axes = (0 if lhs.ndim == 3 else None, 0 if rhs.ndim == 4 else None,
           0 if sizes.ndim == 2 else None)
   fn = functools.partial(jmoe.grouped_matmul, backend="reference")
-  got = jax.vmap(fn, in_axes=axes)(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes))
+  got = jax.vmap(fn, in_axes=axes)(jnp.asarray(lhs), jnp.asarray(rhs),
+                                   jnp.asarray(sizes))
   for i in range(b):
     li = lhs[i] if axes[0] == 0 else lhs
     ri = rhs[i] if axes[1] == 0 else rhs

@@ -52,7 +52,7 @@ FFN_CASES = [(1, 5, 1, 3, 1), (7, 16, 3, 8, 2), (33, 5, 8, 6, 2), (100, 16, 64, 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("t,d,e,f,top_k", FFN_CASES,
-                         ids=[f"t{c[0]}-d{c[1]}-e{c[2]}-f{c[3]}-k{c[4]}" for c in FFN_CASES])
+                         ids=["t{}-d{}-e{}-f{}-k{}".format(*c) for c in FFN_CASES])
 def test_expert_ffn_matches_oracle(rng, activation, t, d, e, f, top_k):
   x = helpers.normal(rng, (t, d))
   _, up, down = _params(rng, d, e, f, activation)
@@ -342,3 +342,47 @@ def test_moe_grads_float64(rng, x64, dispatch, capacity_factor, drop_policy):
   check_grads(jax.jit(fn), tuple(jnp.asarray(a) for a in (x, router, up, down)),
               order=1,
               modes=("rev",), eps=eps, atol=atol, rtol=rtol)
+
+
+# ----------------------------------------------------------------------------
+# The bf16 precision contract (DESIGN.md "Precision"), pinned on hand examples.
+# ----------------------------------------------------------------------------
+
+
+def test_bfloat16_activation_is_rounded_before_the_down_gemm():
+  """`h = act(x @ up)` is computed in float32 and cast to bf16 before the down GEMM.
+
+  Two hidden units with nearly equal activations and down weights (1, -1): the
+  output is their difference, which the bf16 rounding of h changes by ~96%.
+  """
+  bf16 = ml_dtypes.bfloat16
+  u1, u2 = 1.375, 1.3828125  # adjacent bf16 numbers
+  x = np.array([[1.0]], bf16)
+  up = np.array([[[u1, u2]]], bf16)  # [e=1, d=1, f=2]
+  down = np.array([[[1.0], [-1.0]]], bf16)  # [e=1, f=2, d=1]
+  ids, weights, kept = np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32), \
+      np.ones((1, 1), bool)
+  got = ref.expert_ffn(*map(jnp.asarray, (x, ids, weights, kept, up, down)),
+                       activation="silu")
+  silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+  rounded = float(bf16(silu(u1))) - float(bf16(silu(u2)))
+  exact = silu(u1) - silu(u2)
+  assert abs(rounded - exact) > 0.5 * abs(exact)  # the example discriminates
+  np.testing.assert_allclose(float(got[0, 0]), float(bf16(rounded)), rtol=1e-2)
+
+
+def test_bfloat16_combine_is_float32():
+  """Weights multiply the float32 down output and the k copies sum in float32;
+  only the final sum is cast to bf16 (weights 0.5003 / 0.4997 round to 0.5)."""
+  bf16 = ml_dtypes.bfloat16
+  x = np.array([[1.0]], bf16)
+  up = np.array([[[1.0]], [[1.0]]], bf16)  # relu(1) = 1 on both experts
+  down = np.array([[[1.0]], [[-1.0]]], bf16)  # outputs +1 and -1
+  ids = np.array([[0, 1]], np.int32)
+  weights = np.array([[0.5003, 0.4997]], np.float32)
+  kept = np.ones((1, 2), bool)
+  got = ref.expert_ffn(*map(jnp.asarray, (x, ids, weights, kept, up, down)),
+                       activation="relu")
+  assert got.dtype == jnp.bfloat16
+  want = float(np.float32(0.5003) - np.float32(0.4997))
+  np.testing.assert_allclose(float(got[0, 0]), want, rtol=1e-2)

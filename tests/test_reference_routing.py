@@ -132,7 +132,8 @@ def test_duplicate_router_columns_tie_to_lower_index(rng):
 
 # Four tokens, one expert (0) preferred by all with rising probability; capacity
 # ceil(0.5 * 4 * 1 / 2) = 1.
-_OVERFLOW_LOGITS = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]], np.float32)
+_OVERFLOW_LOGITS = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]],
+                            np.float32)
 
 
 @pytest.mark.parametrize("drop_policy,kept_token", [("token_order", 0),
