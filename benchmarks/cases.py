@@ -82,6 +82,12 @@ class Case:
             self.routing, self.zipf if self.routing == "skewed" else None,
             self.dtype, self.activation)
 
+  @property
+  def compile_key(self) -> tuple:
+    """What the compiled programs depend on: the shape_key without the routing."""
+    return (self.tokens, self.d_model, self.d_ff, self.experts, self.top_k, self.dtype,
+            self.activation)
+
   def flops(self, mode: str) -> float:
     """Useful FLOPs of the expert GEMMs: `2*t*k*3*d*f` forward, 3x for fwd+bwd.
 

@@ -7,7 +7,8 @@
 - `process_peak`: runs the step in a fresh Python process (so the allocator's
   high-water mark starts from zero) and reads
   `jax.devices()[0].memory_stats()["peak_bytes_in_use"]` after one call: the real
-  peak, inputs included. GPU only (the CPU client keeps no statistics).
+  peak, inputs included. GPU only (the CPU client keeps no statistics). The probe
+  sets `JMOE_AUTOTUNE=0` (pinned tiles: same buffers, no autotuning runs).
 
 `python -m benchmarks.memory --case deepseek --impl ref-einsum --mode fwdbwd`
 prints the fresh-process measurement as one JSON line.
@@ -48,9 +49,12 @@ def process_peak(case_name: str, impl_name: str, mode: str, seed: int = 0,
   cmd = [sys.executable, "-m", "benchmarks.memory", "--case", case_name, "--impl",
          impl_name, "--mode", mode, "--seed", str(seed)]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # Pinned kernel configs: the same buffers as autotuned ones, without compiling and
+  # timing every candidate config in the probe.
+  env = dict(os.environ, JMOE_AUTOTUNE="0")
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                          cwd=root, check=False)
+                          cwd=root, env=env, check=False)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout_s:.0f} s"}
   for line in proc.stdout.splitlines():

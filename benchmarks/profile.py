@@ -135,11 +135,11 @@ def jmoe_stages(case: Case, x, params, backend: str
   s_router, ((weights, _, _), (expert_ids, kept)) = vjp_stage(
       "router", router, (x, params.router_kernel))
   # block_m is a static python int: take it from one call outside jit.
-  block_m = ffn.plan(expert_ids, kept, e, backend)[1]
+  block_m = ffn.plan(expert_ids, kept, weights, e, backend)[2]
 
   def align(expert_ids, kept, weights):
-    al, _ = ffn.plan(expert_ids, kept, e, backend)
-    return al, weights.reshape(-1)[al.order]
+    al, w_sorted, _ = ffn.plan(expert_ids, kept, weights, e, backend)
+    return al, w_sorted
 
   def up(x, up_k, al, save=False):
     return ffn.up_stage(x, up_k, al, block_m, activation, backend, save)
@@ -195,16 +195,23 @@ def _rel_err(a, b) -> float:
   return float(jnp.linalg.norm(a - b)) / (den if den > 0 else 1.0)
 
 
-def profile(stages: Sequence[Stage], **time_kwargs) -> list[dict[str, Any]]:
-  """`[{"stage", "fwd_s", "bwd_s"}]` for each stage (None where it has none)."""
-  rows = []
-  for s in stages:
-    row = {"stage": s.name, "fwd_s": None, "bwd_s": None}
-    if s.fwd is not None:
-      row["fwd_s"] = timing.time_fn(jax.jit(s.fwd), *s.fwd_args, power=False,
-                                    **time_kwargs).median_s
-    if s.bwd is not None:
-      row["bwd_s"] = timing.time_fn(jax.jit(s.bwd), *s.bwd_args, power=False,
-                                    **time_kwargs).median_s
-    rows.append(row)
+def profile(stages: Sequence[Stage], workers: int = 1, **time_kwargs
+            ) -> list[dict[str, Any]]:
+  """`[{"stage", "fwd_s", "bwd_s"}]` for each stage (None where it has none).
+
+  All stage functions are compiled first (`workers` at a time), then timed one
+  by one with `timing.time_fn(**time_kwargs)`.
+  """
+  jobs, slots = [], []
+  for i, s in enumerate(stages):
+    for part, fn, args in (("fwd", s.fwd, s.fwd_args), ("bwd", s.bwd, s.bwd_args)):
+      if fn is not None:
+        jobs.append((jax.jit(fn), args))
+        slots.append((i, part))
+  rows = [{"stage": s.name, "fwd_s": None, "bwd_s": None} for s in stages]
+  for (i, part), (compiled, _), (_, args) in zip(slots, timing.compile_all(jobs, workers),
+                                                  jobs):
+    if isinstance(compiled, Exception):
+      raise compiled
+    rows[i][f"{part}_s"] = timing.time_fn(compiled, *args, **time_kwargs).median_s
   return rows

@@ -173,8 +173,15 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
       "outputs + temporaries - aliased; it does not see allocations inside custom "
       "calls); `fresh process` is `memory_stats()['peak_bytes_in_use']` after one "
       "fwd+bwd call in a new process (inputs included).",
-      "- Energy: mean NVML board power sampled every 5 ms in a thread during the timed "
-      "samples x median time / tokens (whole board, idle power included).",
+      "- Energy (`mJ/tok`): a separate loop of back-to-back calls lasting >= "
+      f"{results.get('settings', {}).get('energy_s', 0):g} s; NVML total-energy counter "
+      "difference (or mean power sampled every 5 ms in a thread x loop time) / calls / "
+      "tokens. Whole board, idle power included; only for the cases listed in "
+      "`--energy-cases`.",
+      "- Compilation: ahead of time, all programs of a shape together "
+      f"({results.get('settings', {}).get('compile_workers', 1)} at a time); the twin "
+      "case with the other routing reuses them (so jmoe's autotuned tiles come from "
+      "the first routing measured).",
       "- `rel err`: relative Frobenius error of y (fwd) or of the largest-error "
       "gradient (fwdbwd) against `ref-sorted`, for the dropless implementations.",
       "",

@@ -67,29 +67,34 @@ class Preset:
   """Defaults of one kind of run; command-line flags override each field."""
 
   cases: str
-  impls: str
+  impls: str = "jmoe,ref-einsum,ref-einsum-bf16,ref-sorted,tokamax"
   modes: str = "fwd,fwdbwd"
   repeats: int = 5
   warmup: int = 1
   min_sample_s: float = 0.02
   dense_n: int = 8192
   profile_cases: str = "main"
-  memory_process_cases: str = "deepseek"
-  # Implementations left out of the sweep groups (slow and not what sweeps show).
-  sweep_skip_impls: str = "ref-einsum"
+  profile_impls: str = "jmoe,ref-sorted"
+  memory_process_cases: str = ""
+  # Implementations left out of the sweep groups (slow to compile and run, and
+  # not what the sweeps are about).
+  sweep_skip_impls: str = "ref-einsum,ref-sorted"
+  # jmoe on sweeps: autotuned kernels ("on") or the pinned default tiles ("off",
+  # JMOE_AUTOTUNE=0: no candidate compiles and timing runs per shape).
+  sweep_autotune: str = "off"
   einsum_max_elements: int = 2 ** 31
+  energy_s: float = 0.5
+  energy_cases: str = "main,skewed"
+  compile_workers: int = 8
   budget_s: float = 450.0
 
 
 PRESETS = {
-    "cpu": Preset(cases="cpu", impls="jmoe,ref-einsum,ref-einsum-bf16,ref-sorted,tokamax",
-                  repeats=3, min_sample_s=0.01, dense_n=512, profile_cases="tiny",
-                  memory_process_cases="", sweep_skip_impls="", budget_s=150.0),
-    "gpu-quick": Preset(cases="main",
-                        impls="jmoe,ref-einsum,ref-einsum-bf16,ref-sorted,tokamax",
-                        budget_s=240.0),
-    "gpu-full": Preset(cases="all-gpu",
-                       impls="jmoe,ref-einsum,ref-einsum-bf16,ref-sorted,tokamax"),
+    "cpu": Preset(cases="cpu", repeats=3, min_sample_s=0.01, dense_n=512,
+                  profile_cases="tiny", sweep_skip_impls="", energy_s=0.0,
+                  energy_cases="", compile_workers=2, budget_s=150.0),
+    "gpu-quick": Preset(cases="main", budget_s=240.0),
+    "gpu-full": Preset(cases="all-gpu"),
 }
 
 
@@ -171,7 +176,10 @@ class Runner:
         "impls": {}, "cases": [], "results": [], "profile": [], "profile_checks": [],
         "memory_process": [], "notes": [],
     }
-    self._cache: dict[tuple, dict] = {}
+    self.energy_cases = {c.name for c in cases_lib.select(_split(args.energy_cases))}
+    self._reuse: dict[tuple, list] = {}  # shape_key -> result rows
+    self._compiled: dict[tuple, Any] = {}  # (compile_key, impl, mode, pinned) -> step
+    self._compiled_from: dict[tuple, str] = {}
 
   # -- bookkeeping ---------------------------------------------------------------
   def note(self, text: str) -> None:
@@ -242,6 +250,12 @@ class Runner:
       return "left out of sweeps (--sweep-skip-impls)"
     return None
 
+  def _jmoe_pinned(self, case) -> bool:
+    """Whether jmoe runs with pinned tiles (JMOE_AUTOTUNE=0) on this case."""
+    if os.environ.get("JMOE_AUTOTUNE", "1").strip() in ("0", "false", "False"):
+      return True
+    return case.group.startswith("sweep") and self.args.sweep_autotune == "off"
+
   def run_case(self, case, impls: list[str], modes: list[str]) -> None:
     case_row = {"name": case.name, "group": case.group, "describe": case.describe(),
                 **{k: getattr(case, k) for k in ("tokens", "d_model", "d_ff", "experts",
@@ -250,54 +264,102 @@ class Runner:
                 "flops_fwd": case.flops("fwd"), "target_ms": dict(case.target_ms or {}),
                 "einsum_capacity": case.capacity(), "utilisation": None}
     self.results["cases"].append(case_row)
-    print(f"\n== {case.name}: {case.describe()}", flush=True)
-    cached = [r for r in self._cache.get(case.shape_key, [])]
+    print(f"\n== [{self.elapsed():.0f} s] {case.name}: {case.describe()}", flush=True)
+    cached = self._reuse.get(case.shape_key)
     if cached:
-      self.note(f"{case.name} has the shape of {cached[0]['case']}: results reused")
+      self.note(f"{case.name} has the shape and routing of {cached[0]['case']}: its "
+                "results are reused")
       src = next(c for c in self.results["cases"] if c["name"] == cached[0]["case"])
       case_row["utilisation"] = src["utilisation"]
-      for r in cached:
-        self.results["results"].append({**r, "case": case.name, "reused_from": r["case"]})
+      self.results["results"].extend(
+          {**r, "case": case.name, "reused_from": r["case"]} for r in cached)
       return
     x, params = cases_lib.make_inputs(case, self.args.seed)
     dy = impls_lib.make_cotangent(case, self.args.seed + 1)
-    oracle_out: dict[str, Any] = {}
-    order = sorted(impls, key=lambda n: n != impls_lib.ORACLE)  # oracle first
-    rows = []
-    for name in order:
+    pinned = self._jmoe_pinned(case)
+    rows, jobs = [], []
+    for name in sorted(impls, key=lambda n: n != impls_lib.ORACLE):  # oracle first
       for mode in modes:
         row = {"case": case.name, "impl": name, "mode": mode, "status": "ok"}
+        if name == "jmoe":
+          row["jmoe_autotune"] = not pinned and impls_lib.jmoe_backend() == "triton"
         rows.append(row)
         reason = self._skip_reason(case, name)
         if reason:
           row.update(status="skipped", reason=reason)
-          continue
-        try:
-          self._measure(case, name, mode, x, params, dy, row, oracle_out, case_row)
-        except Exception as e:  # noqa: BLE001  (recorded, shown, never hidden)
-          row.update(status="error", reason=_short(e))
-        gc.collect()
-        shown = (f"{row['median_ms']:.3f} ms" if row["status"] == "ok"
-                 else f"{row['status']}: {row.get('reason')}")
-        print(f"  {name:16s} {mode:7s} {shown}", flush=True)
+        else:
+          jobs.append(row)
+    compiled = self._compile(case, jobs, x, params, dy, pinned)
+    oracle_out: dict[str, Any] = {}
+    for row in jobs:
+      name, mode = row["impl"], row["mode"]
+      try:
+        step = compiled[(name, mode)]
+        if isinstance(step, Exception):
+          raise step
+        self._measure(case, step, row, x, params, dy, oracle_out, case_row)
+      except Exception as e:  # noqa: BLE001  (recorded, shown, never hidden)
+        row.update(status="error", reason=_short(e))
+      gc.collect()
+      if row["status"] == "ok":
+        shown = (f"{row['median_ms']:.3f} ms (compile {row['compile_s']:.1f} s, first "
+                 f"call {row['first_call_s']:.1f} s)")
+      else:
+        shown = f"{row['status']}: {row.get('reason')}"
+      print(f"  {name:16s} {mode:7s} {shown}", flush=True)
+    for row in rows:
+      if row["status"] == "skipped":
+        print(f"  {row['impl']:16s} {row['mode']:7s} skipped: {row['reason']}")
     del x, params, dy, oracle_out
     gc.collect()
     self.results["results"].extend(rows)
-    self._cache[case.shape_key] = rows
+    self._reuse[case.shape_key] = rows
+
+  def _compile(self, case, jobs, x, params, dy, pinned) -> dict[tuple, Any]:
+    """Compiled steps for the jobs' (impl, mode), `compile_workers` at a time.
+
+    Steps are kept by shape: the twin with other routing reuses them.
+    """
+    out, todo = {}, []
+    for row in jobs:
+      key = (case.compile_key, row["impl"], row["mode"], pinned)
+      if key in self._compiled:
+        out[(row["impl"], row["mode"])] = self._compiled[key]
+        row["compile_s"] = 0.0
+        row["compiled_with"] = self._compiled_from[key]
+        continue
+      step, _ = impls_lib.make_step(impls_lib.IMPLS[row["impl"]].make(case), row["mode"])
+      args = (x, params) if row["mode"] == "fwd" else (x, params, dy)
+      todo.append((key, row, (step, args)))
+    saved = os.environ.get("JMOE_AUTOTUNE")
+    if pinned:
+      os.environ["JMOE_AUTOTUNE"] = "0"  # read by jmoe.ops when tracing
+    try:
+      results = timing_lib.compile_all([job for _, _, job in todo],
+                                       self.args.compile_workers)
+    finally:
+      if pinned:
+        if saved is None:
+          os.environ.pop("JMOE_AUTOTUNE", None)
+        else:
+          os.environ["JMOE_AUTOTUNE"] = saved
+    for (key, row, _), (compiled, seconds) in zip(todo, results):
+      row["compile_s"] = seconds
+      out[(row["impl"], row["mode"])] = compiled
+      if not isinstance(compiled, Exception):
+        self._compiled[key] = compiled
+        self._compiled_from[key] = case.name
+    return out
 
   def _time_kwargs(self, impl: str) -> dict[str, Any]:
     if impl == "jmoe" and impls_lib.jmoe_backend() == "interpret":
       return dict(self.time_kwargs, repeats=1, warmup=0)
     return self.time_kwargs
 
-  def _measure(self, case, name, mode, x, params, dy, row, oracle_out, case_row):
-    forward = impls_lib.IMPLS[name].make(case)
-    step, _ = impls_lib.make_step(forward, mode)
+  def _measure(self, case, step, row, x, params, dy, oracle_out, case_row):
+    name, mode = row["impl"], row["mode"]
     args = (x, params) if mode == "fwd" else (x, params, dy)
-    t0 = time.perf_counter()
-    compiled = step.lower(*args).compile()  # trace errors (missing ops) surface here
-    row["compile_s"] = time.perf_counter() - t0
-    row["memory_compiled"] = memory_lib.compiled_stats(compiled)
+    row["memory_compiled"] = memory_lib.compiled_stats(step)
 
     def check(out):
       for a in jax.tree.leaves(out):
@@ -319,27 +381,28 @@ class Runner:
       elif impls_lib.IMPLS[name].dropless and mode in oracle_out:
         row["rel_err_vs_oracle"] = _rel_err(compare, oracle_out[mode])
 
-    t = timing_lib.time_fn(compiled, *args, power=not self.args.no_energy,
-                           on_first=check, **self._time_kwargs(name))
-    flops = case.flops(mode)
+    t = timing_lib.time_fn(step, *args, on_first=check, **self._time_kwargs(name))
     row.update(
         median_ms=t.median_s * 1e3, min_ms=t.min_s * 1e3, max_ms=t.max_s * 1e3,
         spread=t.spread, repeats=len(t.samples_s), calls_per_sample=t.calls_per_sample,
         first_call_s=t.first_call_s, tokens_per_s=case.tokens / t.median_s,
-        tflops=flops / t.median_s / 1e12, power_w=t.power_w,
-        power_samples=t.power_samples,
-        energy_j_per_token=None if t.energy_j is None else t.energy_j / case.tokens,
-        energy_counter_j_per_token=(None if t.energy_counter_j is None
-                                    else t.energy_counter_j / case.tokens),
+        tflops=case.flops(mode) / t.median_s / 1e12,
     )
     peak = self.results["dense_peak"]
     if peak:
       row["frac_dense_peak"] = row["tflops"] / peak["tflops"]
+    if self.args.energy_s > 0 and case.name in self.energy_cases:
+      energy = timing_lib.measure_energy(step, *args, call_s=t.median_s,
+                                         duration_s=self.args.energy_s)
+      if energy is not None:
+        row["energy"] = energy
+        row["energy_j_per_token"] = energy["energy_j_per_call"] / case.tokens
 
   def profile(self, case_list) -> None:
     for case in case_list:
       if self.over_budget(f"profile of {case.name}"):
         return
+      print(f"-- [{self.elapsed():.0f} s] per-stage profile of {case.name}", flush=True)
       x, params = cases_lib.make_inputs(case, self.args.seed)
       builders = []
       if "jmoe" in self.args.profile_impls:
@@ -355,7 +418,8 @@ class Runner:
       for name, build in builders:
         try:
           stages, checks = build()
-          rows = profile_lib.profile(stages, **self._time_kwargs(name))
+          rows = profile_lib.profile(stages, workers=self.args.compile_workers,
+                                     **self._time_kwargs(name))
         except Exception as e:  # noqa: BLE001
           self.note(f"profile of {name} on {case.name} skipped: {_short(e)}")
           continue
@@ -399,18 +463,25 @@ def parse_args(argv):
                       help="each sample runs calls for at least this long")
   parser.add_argument("--dense-n", type=int, help="size of the dense peak matmul")
   parser.add_argument("--profile-cases", help="cases to profile per stage ('' = none)")
-  parser.add_argument("--profile-impls", default="jmoe,ref-sorted",
+  parser.add_argument("--profile-impls",
                       help="implementations profiled per stage (jmoe, ref-sorted)")
   parser.add_argument("--memory-process-cases",
                       help="cases whose fwd+bwd peak memory is also measured in fresh "
                            "processes ('' = none; GPU only)")
   parser.add_argument("--sweep-skip-impls", help="implementations left out of sweeps")
+  parser.add_argument("--sweep-autotune", choices=("on", "off"),
+                      help="jmoe on sweeps: autotuned, or pinned tiles (JMOE_AUTOTUNE=0)")
+  parser.add_argument("--energy-s", type=float,
+                      help="seconds of back-to-back calls per energy measurement (0: none)")
+  parser.add_argument("--energy-cases", help="cases whose energy is measured")
+  parser.add_argument("--compile-workers", type=int,
+                      help="compilations run in parallel (1: one at a time, XLA's GEMM "
+                           "autotuning undisturbed)")
   parser.add_argument("--einsum-max-elements", type=float,
                       help="skip one-hot einsum forms whose [t, e, c] tensor is larger")
   parser.add_argument("--budget-s", type=float,
                       help="stop starting new measurements after this many seconds")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--no-energy", action="store_true", help="no NVML power sampling")
   parser.add_argument("--no-plots", action="store_true")
   parser.add_argument("--out", help="results directory "
                       "(default benchmarks/results/<device-slug>/)")
@@ -448,6 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     case_list = cases_lib.select(_split(args.cases))
     profile_cases = cases_lib.select(_split(args.profile_cases))
     memory_cases = cases_lib.select(_split(args.memory_process_cases))
+    cases_lib.select(_split(args.energy_cases))
   except ValueError as e:
     parser.error(str(e))
   impl_names = _split(args.impls)
@@ -466,6 +538,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"jmoe backend {env['jmoe_backend']}; results -> {out_dir}", flush=True)
   runner = Runner(args, preset, env)
   impl_names = runner.check_impls(impl_names)
+  runner.results["settings"] = {
+      k: getattr(args, k) for k in (
+          "repeats", "warmup", "min_sample_s", "dense_n", "compile_workers",
+          "sweep_skip_impls", "sweep_autotune", "einsum_max_elements", "energy_s",
+          "budget_s", "seed")}
+  if any(c.group.startswith("sweep") for c in case_list):
+    runner.note(f"sweeps leave out {', '.join(args.sweep_skip_impls) or 'nothing'} "
+                "(--sweep-skip-impls)" + (
+                    "; jmoe runs its pinned default tiles there (JMOE_AUTOTUNE=0, "
+                    "--sweep-autotune off), the main and skewed cases are autotuned"
+                    if args.sweep_autotune == "off" and "jmoe" in impl_names else ""))
+  if args.compile_workers > 1 and env["platform"] == "gpu":
+    runner.note(f"programs of a shape compile {args.compile_workers} at a time: XLA's "
+                "GEMM autotuning (reference forms) then times candidates beside other "
+                "compilations; --compile-workers 1 avoids that")
   if memory_cases and env["platform"] == "gpu":
     runner.memory_probes(memory_cases, impl_names)  # before this process fills memory
   runner.dense_peak()

@@ -1,26 +1,31 @@
-"""Device-synchronised timing, NVML power sampling and the dense-matmul peak.
+"""Device-synchronised timing, NVML energy and the dense-matmul peak.
 
-Timing: the first call compiles (its time is kept as `first_call_s`), `warmup`
-more calls follow, then `repeats` samples; each sample dispatches `calls`
-asynchronous calls and ends with one `jax.block_until_ready`, so short
-functions are not dominated by the host round trip. `calls` is chosen so a
-sample lasts at least `min_sample_s`. The result is the median per-call time.
+Timing (`time_fn`): the first call compiles (its time is kept as
+`first_call_s`), `warmup` more calls follow, then `repeats` samples; each
+sample dispatches `calls` asynchronous calls and ends with one
+`jax.block_until_ready`, so short functions are not dominated by the host round
+trip. `calls` is chosen so a sample lasts at least `min_sample_s`. The result is
+the median per-call time.
 
-Energy: while the samples run, a thread reads the board power through NVML
-(`pynvml`, from the `nvidia-ml-py` package) every `POWER_PERIOD_S`; energy per
-call is the mean sampled power times the median call time. It is whole-board
-power, idle power included. Where NVML is missing the energy fields are None.
+Energy (`measure_energy`): a separate loop of back-to-back calls lasting at
+least `duration_s` (NVML's power readings are averaged over a long window, so
+the short timing samples are not enough), while a thread samples the board
+power through NVML (`pynvml`, package `nvidia-ml-py`) every `POWER_PERIOD_S`.
+Energy per call is the NVML total-energy counter's difference over the loop
+divided by the calls, or the mean sampled power times the loop time where the
+counter is unsupported. It is whole-board energy, idle power included. Without
+NVML (no GPU, no `pynvml`) it returns None.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import dataclasses
 import math
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,14 +44,6 @@ class Timing:
   samples_s: list[float]
   calls_per_sample: int
   first_call_s: float
-  power_w: float | None = None  # mean sampled board power during the samples
-  power_samples: int = 0
-  energy_counter_j: float | None = None  # NVML energy counter / calls, cross-check
-
-  @property
-  def energy_j(self) -> float | None:
-    """Joules per call from sampled power, None without NVML."""
-    return None if self.power_w is None else self.power_w * self.median_s
 
   @property
   def spread(self) -> float:
@@ -61,7 +58,6 @@ def time_fn(
     warmup: int = 1,
     min_sample_s: float = 0.02,
     max_calls: int = 200,
-    power: bool = True,
     on_first: Callable[[Any], None] | None = None,
 ) -> Timing:
   """Median time per call of `fn(*args)` after compilation and warm-up.
@@ -75,7 +71,6 @@ def time_fn(
       functions run once per sample).
     min_sample_s: a sample dispatches enough calls to last at least this long.
     max_calls: at most this many calls per sample.
-    power: sample NVML board power during the timed samples where available.
     on_first: called with the first call's output (e.g. to check it) before the
       output is dropped.
   """
@@ -93,26 +88,83 @@ def time_fn(
     last = time.perf_counter() - start
   calls = int(min(max_calls, max(1, math.ceil(min_sample_s / max(last, 1e-7)))))
   samples = []
-  sampler = PowerSampler() if power else None
-  with sampler if sampler is not None else contextlib.nullcontext():
-    for _ in range(repeats):
-      start = time.perf_counter()
-      out = None
-      for _ in range(calls):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      samples.append((time.perf_counter() - start) / calls)
-      del out
-  timing = Timing(
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / calls)
+    del out
+  return Timing(
       median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
       samples_s=samples, calls_per_sample=calls, first_call_s=first,
   )
-  if sampler is not None and sampler.mean_w is not None:
-    timing.power_w = sampler.mean_w
-    timing.power_samples = len(sampler.readings_w)
-    if sampler.energy_j is not None:
-      timing.energy_counter_j = sampler.energy_j / (calls * repeats)
-  return timing
+
+
+def compile_all(jobs: Sequence[tuple[Any, tuple]], workers: int = 1
+                ) -> list[tuple[Any, float]]:
+  """Ahead-of-time compiles `[(jitted_fn, args)]`, up to `workers` at a time.
+
+  XLA compiles outside the GIL, so threads overlap the compilations. (On a GPU,
+  XLA's GEMM autotuning then times candidate kernels while other compilations
+  run: `workers=1` keeps it undisturbed.)
+
+  Returns:
+    `[(compiled or the exception raised, seconds)]` in the order of `jobs`.
+  """
+  def one(job):
+    fn, args = job
+    start = time.perf_counter()
+    try:
+      compiled = fn.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001  (returned to the caller, who reports it)
+      compiled = e
+    return compiled, time.perf_counter() - start
+
+  if workers <= 1 or len(jobs) <= 1:
+    return [one(job) for job in jobs]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(one, jobs))
+
+
+def measure_energy(fn: Callable[..., Any], *args, call_s: float,
+                   duration_s: float = 0.5, max_calls: int = 20000
+                   ) -> dict[str, Any] | None:
+  """Joules per call of `fn(*args)` over a loop of at least `duration_s`.
+
+  Args:
+    fn: a compiled/jitted function (already warm).
+    *args: its arguments.
+    call_s: the measured time per call (sizes the loop).
+    duration_s: the loop lasts at least this long.
+    max_calls: cap on the calls in the loop.
+
+  Returns:
+    `{"energy_j_per_call", "source": "counter" | "sampled power", "mean_power_w",
+    "power_samples", "calls", "loop_s"}`, or None without NVML.
+  """
+  sampler = PowerSampler()
+  if not sampler.available:
+    return None
+  calls = int(min(max_calls, max(1, math.ceil(duration_s / max(call_s, 1e-7)))))
+  with sampler:
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    loop_s = time.perf_counter() - start
+  del out
+  if sampler.energy_j is not None and sampler.energy_j > 0:
+    energy, source = sampler.energy_j, "counter"
+  elif sampler.mean_w is not None:
+    energy, source = sampler.mean_w * loop_s, "sampled power"
+  else:
+    return None
+  return {"energy_j_per_call": energy / calls, "source": source,
+          "mean_power_w": sampler.mean_w, "power_samples": len(sampler.readings_w),
+          "calls": calls, "loop_s": loop_s}
 
 
 def _nvml():
@@ -167,6 +219,10 @@ class PowerSampler:
         self._nvml = None
 
   @property
+  def available(self) -> bool:
+    return self._nvml is not None
+
+  @property
   def mean_w(self) -> float | None:
     return statistics.fmean(self.readings_w) if self.readings_w else None
 
@@ -211,6 +267,6 @@ def dense_peak(n: int, dtype=jnp.bfloat16, **time_kwargs) -> dict[str, float]:
   a = jax.random.normal(ka, (n, n), dtype)
   b = jax.random.normal(kb, (n, n), dtype)
   dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
-  timing = time_fn(dot, a, b, power=False, **time_kwargs)
+  timing = time_fn(dot, a, b, **time_kwargs)
   return {"n": n, "dtype": jnp.dtype(dtype).name, "median_s": timing.median_s,
           "tflops": 2.0 * n ** 3 / timing.median_s / 1e12, "spread": timing.spread}

@@ -127,14 +127,25 @@ def test_time_fn_counts_calls_and_checks_first_output():
     return a + 1
 
   t = timing.time_fn(fn, jnp.ones(3), repeats=3, warmup=2, min_sample_s=0.0,
-                     power=False, on_first=seen.append)
+                     on_first=seen.append)
   assert len(calls) == 1 + 2 + 3 * t.calls_per_sample
   assert t.calls_per_sample == 1 and len(t.samples_s) == 3
   assert 0 < t.min_s <= t.median_s <= t.max_s
   assert float(seen[0][0]) == 2.0
-  assert t.power_w is None and t.energy_j is None
   with pytest.raises(ValueError, match="repeats"):
     timing.time_fn(fn, jnp.ones(3), repeats=0)
+  if importlib.util.find_spec("pynvml") is None:
+    assert timing.measure_energy(fn, jnp.ones(3), call_s=1e-3) is None
+
+
+def test_compile_all_returns_programs_and_errors_in_order():
+  good = jax.jit(lambda a: a * 2)
+  bad = jax.jit(lambda a: a @ a)  # rank-1 @ rank-1 is fine; a 3-vector with [2] fails
+  results = timing.compile_all([(good, (jnp.ones(3),)), (bad, (jnp.ones((3, 2)),)),
+                                (good, (jnp.ones(4),))], workers=2)
+  assert [type(c).__name__ for c, _ in results][1] == "TypeError"
+  assert float(results[2][0](jnp.ones(4))[0]) == 2.0
+  assert all(seconds >= 0 for _, seconds in results)
 
 
 def test_targets_report_ratio_and_missed():
@@ -229,6 +240,18 @@ def test_run_writes_json_markdown_and_plots(tmp_path):
                   "## Per-stage profile", "speedup.png"):
     assert section in md, section
   assert results["meta"]["slug"] == "cpu"
+
+
+def test_routing_twin_reuses_compiled_programs(tmp_path):
+  results = run.main(["--preset", "cpu", "--cases", "cpu", "--impls", "ref-sorted",
+                      "--modes", "fwd", "--repeats", "1", "--profile-cases", "",
+                      "--no-plots", "--out", str(tmp_path)])
+  rows = {r["case"]: r for r in results["results"]}
+  assert rows["tiny"]["compile_s"] > 0 and "compiled_with" not in rows["tiny"]
+  assert rows["tiny-skewed"]["compile_s"] == 0
+  assert rows["tiny-skewed"]["compiled_with"] == "tiny"
+  loads = {c["name"]: c["utilisation"]["max_over_mean"] for c in results["cases"]}
+  assert loads["tiny-skewed"] > loads["tiny"]
 
 
 def test_run_rejects_unknown_names(capsys):
