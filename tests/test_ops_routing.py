@@ -218,6 +218,77 @@ class TestRouteInterpret(RouteTestBase):
   BACKEND = "interpret"
 
 
+_SM90_SMEM = 232448  # bytes of shared memory per block on the H100
+
+
+@pytest.mark.parametrize("kernel_name", ["fwd", "dx", "dw"])
+def test_sm90_build(kernel_name):
+  """Builds the kernel for the H100 on the host with the argument hints that
+  jax-triton gives (16-byte aligned pointers, none for scalars), bf16, d=4096,
+  e=256, in every autotune config the pruning keeps: tile loads must be
+  16-byte `cp.async` copies feeding `wgmma` (with plain `d` / `e` strides they
+  were 2-byte loads without pipelining), and shared memory must fit."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  import re
+
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+
+  from jmoe.kernels import routing as kernels
+
+  d, e = 4096, 256
+  bf16 = jax.ShapeDtypeStruct((1,), jnp.bfloat16)
+  align = dict(D_ALIGN=kernels.stride_align(d), E_ALIGN=kernels.stride_align(e))
+  if kernel_name == "fwd":
+    kernel = kernels._router_fwd_pos_kernel
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t": "i32", "d": "i32", "e": "i32",
+           "logits_ptr": "*fp32", "probs_ptr": "*fp32", "ids_ptr": "*i32",
+           "weights_ptr": "*fp32", "lse_ptr": "*fp32", "psum_ptr": "*fp32",
+           "counts_ptr": "*i32", "pos_ptr": "*i32"}
+    base = dict(TOP_K=8, K_PAD=8, E_PAD=256, NORMALIZE=True, DOT_F32=False,
+                INPUT_PRECISION="ieee", **align)
+    configs = kernels._prune_fwd(
+        [c for c in kernel.configs
+         if c.kwargs["BLOCK_T"] == ops_routing.default_block_t(e)],
+        {"e": e, "x_ptr": bf16})
+  elif kernel_name == "dx":
+    kernel = kernels._router_dx_kernel
+    sig = {"dlogits_ptr": "*fp32", "wt_ptr": "*bf16", "t": "i32", "d": "i32",
+           "e": "i32", "dx_ptr": "*bf16"}
+    base = dict(BLOCK_E=64, DOT_F32=False, INPUT_PRECISION="ieee", **align)
+    configs = kernels._prune_dx(kernel.configs, {"e": e, "wt_ptr": bf16})
+  else:
+    kernel = kernels._router_dw_kernel
+    sig = {"x_ptr": "*bf16", "dlogits_ptr": "*fp32", "t": "i32", "d": "i32",
+           "e": "i32", "tokens_per_split": "i32", "dw_ptr": "*fp32"}
+    base = dict(E_PAD=256, DOT_F32=False, INPUT_PRECISION="ieee", **align)
+    configs = kernels._prune_dw(kernel.configs, {"e": e, "x_ptr": bf16})
+  fn = kernel.fn
+  for cfg in configs:
+    const = dict(base, **cfg.kwargs)
+    full_sig = {name: sig.get(name, "constexpr") for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]]
+             for i, name in enumerate(fn.arg_names)
+             if sig.get(name, "").startswith("*")}
+    try:
+      compiled = triton.compile(
+          ASTSource(fn, full_sig, constexprs=const, attrs=attrs),
+          target=GPUTarget("cuda", 90, 128),
+          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    except Exception as err:  # pylint: disable=broad-except
+      pytest.skip(f"cannot build for sm_90 here: {type(err).__name__}: {err}")
+    ptx = compiled.asm["ptx"]
+    where = f"{kernel_name} {cfg}"
+    assert "wgmma.mma_async" in ptx, where
+    copies = re.findall(
+        r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
+    assert copies and set(copies) == {"0x10"}, f"{where}: cp.async sizes {set(copies)}"
+    assert not re.search(r"ld\.global(\.\w+)*\.b16", ptx), f"{where}: 2-byte loads"
+    assert compiled.metadata.shared <= _SM90_SMEM, (
+        f"{where}: {compiled.metadata.shared} bytes of shared memory")
+
+
 @pytest.mark.gpu
 class TestRouteTriton(RouteTestBase):
   """On the GPU: fewer small cases with one fixed tile config (each distinct

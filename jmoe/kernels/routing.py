@@ -31,6 +31,12 @@ term. `_router_dx_kernel`: `dx = dlogits @ w^T` (w passed transposed,
 `dw = x^T @ dlogits`, a grid over (d blocks, token splits) writing float32
 partials `[SPLIT, d, e]` that the caller sums in a fixed order.
 
+jax-triton gives scalar arguments no divisibility hints, so with plain `d`
+and `e` as row strides Triton 3.6 emits 2-byte loads without `cp.async`
+pipelining. Every kernel takes `D_ALIGN` / `E_ALIGN` (the largest of
+16, 8, 4, 2, 1 dividing d / e) and rewrites `d = d // D_ALIGN * D_ALIGN`:
+the same value, but provably a multiple of D_ALIGN.
+
 `DOT_F32` upcasts dot operands to float32 (Triton's interpreter gets bf16 /
 fp16 `tl.dot` wrong; also used for float32 inputs); `INPUT_PRECISION` is
 passed to `tl.dot` ("ieee", "tf32x3", "tf32").
@@ -41,6 +47,14 @@ import triton.language as tl
 
 # Shared memory budget used to prune configs (H100: 227 KB per block).
 _SMEM_BYTES = 220 * 1024
+
+
+def stride_align(n: int) -> int:
+  """The largest of 16, 8, 4, 2, 1 dividing `n` (pass as D_ALIGN / E_ALIGN)."""
+  for a in (16, 8, 4, 2):
+    if n % a == 0:
+      return a
+  return 1
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -58,9 +72,10 @@ def _fits(configs, smem_estimate, regs=lambda c: 0):
   (`BLOCK_D == 32`) are kept only when no larger one fits; if none fits at
   all, the one with the smallest footprint.
 
-  The estimates were checked against the compiler's own numbers (Triton 3.6,
-  sm_90, `metadata.shared`) for every config at e=64 and e=256, bf16 and
-  float32: they never under-estimate a config that does not fit.
+  The estimates below were fitted to the compiler's own numbers (Triton 3.6,
+  sm_90, 16-byte-aligned pointers as jax-triton passes them, D_ALIGN = E_ALIGN
+  = 16: `metadata.shared`) for every config at e=64 and e=256, bf16 and
+  float32; no config they keep needs more than 232448 bytes.
   """
   kept = [c for c in configs if smem_estimate(c) <= _SMEM_BYTES and regs(c) <= 64]
   large = [c for c in kept if c.kwargs["BLOCK_D"] > 32]
@@ -69,46 +84,48 @@ def _fits(configs, smem_estimate, regs=lambda c: 0):
   return kept or [min(configs, key=lambda c: (regs(c) > 64, smem_estimate(c)))]
 
 
-def _buffers(c, itemsize: int) -> float:
-  """Pipeline buffers to count: bf16 / fp16 dots need ~(num_stages - 1) tile
-  buffers; float32 operands (tf32x3) ~1.5 * num_stages (split operands)."""
-  return 1.5 * c.num_stages if itemsize == 4 else max(1, c.num_stages - 1)
-
-
 def _prune_fwd(configs, named_args, **kwargs):
-  """Forward: x [BLOCK_T, BLOCK_D] and w [BLOCK_D, E_PAD] tiles in shared
-  memory, [BLOCK_T, E_PAD] float32 tiles in registers (ptxas spills kilobytes
-  at e=256, BLOCK_T=64 with 4 warps)."""
+  """Forward: num_stages buffers of the x [BLOCK_T, BLOCK_D] and w [BLOCK_D,
+  E_PAD] tiles, plus a [BLOCK_T, E_PAD] float32 scratch for float32 inputs
+  (tf32x3); [BLOCK_T, E_PAD] float32 tiles in registers (ptxas spills
+  kilobytes at e=256, BLOCK_T=64 with 4 warps)."""
   del kwargs
   e_pad = _pow2_at_least(int(named_args["e"]), 16)
   size = _itemsize(named_args.get("x_ptr"))
+
+  def smem(c):
+    tiles = c.num_stages * size * c.kwargs["BLOCK_D"] * (c.kwargs["BLOCK_T"] + e_pad)
+    scratch = 4 * c.kwargs["BLOCK_T"] * e_pad
+    return max(tiles + (scratch if size == 4 else 0), scratch)
+
   return _fits(
-      configs,
-      lambda c: _buffers(c, size) * size * c.kwargs["BLOCK_D"]
-      * (c.kwargs["BLOCK_T"] + e_pad),
-      lambda c: c.kwargs["BLOCK_T"] * e_pad // (32 * c.num_warps),
+      configs, smem, lambda c: c.kwargs["BLOCK_T"] * e_pad // (32 * c.num_warps)
   )
 
 
 def _prune_dx(configs, named_args, **kwargs):
+  """dx: num_stages buffers of the dlogits [BLOCK_T, BLOCK_E] float32 and w^T
+  [BLOCK_E, BLOCK_D] tiles."""
   del kwargs
   e_pad = _pow2_at_least(int(named_args["e"]), 16)
   size = _itemsize(named_args.get("wt_ptr"))
   block_e = min(64, e_pad)
   return _fits(
       configs,
-      lambda c: (_buffers(c, size) + 1) * block_e
+      lambda c: c.num_stages * block_e
       * (4 * c.kwargs["BLOCK_T"] + size * c.kwargs["BLOCK_D"]),
   )
 
 
 def _prune_dw(configs, named_args, **kwargs):
+  """dw: num_stages buffers of the x [BLOCK_T, BLOCK_D] and dlogits [BLOCK_T,
+  E_PAD] float32 tiles (x1.25 for float32 inputs, tf32x3)."""
   del kwargs
   e_pad = _pow2_at_least(int(named_args["e"]), 16)
   size = _itemsize(named_args.get("x_ptr"))
   return _fits(
       configs,
-      lambda c: (_buffers(c, size) + 1) * c.kwargs["BLOCK_T"]
+      lambda c: (1.25 if size == 4 else 1.0) * c.num_stages * c.kwargs["BLOCK_T"]
       * (size * c.kwargs["BLOCK_D"] + 4 * e_pad),
       lambda c: c.kwargs["BLOCK_D"] * e_pad // (32 * c.num_warps) // 2,
   )
@@ -144,7 +161,10 @@ def _router_fwd_body(
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
     WRITE_POS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_ALIGN: tl.constexpr, E_ALIGN: tl.constexpr,
 ):
+  d = d // D_ALIGN * D_ALIGN  # == d; tells the compiler rows are aligned
+  e = e // E_ALIGN * E_ALIGN
   pid = tl.program_id(0)
   rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
   row_ok = rows < t
@@ -228,13 +248,14 @@ def _router_fwd_kernel(
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_ALIGN: tl.constexpr, E_ALIGN: tl.constexpr,
 ):
   """Router forward without capacity positions (dropless)."""
   _router_fwd_body(
       x_ptr, w_ptr, t, d, e,
       logits_ptr, probs_ptr, ids_ptr, weights_ptr, lse_ptr, psum_ptr, counts_ptr,
       counts_ptr, TOP_K, K_PAD, E_PAD, BLOCK_T, BLOCK_D, NORMALIZE, False,
-      DOT_F32, INPUT_PRECISION,
+      DOT_F32, INPUT_PRECISION, D_ALIGN, E_ALIGN,
   )
 
 
@@ -250,13 +271,14 @@ def _router_fwd_pos_kernel(
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_ALIGN: tl.constexpr, E_ALIGN: tl.constexpr,
 ):
   """Router forward that also writes block-local capacity positions."""
   _router_fwd_body(
       x_ptr, w_ptr, t, d, e,
       logits_ptr, probs_ptr, ids_ptr, weights_ptr, lse_ptr, psum_ptr, counts_ptr,
       pos_ptr, TOP_K, K_PAD, E_PAD, BLOCK_T, BLOCK_D, NORMALIZE, True,
-      DOT_F32, INPUT_PRECISION,
+      DOT_F32, INPUT_PRECISION, D_ALIGN, E_ALIGN,
   )
 
 
@@ -267,7 +289,7 @@ def _router_dlogits_kernel(
     dlogits_ptr,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_GLOGITS: tl.constexpr, HAS_GPROBS: tl.constexpr,
+    HAS_GLOGITS: tl.constexpr, HAS_GPROBS: tl.constexpr, E_ALIGN: tl.constexpr,
 ):
   """dlogits [t, e] float32 for a block of BLOCK_T tokens.
 
@@ -276,6 +298,7 @@ def _router_dlogits_kernel(
   [t, e], colterm [e] (load-balancing loss term of dprobs), zcoef [1]
   (`2 * g_z / t`, the z-loss term).
   """
+  e = e // E_ALIGN * E_ALIGN  # == e; tells the compiler rows are aligned
   pid = tl.program_id(0)
   rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
   row_ok = rows < t
@@ -326,12 +349,15 @@ def _router_dx_kernel(
     dx_ptr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_ALIGN: tl.constexpr, E_ALIGN: tl.constexpr,
 ):
   """dx [t, d] = dlogits [t, e] @ wt [e, d], one [BLOCK_T, BLOCK_D] tile each.
 
   dlogits is float32; unless DOT_F32 it is rounded to wt's dtype for the
   tensor cores (float32 accumulation).
   """
+  d = d // D_ALIGN * D_ALIGN  # == d; tells the compiler rows are aligned
+  e = e // E_ALIGN * E_ALIGN
   pid_t = tl.program_id(0)
   pid_d = tl.program_id(1)
   rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -366,12 +392,15 @@ def _router_dw_kernel(
     dw_ptr,
     E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_ALIGN: tl.constexpr, E_ALIGN: tl.constexpr,
 ):
   """Partial `dw[s] = x[split s]^T @ dlogits[split s]`, float32 `[SPLIT, d, e]`.
 
   Program (i, s) owns rows `[i * BLOCK_D, ...)` of dw and the tokens
   `[s * tokens_per_split, (s + 1) * tokens_per_split)`.
   """
+  d = d // D_ALIGN * D_ALIGN  # == d; tells the compiler rows are aligned
+  e = e // E_ALIGN * E_ALIGN
   pid_d = tl.program_id(0)
   pid_s = tl.program_id(1)
   dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)

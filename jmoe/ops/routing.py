@@ -163,7 +163,8 @@ def _forward(x, w, static: _Static):
       backend=static.backend,
       name="jmoe_router_fwd",
       TOP_K=k, K_PAD=k_pad, E_PAD=e_pad, NORMALIZE=static.normalize_top_k,
-      DOT_F32=dot_f32, INPUT_PRECISION=precision, **meta,
+      DOT_F32=dot_f32, INPUT_PRECISION=precision,
+      D_ALIGN=kernels.stride_align(d), E_ALIGN=kernels.stride_align(e), **meta,
   )
   logits, probs, expert_ids, weights, lse, psum, block_counts = outs[:7]
 
@@ -264,7 +265,8 @@ def _backward(static: _Static, residuals, ct: Routing):
       name="jmoe_router_dlogits",
       TOP_K=k, K_PAD=triton_next_pow2(k), E_PAD=e_pad, BLOCK_T=dlogits_block_t,
       NORMALIZE=static.normalize_top_k, HAS_GLOGITS=g_logits is not None,
-      HAS_GPROBS=g_probs is not None, num_warps=4,
+      HAS_GPROBS=g_probs is not None, E_ALIGN=kernels.stride_align(e),
+      num_warps=4,
   )
   kernel, meta = _launch_options(
       kernels._router_dx_kernel, cfg, gemm=True  # pylint: disable=protected-access
@@ -275,7 +277,8 @@ def _backward(static: _Static, residuals, ct: Routing):
       grid=lambda m: (-(-t // m["BLOCK_T"]), -(-d // m["BLOCK_D"])),
       backend=static.backend,
       name="jmoe_router_dx",
-      BLOCK_E=min(64, e_pad), DOT_F32=dot_f32, INPUT_PRECISION=precision, **meta,
+      BLOCK_E=min(64, e_pad), DOT_F32=dot_f32, INPUT_PRECISION=precision,
+      D_ALIGN=kernels.stride_align(d), E_ALIGN=kernels.stride_align(e), **meta,
   )
 
   splits = _dw_splits(t, d)
@@ -290,7 +293,8 @@ def _backward(static: _Static, residuals, ct: Routing):
       grid=lambda m: (-(-d // m["BLOCK_D"]), splits),
       backend=static.backend,
       name="jmoe_router_dw",
-      E_PAD=e_pad, DOT_F32=dot_f32, INPUT_PRECISION=precision, **meta,
+      E_PAD=e_pad, DOT_F32=dot_f32, INPUT_PRECISION=precision,
+      D_ALIGN=kernels.stride_align(d), E_ALIGN=kernels.stride_align(e), **meta,
   )
   dw = jnp.sum(partial_dw, axis=0).astype(w.dtype)
   return dx, dw
