@@ -110,6 +110,13 @@ class Case:
     """Elements of the `[t, e, capacity]` one-hot dispatch tensor."""
     return self.tokens * self.experts * self.capacity()
 
+  def ragged_dot_vjp_bytes(self) -> int:
+    """Bytes of the largest float32 `[e, t * top_k, n]` buffer of `jax.lax.ragged_dot`'s
+    VJP (n the wider of the two GEMM outputs): on the GPU (jax 0.11) the transpose
+    is dense per group, e.g. 33 GiB for `deepseek`, where it ran out of memory."""
+    n = max(2 * self.d_ff if self.gated else self.d_ff, self.d_model)
+    return 4 * self.experts * self.tokens * self.top_k * n
+
   def describe(self) -> str:
     s = (f"t={self.tokens} d={self.d_model} f={self.d_ff} e={self.experts} "
          f"k={self.top_k} {self.dtype} {self.activation} {self.routing}")

@@ -72,9 +72,13 @@ def vjp_stage(name: str, fn, diff_args: tuple, const_args: tuple = (), seed: int
   return stage, (diff_out, aux_out)
 
 
-def reference_stages(case: Case, x, params
+def reference_stages(case: Case, x, params, with_bwd: bool = True
                      ) -> tuple[list[Stage], dict[str, float]]:
-  """The stages of `jmoe.reference.moe(..., dispatch="sorted")`, and no checks."""
+  """The stages of `jmoe.reference.moe(..., dispatch="sorted")`, and no checks.
+
+  With `with_bwd=False` the stages have no backward (nor its residuals): for
+  shapes where `jax.lax.ragged_dot`'s VJP does not fit in memory.
+  """
   top_k, e = case.top_k, case.experts
 
   def router(diff, const):
@@ -97,14 +101,21 @@ def reference_stages(case: Case, x, params
     out = reference.grouped_matmul(h, w, group_sizes, preferred_element_type=jnp.float32)
     return reference.combine_sorted(out, order, weights, h.dtype), ()
 
-  s1, ((weights, _, _), (expert_ids, kept)) = vjp_stage(
+  make = vjp_stage if with_bwd else _fwd_stage
+  s1, ((weights, _, _), (expert_ids, kept)) = make(
       "router", router, (x, params.router_kernel))
-  s2, (xs, (order, group_sizes)) = vjp_stage("align/permute", permute, (x,),
-                                             (expert_ids, kept))
-  s3, (h, _) = vjp_stage("up GEMM", up, (xs, params.up_kernel), (group_sizes,))
-  s4, _ = vjp_stage("down GEMM + combine", down, (h, params.down_kernel, weights),
-                    (group_sizes, order))
+  s2, (xs, (order, group_sizes)) = make("align/permute", permute, (x,),
+                                        (expert_ids, kept))
+  s3, (h, _) = make("up GEMM", up, (xs, params.up_kernel), (group_sizes,))
+  s4, _ = make("down GEMM + combine", down, (h, params.down_kernel, weights),
+               (group_sizes, order))
   return [s1, s2, s3, s4], {}
+
+
+def _fwd_stage(name: str, fn, diff_args: tuple, const_args: tuple = ()):
+  """As `vjp_stage`, without a backward."""
+  out = jax.jit(fn)(diff_args, const_args)
+  return Stage(name, fn, (diff_args, const_args)), out
 
 
 def jmoe_stages(case: Case, x, params, backend: str
@@ -197,7 +208,8 @@ def _rel_err(a, b) -> float:
 
 def profile(stages: Sequence[Stage], workers: int = 1, **time_kwargs
             ) -> list[dict[str, Any]]:
-  """`[{"stage", "fwd_s", "bwd_s"}]` for each stage (None where it has none).
+  """`[{"stage", "fwd_s", "bwd_s"}]` for each stage (None where it has none or
+  it failed; then `fwd_error` / `bwd_error` says why).
 
   All stage functions are compiled first (`workers` at a time), then timed one
   by one with `timing.time_fn(**time_kwargs)`.
@@ -211,7 +223,11 @@ def profile(stages: Sequence[Stage], workers: int = 1, **time_kwargs
   rows = [{"stage": s.name, "fwd_s": None, "bwd_s": None} for s in stages]
   for (i, part), (compiled, _), (_, args) in zip(slots, timing.compile_all(jobs, workers),
                                                   jobs):
-    if isinstance(compiled, Exception):
-      raise compiled
-    rows[i][f"{part}_s"] = timing.time_fn(compiled, *args, **time_kwargs).median_s
+    try:
+      if isinstance(compiled, Exception):
+        raise compiled
+      rows[i][f"{part}_s"] = timing.time_fn(compiled, *args, **time_kwargs).median_s
+    except Exception as e:  # noqa: BLE001  (reported by the caller)
+      lines = str(e).strip().splitlines()
+      rows[i][f"{part}_error"] = f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
   return rows

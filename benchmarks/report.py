@@ -174,10 +174,12 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
       "calls); `fresh process` is `memory_stats()['peak_bytes_in_use']` after one "
       "fwd+bwd call in a new process (inputs included).",
       "- Energy (`mJ/tok`): a separate loop of back-to-back calls lasting >= "
-      f"{results.get('settings', {}).get('energy_s', 0):g} s; NVML total-energy counter "
-      "difference (or mean power sampled every 5 ms in a thread x loop time) / calls / "
-      "tokens. Whole board, idle power included; only for the cases listed in "
-      "`--energy-cases`.",
+      f"{results.get('settings', {}).get('energy_s', 0):g} s while a thread samples the "
+      "board power through NVML every 5 ms (the instantaneous-power field where the "
+      "driver has it, else the 1 s-average power); mean power x loop time / calls / "
+      "tokens. Whole board, idle power included; only for the cases in "
+      "`--energy-cases` (`results.json` keeps the source, samples and the NVML energy "
+      "counter as a cross-check).",
       "- Compilation: ahead of time, all programs of a shape together "
       f"({results.get('settings', {}).get('compile_workers', 1)} at a time); the twin "
       "case with the other routing reuses them (so jmoe's autotuned tiles come from "

@@ -56,6 +56,7 @@ from benchmarks import timing as timing_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EINSUM_IMPLS = ("ref-einsum", "ref-einsum-bf16")
+GIB = report_lib.GIB
 # The staged jmoe profile launches the fused op's kernels; beyond this relative
 # difference (autotuning may pick other tiles, changing rounding) it is flagged.
 PROFILE_CHECK_TOLERANCE = 1e-2
@@ -83,10 +84,11 @@ class Preset:
   # JMOE_AUTOTUNE=0: no candidate compiles and timing runs per shape).
   sweep_autotune: str = "off"
   einsum_max_elements: int = 2 ** 31
+  ragged_dot_vjp_max_bytes: int = 16 * 2 ** 30
   energy_s: float = 0.5
   energy_cases: str = "main,skewed"
   compile_workers: int = 8
-  budget_s: float = 450.0
+  budget_s: float = 420.0
 
 
 PRESETS = {
@@ -94,7 +96,7 @@ PRESETS = {
                   profile_cases="tiny", sweep_skip_impls="", energy_s=0.0,
                   energy_cases="", compile_workers=2, budget_s=150.0),
     "gpu-quick": Preset(cases="main", budget_s=240.0),
-    "gpu-full": Preset(cases="all-gpu"),
+    "gpu-full": Preset(cases="all-gpu", budget_s=420.0),
 }
 
 
@@ -242,7 +244,12 @@ class Runner:
     return (impl in EINSUM_IMPLS
             and case.einsum_dispatch_elements() > self.args.einsum_max_elements)
 
-  def _skip_reason(self, case, impl: str) -> str | None:
+  def _skip_reason(self, case, impl: str, mode: str) -> str | None:
+    if (impl == "ref-sorted" and mode == "fwdbwd"
+        and case.ragged_dot_vjp_bytes() > self.args.ragged_dot_vjp_max_bytes):
+      return (f"lax.ragged_dot's VJP would materialise {case.ragged_dot_vjp_bytes() / GIB:.0f}"
+              f" GiB > --ragged-dot-vjp-max-bytes {self.args.ragged_dot_vjp_max_bytes / GIB:.0f}"
+              " GiB (out of memory on the H100 at deepseek)")
     if self._einsum_too_big(case, impl):
       return (f"[t, e, c] one-hot dispatch has {case.einsum_dispatch_elements():.3g} "
               f"elements > --einsum-max-elements {self.args.einsum_max_elements:.3g}")
@@ -284,7 +291,7 @@ class Runner:
         if name == "jmoe":
           row["jmoe_autotune"] = not pinned and impls_lib.jmoe_backend() == "triton"
         rows.append(row)
-        reason = self._skip_reason(case, name)
+        reason = self._skip_reason(case, name, mode)
         if reason:
           row.update(status="skipped", reason=reason)
         else:
@@ -413,8 +420,12 @@ class Runner:
           self.note(f"profile of jmoe on {case.name} skipped: jmoe not available or "
                     "not selected")
       if "ref-sorted" in self.args.profile_impls:
-        builders.append(("ref-sorted",
-                         lambda: profile_lib.reference_stages(case, x, params)))
+        no_bwd = case.ragged_dot_vjp_bytes() > self.args.ragged_dot_vjp_max_bytes
+        if no_bwd:
+          self.note(f"profile of ref-sorted on {case.name}: no backward "
+                    f"({self._skip_reason(case, 'ref-sorted', 'fwdbwd')})")
+        builders.append(("ref-sorted", lambda: profile_lib.reference_stages(
+            case, x, params, with_bwd=not no_bwd)))
       for name, build in builders:
         try:
           stages, checks = build()
@@ -431,6 +442,10 @@ class Runner:
             self.note(f"profile of {name} on {case.name}: the stages differ from the "
                       f"fused op by {worst:.2e} (relative): {checks}")
         for r in rows:
+          for part in ("fwd", "bwd"):
+            if r.get(f"{part}_error"):
+              self.note(f"profile of {name} on {case.name}, {r['stage']} {part}: "
+                        f"{r[f'{part}_error']}")
           row = {"case": case.name, "impl": name, "stage": r["stage"],
                  **{f"{p}_ms": None if r[f"{p}_s"] is None else r[f"{p}_s"] * 1e3
                     for p in ("fwd", "bwd")}}
@@ -479,6 +494,9 @@ def parse_args(argv):
                            "autotuning undisturbed)")
   parser.add_argument("--einsum-max-elements", type=float,
                       help="skip one-hot einsum forms whose [t, e, c] tensor is larger")
+  parser.add_argument("--ragged-dot-vjp-max-bytes", type=float,
+                      help="skip ref-sorted fwd+bwd where lax.ragged_dot's VJP would "
+                           "materialise a larger float32 buffer")
   parser.add_argument("--budget-s", type=float,
                       help="stop starting new measurements after this many seconds")
   parser.add_argument("--seed", type=int, default=0)
@@ -510,6 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if getattr(args, field.name, None) is None:
       setattr(args, field.name, getattr(preset, field.name))
   args.einsum_max_elements = int(args.einsum_max_elements)
+  args.ragged_dot_vjp_max_bytes = int(args.ragged_dot_vjp_max_bytes)
   args.sweep_skip_impls = _split(args.sweep_skip_impls)
   args.profile_impls = _split(args.profile_impls)
   for name in args.profile_impls:
@@ -541,7 +560,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   runner.results["settings"] = {
       k: getattr(args, k) for k in (
           "repeats", "warmup", "min_sample_s", "dense_n", "compile_workers",
-          "sweep_skip_impls", "sweep_autotune", "einsum_max_elements", "energy_s",
+          "sweep_skip_impls", "sweep_autotune", "einsum_max_elements",
+          "ragged_dot_vjp_max_bytes", "energy_s",
           "budget_s", "seed")}
   if any(c.group.startswith("sweep") for c in case_list):
     runner.note(f"sweeps leave out {', '.join(args.sweep_skip_impls) or 'nothing'} "

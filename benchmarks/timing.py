@@ -8,13 +8,14 @@ trip. `calls` is chosen so a sample lasts at least `min_sample_s`. The result is
 the median per-call time.
 
 Energy (`measure_energy`): a separate loop of back-to-back calls lasting at
-least `duration_s` (NVML's power readings are averaged over a long window, so
-the short timing samples are not enough), while a thread samples the board
-power through NVML (`pynvml`, package `nvidia-ml-py`) every `POWER_PERIOD_S`.
-Energy per call is the NVML total-energy counter's difference over the loop
-divided by the calls, or the mean sampled power times the loop time where the
-counter is unsupported. It is whole-board energy, idle power included. Without
-NVML (no GPU, no `pynvml`) it returns None.
+least `duration_s`, while a thread samples the board power through NVML
+(`pynvml`, package `nvidia-ml-py`) every `POWER_PERIOD_S`: the instantaneous
+power field where the driver has it, else the 1 s-average power. Energy per
+call is the mean sampled power times the loop time divided by the calls
+(whole-board energy, idle power included). The NVML total-energy counter's
+difference is kept as a cross-check: on the H100 it moved in ~200 J steps over
+0.3 s loops (2026-11-23), so it is useless for short loops. Without NVML (no
+GPU, no `pynvml`) it returns None.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ def measure_energy(fn: Callable[..., Any], *args, call_s: float,
     max_calls: cap on the calls in the loop.
 
   Returns:
-    `{"energy_j_per_call", "source": "counter" | "sampled power", "mean_power_w",
-    "power_samples", "calls", "loop_s"}`, or None without NVML.
+    `{"energy_j_per_call", "source", "mean_power_w", "power_samples",
+    "counter_j_per_call", "calls", "loop_s"}` (energy = mean sampled power x loop
+    time / calls), or None without NVML.
   """
   sampler = PowerSampler()
   if not sampler.available:
@@ -156,14 +158,12 @@ def measure_energy(fn: Callable[..., Any], *args, call_s: float,
     jax.block_until_ready(out)
     loop_s = time.perf_counter() - start
   del out
-  if sampler.energy_j is not None and sampler.energy_j > 0:
-    energy, source = sampler.energy_j, "counter"
-  elif sampler.mean_w is not None:
-    energy, source = sampler.mean_w * loop_s, "sampled power"
-  else:
+  if sampler.mean_w is None:
     return None
-  return {"energy_j_per_call": energy / calls, "source": source,
+  return {"energy_j_per_call": sampler.mean_w * loop_s / calls, "source": sampler.source,
           "mean_power_w": sampler.mean_w, "power_samples": len(sampler.readings_w),
+          "counter_j_per_call": (None if sampler.energy_j is None
+                                 else sampler.energy_j / calls),
           "calls": calls, "loop_s": loop_s}
 
 
@@ -195,28 +195,41 @@ def nvml_info() -> dict[str, Any] | None:
     return None
 
 
+# NVML field of the instantaneous board power (mW, ~50 Hz refresh on Hopper);
+# nvmlDeviceGetPowerUsage is a trailing 1 s average on Ampere and newer.
+NVML_FI_DEV_POWER_INSTANT = 186
+
+
 class PowerSampler:
   """Context manager sampling GPU 0's board power in a background thread.
 
-  After exit, `readings_w` holds the samples, `mean_w` their mean (None without
-  NVML or samples) and `energy_j` the NVML energy counter's difference (None if
-  the counter is unsupported).
+  It reads the instantaneous power field where the driver has it (`source` is
+  then "instant power"), else `nvmlDeviceGetPowerUsage` ("1 s-average power",
+  which lags short loops). After exit, `readings_w` holds the samples, `mean_w`
+  their mean (None without NVML or samples) and `energy_j` the NVML
+  total-energy counter's difference (None if unsupported; the counter moves in
+  steps of ~100 ms, so it is only a cross-check for loops of a few seconds).
   """
 
   def __init__(self, period_s: float = POWER_PERIOD_S):
     self.period_s = period_s
     self.readings_w: list[float] = []
     self.energy_j: float | None = None
+    self.source: str | None = None
     self._nvml = _nvml()
     self._handle = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._energy0 = None
-    if self._nvml is not None:
-      try:
-        self._handle = self._nvml.nvmlDeviceGetHandleByIndex(0)
-      except self._nvml.NVMLError:
-        self._nvml = None
+    if self._nvml is None:
+      return
+    try:
+      self._handle = self._nvml.nvmlDeviceGetHandleByIndex(0)
+    except self._nvml.NVMLError:
+      self._nvml = None
+      return
+    self.source = "instant power" if self._instant_w() is not None else (
+        "1 s-average power")
 
   @property
   def available(self) -> bool:
@@ -226,6 +239,24 @@ class PowerSampler:
   def mean_w(self) -> float | None:
     return statistics.fmean(self.readings_w) if self.readings_w else None
 
+  def _instant_w(self) -> float | None:
+    try:
+      field = getattr(self._nvml, "NVML_FI_DEV_POWER_INSTANT", NVML_FI_DEV_POWER_INSTANT)
+      value = self._nvml.nvmlDeviceGetFieldValues(self._handle, [field])[0]
+      if value.nvmlReturn != 0:
+        return None
+      return value.value.uiVal / 1000
+    except Exception:  # noqa: BLE001  (old driver or binding: fall back)
+      return None
+
+  def read_w(self) -> float | None:
+    if self.source == "instant power":
+      return self._instant_w()
+    try:
+      return self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000
+    except self._nvml.NVMLError:
+      return None
+
   def _energy_mj(self):
     try:
       return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
@@ -234,10 +265,10 @@ class PowerSampler:
 
   def _run(self):
     while not self._stop.is_set():
-      try:
-        self.readings_w.append(self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000)
-      except self._nvml.NVMLError:
+      watts = self.read_w()
+      if watts is None:
         return
+      self.readings_w.append(watts)
       self._stop.wait(self.period_s)
 
   def __enter__(self):

@@ -138,6 +138,45 @@ def test_time_fn_counts_calls_and_checks_first_output():
     assert timing.measure_energy(fn, jnp.ones(3), call_s=1e-3) is None
 
 
+class _FakeNvml:
+  """The few pynvml calls `timing.PowerSampler` makes, at a constant 250 W."""
+
+  NVML_FI_DEV_POWER_INSTANT = 186
+
+  class NVMLError(Exception):
+    pass
+
+  class _Field:
+    nvmlReturn = 0
+
+    class value:  # noqa: N801  (mirrors the ctypes union)
+      uiVal = 250_000
+
+  def __init__(self):
+    self.energy_mj = 0
+
+  def nvmlDeviceGetHandleByIndex(self, index):  # noqa: N802
+    return index
+
+  def nvmlDeviceGetFieldValues(self, handle, fields):  # noqa: N802
+    assert fields == [186]
+    return [self._Field()]
+
+  def nvmlDeviceGetTotalEnergyConsumption(self, handle):  # noqa: N802
+    self.energy_mj += 1000
+    return self.energy_mj
+
+
+def test_measure_energy_integrates_sampled_power(monkeypatch):
+  monkeypatch.setattr(timing, "_nvml", _FakeNvml)
+  fn = jax.jit(lambda a: a * 2)
+  out = timing.measure_energy(fn, jnp.ones(8), call_s=1e-3, duration_s=0.05)
+  assert out["source"] == "instant power" and out["power_samples"] >= 1
+  assert out["mean_power_w"] == pytest.approx(250.0)
+  assert out["energy_j_per_call"] == pytest.approx(250.0 * out["loop_s"] / out["calls"])
+  assert out["calls"] == 50 and out["counter_j_per_call"] == pytest.approx(1 / 50)
+
+
 def test_compile_all_returns_programs_and_errors_in_order():
   good = jax.jit(lambda a: a * 2)
   bad = jax.jit(lambda a: a @ a)  # rank-1 @ rank-1 is fine; a 3-vector with [2] fails
@@ -242,11 +281,17 @@ def test_run_writes_json_markdown_and_plots(tmp_path):
   assert results["meta"]["slug"] == "cpu"
 
 
-def test_routing_twin_reuses_compiled_programs(tmp_path):
+def test_routing_twin_reuses_compiled_programs_and_limits_apply(tmp_path):
   results = run.main(["--preset", "cpu", "--cases", "cpu", "--impls", "ref-sorted",
-                      "--modes", "fwd", "--repeats", "1", "--profile-cases", "",
-                      "--no-plots", "--out", str(tmp_path)])
-  rows = {r["case"]: r for r in results["results"]}
+                      "--repeats", "1", "--profile-cases", "tiny", "--profile-impls",
+                      "ref-sorted", "--ragged-dot-vjp-max-bytes", "1", "--no-plots",
+                      "--out", str(tmp_path)])
+  skipped = [r for r in results["results"] if r["mode"] == "fwdbwd"]
+  assert len(skipped) == 2 and all(r["status"] == "skipped" for r in skipped)
+  assert "ragged_dot's VJP" in skipped[0]["reason"]
+  assert [p["bwd_ms"] for p in results["profile"]] == [None] * 4
+  assert all(p["fwd_ms"] > 0 for p in results["profile"])
+  rows = {r["case"]: r for r in results["results"] if r["mode"] == "fwd"}
   assert rows["tiny"]["compile_s"] > 0 and "compiled_with" not in rows["tiny"]
   assert rows["tiny-skewed"]["compile_s"] == 0
   assert rows["tiny-skewed"]["compiled_with"] == "tiny"
