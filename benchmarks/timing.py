@@ -69,7 +69,8 @@ def time_fn(
     repeats: timed samples (the median is reported).
     warmup: untimed calls after the first (compiling) one. The last call before
       the samples sizes them (with `warmup=0` that is the compiling call, so slow
-      functions run once per sample).
+      functions run once per sample); where that asks for several calls per
+      sample, one untimed batch of them refines the count.
     min_sample_s: a sample dispatches enough calls to last at least this long.
     max_calls: at most this many calls per sample.
     on_first: called with the first call's output (e.g. to check it) before the
@@ -88,6 +89,17 @@ def time_fn(
     jax.block_until_ready(fn(*args))
     last = time.perf_counter() - start
   calls = int(min(max_calls, max(1, math.ceil(min_sample_s / max(last, 1e-7)))))
+  if calls > 1:
+    # One synchronised call also pays the host round trip: size the samples from a
+    # batch of asynchronous calls instead.
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    del out
+    per_call = (time.perf_counter() - start) / calls
+    calls = int(min(max_calls, max(1, math.ceil(min_sample_s / max(per_call, 1e-7)))))
   samples = []
   for _ in range(repeats):
     start = time.perf_counter()
