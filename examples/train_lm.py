@@ -542,8 +542,10 @@ def train(cfg: Config, out_dir: pathlib.Path, *, resume: bool = False,
       "final_train_ce": last.get("ce"),
       "final_eval_ce": evals[-1]["eval_ce"] if evals else None,
       "final_eval_bits_per_byte": evals[-1]["eval_bits_per_byte"] if evals else None,
-      "final_load_balancing_loss": last.get("load_balancing_loss"),
-      "final_router_z_loss": last.get("router_z_loss"),
+      # Mean over layers (the history keeps the sums the loss used).
+      "final_load_balancing_loss": (
+          last["load_balancing_loss"] / cfg.num_layers if last else None),
+      "final_router_z_loss": last["router_z_loss"] / cfg.num_layers if last else None,
       "final_utilisation": last.get("utilisation"),
       "checkpoint": str(ckpt) if save else None,
       "plots": plots,
