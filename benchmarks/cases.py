@@ -234,5 +234,6 @@ def expert_load(tokens_per_expert) -> dict[str, float]:
   if mean == 0:
     return {"max_over_mean": 0.0, "min_over_mean": 0.0, "cv": 0.0,
             "empty_experts": float(n.size)}
-  return {"max_over_mean": float(n.max() / mean), "min_over_mean": float(n.min() / mean),
+  return {"max_over_mean": float(n.max() / mean),
+          "min_over_mean": float(n.min() / mean),
           "cv": float(n.std() / mean), "empty_experts": float((n == 0).sum())}

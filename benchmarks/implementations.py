@@ -166,7 +166,8 @@ def sorted_moe(x, params, *, top_k, activation, ragged_dot):
   h = ragged_dot(x[order // top_k], params.up_kernel, group_sizes,
                  preferred_element_type=jnp.float32)
   h = reference.apply_activation(h, activation).astype(x.dtype)
-  out = ragged_dot(h, params.down_kernel, group_sizes, preferred_element_type=jnp.float32)
+  out = ragged_dot(h, params.down_kernel, group_sizes,
+                   preferred_element_type=jnp.float32)
   y = reference.combine_sorted(out, order, routing.weights, x.dtype)
   return y, reference.aux_from_routing(routing)
 
@@ -232,6 +233,16 @@ def make_step(forward: Forward, mode: str):
     return jax.jit(jax.value_and_grad(loss_fn(forward), argnums=(0, 1))), (
         "x", "params", "dy")
   raise ValueError(f"mode must be 'fwd' or 'fwdbwd', got {mode!r}")
+
+
+def rel_err(a, b) -> float:
+  """Largest relative Frobenius error `|a - b| / |b|` over the leaves of two pytrees."""
+  errs = []
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    den = float(jnp.linalg.norm(y))
+    errs.append(float(jnp.linalg.norm(x - y)) / (den if den > 0 else 1.0))
+  return max(errs) if errs else float("nan")
 
 
 def make_cotangent(case: Case, seed: int = 1) -> jax.Array:

@@ -83,7 +83,8 @@ def _probe(case_name: str, impl_name: str, mode: str, seed: int) -> dict[str, An
   if not after or "peak_bytes_in_use" not in after:
     return {"error": f"{device.platform} keeps no memory_stats"}
   input_bytes = sum(a.nbytes for a in jax.tree.leaves(args))
-  return {"peak_bytes": int(after["peak_bytes_in_use"]), "input_bytes": int(input_bytes),
+  return {"peak_bytes": int(after["peak_bytes_in_use"]),
+          "input_bytes": int(input_bytes),
           "in_use_before": int(before.get("bytes_in_use", 0))}
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jmoe import reference
 
 from benchmarks import timing
+from benchmarks.implementations import rel_err
 from benchmarks.cases import Case
 
 
@@ -98,7 +99,8 @@ def reference_stages(case: Case, x, params, with_bwd: bool = True
 
   def down(diff, const):
     (h, w, weights), (group_sizes, order) = diff, const
-    out = reference.grouped_matmul(h, w, group_sizes, preferred_element_type=jnp.float32)
+    out = reference.grouped_matmul(h, w, group_sizes,
+                                   preferred_element_type=jnp.float32)
     return reference.combine_sorted(out, order, weights, h.dtype), ()
 
   make = vjp_stage if with_bwd else _fwd_stage
@@ -160,7 +162,8 @@ def jmoe_stages(case: Case, x, params, backend: str
     return ffn.combine(o, al.pos, x.dtype, backend)
 
   def down_bwd(dy, down_k, al, w_sorted, pre):
-    return ffn.act_bwd_stage(dy, down_k, al, w_sorted, pre, block_m, activation, backend)
+    return ffn.act_bwd_stage(dy, down_k, al, w_sorted, pre, block_m, activation,
+                             backend)
 
   def weight_grads(x, dy, h, d_pre, al, w_sorted):
     return ffn.weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_k.dtype,
@@ -186,7 +189,7 @@ def jmoe_stages(case: Case, x, params, backend: str
 
   y_op, vjp_op = jax.jit(lambda *a: jax.vjp(fused, *a))(x, weights, up_k, down_k)
   grads_op = jax.jit(lambda v, ct: v(ct))(vjp_op, dy)
-  checks = {name: _rel_err(a, b) for name, a, b in (
+  checks = {name: rel_err(a, b) for name, a, b in (
       ("y", y, y_op), ("dx", dx, grads_op[0]), ("d_weights", d_weights, grads_op[1]),
       ("d_up", d_up, grads_op[2]), ("d_down", d_down, grads_op[3]))}
   return [
@@ -198,12 +201,6 @@ def jmoe_stages(case: Case, x, params, backend: str
       Stage("weight grads (2 tgmm)", None, (), weight_grads,
             (x, dy, h, d_pre, al, w_sorted)),
   ], checks
-
-
-def _rel_err(a, b) -> float:
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  den = float(jnp.linalg.norm(b))
-  return float(jnp.linalg.norm(a - b)) / (den if den > 0 else 1.0)
 
 
 def profile(stages: Sequence[Stage], workers: int = 1, **time_kwargs
@@ -221,13 +218,14 @@ def profile(stages: Sequence[Stage], workers: int = 1, **time_kwargs
         jobs.append((jax.jit(fn), args))
         slots.append((i, part))
   rows = [{"stage": s.name, "fwd_s": None, "bwd_s": None} for s in stages]
-  for (i, part), (compiled, _), (_, args) in zip(slots, timing.compile_all(jobs, workers),
-                                                  jobs):
+  compiled_jobs = timing.compile_all(jobs, workers)
+  for (i, part), (compiled, _), (_, args) in zip(slots, compiled_jobs, jobs):
     try:
       if isinstance(compiled, Exception):
         raise compiled
       rows[i][f"{part}_s"] = timing.time_fn(compiled, *args, **time_kwargs).median_s
     except Exception as e:  # noqa: BLE001  (reported by the caller)
       lines = str(e).strip().splitlines()
-      rows[i][f"{part}_error"] = f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+      first = lines[0][:200] if lines else ""
+      rows[i][f"{part}_error"] = f"{type(e).__name__}: {first}"
   return rows

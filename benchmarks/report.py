@@ -107,7 +107,8 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         fmt(r["tokens_per_s"], ".3g"), fmt(r["tflops"], ".3g"),
         fmt(None if r.get("frac_dense_peak") is None else 100 * r["frac_dense_peak"],
             ".3g"),
-        fmt(r.get("jmoe_speedup"), ".3g"), fmt(None if mem is None else mem / GIB, ".3g"),
+        fmt(r.get("jmoe_speedup"), ".3g"),
+        fmt(None if mem is None else mem / GIB, ".3g"),
         fmt(None if energy is None else energy * 1e3, ".3g"),
         fmt(r.get("rel_err_vs_oracle"), ".1e"),
     ])
@@ -174,7 +175,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
       "calls); `fresh process` is `memory_stats()['peak_bytes_in_use']` after one "
       "fwd+bwd call in a new process (inputs included).",
       "- Energy (`mJ/tok`): a separate loop of back-to-back calls lasting >= "
-      f"{results.get('settings', {}).get('energy_s', 0):g} s while a thread samples the "
+      f"{results.get('settings', {}).get('energy_s', 0):g} s while a thread samples "
+      "the "
       "board power through NVML every 5 ms (the instantaneous-power field where the "
       "driver has it, else the 1 s-average power); mean power x loop time / calls / "
       "tokens. Whole board, idle power included; only for the cases in "
@@ -231,7 +233,8 @@ def _speedup_section(results) -> list[str]:
 
 def _utilisation_section(results) -> list[str]:
   rows = []
-  drop = {(r["case"], r["impl"]): r.get("dropped_fraction") for r in _ok(results["results"])
+  drop = {(r["case"], r["impl"]): r.get("dropped_fraction")
+          for r in _ok(results["results"])
           if r["mode"] == "fwd" and not results["impls"][r["impl"]]["dropless"]}
   for c in results["cases"]:
     u = c.get("utilisation")
@@ -267,7 +270,8 @@ def _memory_section(results) -> list[str]:
   if not rows:
     return []
   return ["## Memory, fwd+bwd (GiB)", "", _md_table(
-      ["case", "impl", "compiled plan peak", "of which temporaries", "fresh-process peak"],
+      ["case", "impl", "compiled plan peak", "of which temporaries",
+       "fresh-process peak"],
       rows), ""]
 
 
@@ -277,7 +281,8 @@ def _profile_section(results) -> list[str]:
     return []
   return ["## Per-stage profile (each stage its own jitted function)", "", _md_table(
       ["case", "impl", "stage", "fwd ms", "bwd ms"],
-      [[p["case"], p["impl"], p["stage"], fmt(p["fwd_ms"], ".4g"), fmt(p["bwd_ms"], ".4g")]
+      [[p["case"], p["impl"], p["stage"], fmt(p["fwd_ms"], ".4g"),
+        fmt(p["bwd_ms"], ".4g")]
        for p in prof]), ""] + [
       f"- {c['impl']} stages vs the fused op on {c['case']} (relative error): "
       + ", ".join(f"{k} {v:.1e}" for k, v in c.items() if k not in ("case", "impl"))
@@ -347,8 +352,8 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
       if sweep:
         ax.plot([c["experts"] for c, _ in pts], [v for _, v in pts], "o-", label=impl)
       else:
-        ax.plot([case_names.index(c["name"]) for c, _ in pts], [v for _, v in pts], "o-",
-                label=impl)
+        ax.plot([case_names.index(c["name"]) for c, _ in pts], [v for _, v in pts],
+                "o-", label=impl)
     peak = (results.get("dense_peak") or {}).get("tflops")
     if peak:
       ax.axhline(peak, color="k", ls="--", lw=0.8, label="dense jnp.dot")
@@ -394,7 +399,8 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
         for k, stage in enumerate(stages):
           v = next((p[part] or 0.0 for p in prof if (p["case"], p["impl"]) == group
                     and p["stage"] == stage), 0.0)
-          ax.bar(x, v, 0.7, bottom=bottom, color=f"C{k}", label=stage if x == 0 else None)
+          ax.bar(x, v, 0.7, bottom=bottom, color=f"C{k}",
+                 label=stage if x == 0 else None)
           bottom += v
       ax.set_xticks([0, 1])
       ax.set_xticklabels(["fwd", "bwd"])

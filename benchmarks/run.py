@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import gc
 import importlib.metadata
-import json
 import os
 import platform
 import re
@@ -129,7 +128,8 @@ def environment(argv: list[str], preset: str) -> dict[str, Any]:
            "jax-triton", "flax", "numpy", "tokamax", "nvidia-ml-py")
   status = _git("status", "--porcelain", "--untracked-files=no")
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
       "command": "python -m benchmarks.run " + shlex.join(argv),
       "preset": preset,
       "platform": device.platform,
@@ -150,17 +150,6 @@ def environment(argv: list[str], preset: str) -> dict[str, Any]:
   }
 
 
-def _rel_err(a, b) -> float:
-  """Largest relative Frobenius error over the leaves of two pytrees."""
-  errs = []
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x = jnp.asarray(x, jnp.float32)
-    y = jnp.asarray(y, jnp.float32)
-    den = jnp.linalg.norm(y)
-    errs.append(float(jnp.linalg.norm(x - y) / jnp.where(den > 0, den, 1.0)))
-  return max(errs) if errs else float("nan")
-
-
 def _short(e: BaseException) -> str:
   msg = str(e).strip().splitlines()
   return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
@@ -169,9 +158,8 @@ def _short(e: BaseException) -> str:
 class Runner:
   """Runs the selected measurements and collects the results dict."""
 
-  def __init__(self, args, preset: Preset, env: dict[str, Any]):
+  def __init__(self, args, env: dict[str, Any]):
     self.args = args
-    self.preset = preset
     self.start = time.perf_counter()
     self.time_kwargs = dict(repeats=args.repeats, warmup=args.warmup,
                             min_sample_s=args.min_sample_s)
@@ -238,7 +226,7 @@ class Runner:
         res = memory_lib.process_peak(case.name, name, "fwdbwd", seed=self.args.seed)
         res.update(case=case.name, impl=name, mode="fwdbwd")
         self.results["memory_process"].append(res)
-        shown = (f"{res['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in res
+        shown = (f"{res['peak_bytes'] / GIB:.2f} GiB" if "peak_bytes" in res
                  else res["error"])
         print(f"memory (fresh process) {case.name} {name} fwdbwd: {shown}", flush=True)
 
@@ -249,9 +237,11 @@ class Runner:
   def _skip_reason(self, case, impl: str, mode: str) -> str | None:
     if (impl == "ref-sorted" and mode == "fwdbwd"
         and case.ragged_dot_vjp_bytes() > self.args.ragged_dot_vjp_max_bytes):
-      return (f"lax.ragged_dot's VJP would materialise {case.ragged_dot_vjp_bytes() / GIB:.0f}"
-              f" GiB > --ragged-dot-vjp-max-bytes {self.args.ragged_dot_vjp_max_bytes / GIB:.0f}"
-              " GiB (out of memory on the H100 at deepseek)")
+      limit = self.args.ragged_dot_vjp_max_bytes / GIB
+      return (f"lax.ragged_dot's VJP would materialise "
+              f"{case.ragged_dot_vjp_bytes() / GIB:.0f} GiB > "
+              f"--ragged-dot-vjp-max-bytes {limit:.0f} GiB (out of memory on the H100 "
+              "at deepseek)")
     if self._einsum_too_big(case, impl):
       return (f"[t, e, c] one-hot dispatch has {case.einsum_dispatch_elements():.3g} "
               f"elements > --einsum-max-elements {self.args.einsum_max_elements:.3g}")
@@ -337,7 +327,8 @@ class Runner:
         row["compile_s"] = 0.0
         row["compiled_with"] = self._compiled_from[key]
         continue
-      step, _ = impls_lib.make_step(impls_lib.IMPLS[row["impl"]].make(case), row["mode"])
+      forward = impls_lib.IMPLS[row["impl"]].make(case)
+      step, _ = impls_lib.make_step(forward, row["mode"])
       args = (x, params) if row["mode"] == "fwd" else (x, params, dy)
       todo.append((key, row, (step, args)))
     saved = os.environ.get("JMOE_AUTOTUNE")
@@ -388,7 +379,7 @@ class Runner:
       if name == impls_lib.ORACLE:
         oracle_out[mode] = compare
       elif impls_lib.IMPLS[name].dropless and mode in oracle_out:
-        row["rel_err_vs_oracle"] = _rel_err(compare, oracle_out[mode])
+        row["rel_err_vs_oracle"] = impls_lib.rel_err(compare, oracle_out[mode])
 
     t = timing_lib.time_fn(step, *args, on_first=check, **self._time_kwargs(name))
     row.update(
@@ -472,7 +463,8 @@ def parse_args(argv):
                       help="defaults for the run (default: by platform)")
   parser.add_argument("--gpu-full", action="store_true", help="= --preset gpu-full")
   parser.add_argument("--cases", help="comma-separated case and group names")
-  parser.add_argument("--impls", help=f"comma-separated, from {sorted(impls_lib.IMPLS)}")
+  parser.add_argument("--impls",
+                      help=f"comma-separated, from {sorted(impls_lib.IMPLS)}")
   parser.add_argument("--modes", help="comma-separated, from fwd,fwdbwd")
   parser.add_argument("--repeats", type=int, help="timed samples (median reported)")
   parser.add_argument("--warmup", type=int, help="untimed calls after compiling")
@@ -487,9 +479,11 @@ def parse_args(argv):
                            "processes ('' = none; GPU only)")
   parser.add_argument("--sweep-skip-impls", help="implementations left out of sweeps")
   parser.add_argument("--sweep-autotune", choices=("on", "off"),
-                      help="jmoe on sweeps: autotuned, or pinned tiles (JMOE_AUTOTUNE=0)")
+                      help="jmoe on sweeps: autotuned, or pinned tiles "
+                           "(JMOE_AUTOTUNE=0)")
   parser.add_argument("--energy-s", type=float,
-                      help="seconds of back-to-back calls per energy measurement (0: none)")
+                      help="seconds of back-to-back calls per energy measurement "
+                           "(0: none)")
   parser.add_argument("--energy-cases", help="cases whose energy is measured")
   parser.add_argument("--compile-workers", type=int,
                       help="compilations run in parallel (1: one at a time, XLA's GEMM "
@@ -557,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   os.makedirs(out_dir, exist_ok=True)
   print(f"jmoe benchmark ({preset_name}) on {env['device_kind']} [{env['platform']}], "
         f"jmoe backend {env['jmoe_backend']}; results -> {out_dir}", flush=True)
-  runner = Runner(args, preset, env)
+  runner = Runner(args, env)
   impl_names = runner.check_impls(impl_names)
   runner.results["settings"] = {
       k: getattr(args, k) for k in (

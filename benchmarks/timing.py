@@ -172,7 +172,8 @@ def measure_energy(fn: Callable[..., Any], *args, call_s: float,
   del out
   if sampler.mean_w is None:
     return None
-  return {"energy_j_per_call": sampler.mean_w * loop_s / calls, "source": sampler.source,
+  return {"energy_j_per_call": sampler.mean_w * loop_s / calls,
+          "source": sampler.source,
           "mean_power_w": sampler.mean_w, "power_samples": len(sampler.readings_w),
           "counter_j_per_call": (None if sampler.energy_j is None
                                  else sampler.energy_j / calls),
@@ -253,7 +254,8 @@ class PowerSampler:
 
   def _instant_w(self) -> float | None:
     try:
-      field = getattr(self._nvml, "NVML_FI_DEV_POWER_INSTANT", NVML_FI_DEV_POWER_INSTANT)
+      field = getattr(self._nvml, "NVML_FI_DEV_POWER_INSTANT",
+                      NVML_FI_DEV_POWER_INSTANT)
       value = self._nvml.nvmlDeviceGetFieldValues(self._handle, [field])[0]
       if value.nvmlReturn != 0:
         return None
