@@ -84,7 +84,7 @@ class Preset:
   # JMOE_AUTOTUNE=0: no candidate compiles and timing runs per shape).
   sweep_autotune: str = "off"
   einsum_max_elements: int = 2 ** 31
-  ragged_dot_vjp_max_bytes: int = 16 * 2 ** 30
+  ragged_dot_vjp_max_bytes: int = 8 * 2 ** 30
   energy_s: float = 0.5
   energy_cases: str = "main,skewed"
   compile_workers: int = 8

@@ -210,7 +210,10 @@ def test_targets_report_ratio_and_missed():
   assert rows["small fwdbwd time"]["met"] is True
   mem = next(r for w, r in rows.items() if "peak memory" in w)
   assert mem["target"] == pytest.approx(4.0) and mem["measured"] == pytest.approx(3.0)
-  assert mem["met"] is True
+  assert mem["met"] is True and "x ref-einsum" in mem["what"]
+  results["results"][-1]["impl"] = "ref-einsum-bf16"  # the fallback baseline
+  mem = next(r for r in report.targets(results) if "peak memory" in r["what"])
+  assert mem["ratio"] == pytest.approx(0.75) and "ref-einsum-bf16" in mem["what"]
   report.add_speedups(results)
   assert results["results"][2]["jmoe_speedup"] == pytest.approx(5.0)
 
