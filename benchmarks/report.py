@@ -362,7 +362,9 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
       ax.axhline(peak, color="k", ls="--", lw=0.8, label="dense jnp.dot")
     if sweep:
       ax.set_xscale("log", base=2)
-      ax.set_xlabel("experts E (t=8192 d=2048 f=1408 k=2)")
+      c0 = sweep[0]
+      ax.set_xlabel(f"experts E (t={c0['tokens']} d={c0['d_model']} f={c0['d_ff']} "
+                    f"k={c0['top_k']})")
     else:
       ax.set_xticks(range(len(case_names)))
       ax.set_xticklabels(case_names, rotation=30, ha="right", fontsize=8)
