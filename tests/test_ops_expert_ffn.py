@@ -71,9 +71,9 @@ def _per_expert_reference(x, ids, weights, kept, up, down):
 
   def body(y, inputs):
     u, dn, c = inputs
-    pre = jnp.dot(x, u, preferred_element_type=jnp.float32)
+    pre = jnp.dot(x, u, precision=_HIGHEST, preferred_element_type=jnp.float32)
     h = (jax.nn.silu(pre[:, :f]) * pre[:, f:]).astype(x.dtype)
-    o = jnp.dot(h, dn, preferred_element_type=jnp.float32)
+    o = jnp.dot(h, dn, precision=_HIGHEST, preferred_element_type=jnp.float32)
     return y + c[:, None] * o, None
 
   y, _ = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (up, down, comb.T))
