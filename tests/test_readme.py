@@ -13,3 +13,12 @@ def test_ci_runs_the_readme_test_command():
   assert len(test_commands) == 1, commands
   ci = (ROOT / ".ci" / "run").read_text()
   assert test_commands[0].strip() in ci.splitlines()
+
+
+def test_readme_api_example_runs():
+  readme = (ROOT / "README.md").read_text()
+  (example,) = re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
+  scope = {}
+  exec(compile(example, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["y"].shape == scope["x"].shape
+  assert scope["out"].shape == (scope["t"], 2 * scope["f"])
