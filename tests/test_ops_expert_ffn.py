@@ -60,6 +60,9 @@ def _loss(fn, ct, x, ids, weights, kept, up, down):
   return jnp.sum(y.astype(jnp.float32) * ct), y
 
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
 def _per_expert_reference(x, ids, weights, kept, up, down):
   """SwiGLU expert FFN as a scan of dense FFNs over experts (every token, masked
   by its combine weight): the GPU oracle for large shapes, where the XLA

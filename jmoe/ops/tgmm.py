@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe._backend import resolve_backend
+from jmoe.reference.tgmm import group_offsets, tgmm_vjp
+from jmoe.reference.tgmm import tgmm as reference_tgmm
 
 OPERAND_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -150,17 +152,6 @@ def _check_args(a, b, group_sizes, a_row_index, b_row_index, row_scale,
   return m
 
 
-def _group_offsets(group_sizes: jax.Array, m: int) -> jax.Array:
-  """`[g + 1]` int32 group starts/ends, clipped to `[0, m]` (negative sizes -> 0)."""
-  ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
-  return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends.astype(jnp.int32)])
-
-
-# ----------------------------------------------------------------------------
-# Kernel launch.
-# ----------------------------------------------------------------------------
-
-
 def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
             out_dtype, input_precision, backend, config) -> jax.Array:
   import triton  # pylint: disable=import-outside-toplevel
@@ -174,7 +165,7 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   if g == 0 or ka == 0 or n == 0 or m == 0:
     return jnp.zeros(out_shape.shape, out_dtype)
 
-  offsets = _group_offsets(group_sizes, m)
+  offsets = group_offsets(group_sizes, m)
   dummy_index = jnp.zeros((1,), jnp.int32)
   args = (
       a,
@@ -323,98 +314,8 @@ def tgmm(
 
 
 # ----------------------------------------------------------------------------
-# Reference (pure jnp). Candidate for jmoe/reference/; kept here until it lands.
+# Reference: `jmoe.reference.tgmm`, validated like the kernel op.
 # ----------------------------------------------------------------------------
-
-
-def _rows(x, row_index):
-  return x if row_index is None else jnp.take(x, row_index, axis=0)
-
-
-def _scaled_rows_a(a, a_row_index, row_scale):
-  rows_a = _rows(a, a_row_index)
-  if row_scale is None:
-    return rows_a
-  # A_r^T (s_r B_r) = (s_r A_r)^T B_r: scale the `a` rows, as the kernel does.
-  scaled = rows_a.astype(jnp.float32) * row_scale.astype(jnp.float32)[:, None]
-  return scaled.astype(a.dtype)
-
-
-def _forward_reference(a, b, group_sizes, a_row_index, b_row_index, row_scale,
-                       out_dtype, precision):
-  m = a.shape[0] if a_row_index is None else a_row_index.shape[0]
-  g, ka, n = group_sizes.shape[0], a.shape[1], b.shape[1]
-  if m == 0 or g == 0:
-    return jnp.zeros((g, ka, n), out_dtype)
-  sizes = jnp.diff(_group_offsets(group_sizes, m))
-  dims = jax.lax.RaggedDotDimensionNumbers(
-      dot_dimension_numbers=(([0], [0]), ([], [])),
-      lhs_ragged_dimensions=[0],
-      rhs_group_dimensions=[],
-  )
-  out = jax.lax.ragged_dot_general(
-      _scaled_rows_a(a, a_row_index, row_scale), _rows(b, b_row_index), sizes,
-      dims, precision=precision, preferred_element_type=jnp.float32,
-  )
-  return out.astype(out_dtype)
-
-
-def tgmm_vjp(a, b, group_sizes, a_row_index, b_row_index, row_scale, d_out):
-  """Cotangents of `tgmm` for `(a, b, group_sizes, a_row_index, b_row_index,
-  row_scale)` given `d_out [g, ka, n]` (None for the integer arguments).
-
-  With `A'_r = s_r A_r` and `g(r)` the group of row `r`:
-  `dA'_r = d_out[g(r)] B_r` and `dB_r = d_out[g(r)]^T A'_r` (two `ragged_dot`s,
-  float32, HIGHEST), then `dA_r = s_r dA'_r`, `ds_r = <A_r, dA'_r>`, scattered
-  back to the rows of `a` / `b` by the row indices (summing repeats). The
-  rounding of `s_r A_r` to `a.dtype` is treated as the identity.
-  """
-  m = a.shape[0] if a_row_index is None else a_row_index.shape[0]
-  f32 = jnp.float32
-  d_out = d_out.astype(f32)
-  sizes = jnp.diff(_group_offsets(group_sizes, m))
-  rows_a = _rows(a, a_row_index).astype(f32)
-  scaled_a = _scaled_rows_a(a, a_row_index, row_scale).astype(f32)
-  rows_b = _rows(b, b_row_index).astype(f32)
-  hi = jax.lax.Precision.HIGHEST
-  if m == 0 or group_sizes.shape[0] == 0:
-    d_rows_a = jnp.zeros(rows_a.shape, f32)
-    d_rows_b = jnp.zeros(rows_b.shape, f32)
-  else:
-    d_rows_a = jax.lax.ragged_dot(
-        rows_b, jnp.swapaxes(d_out, 1, 2), sizes, precision=hi,
-        preferred_element_type=f32)
-    d_rows_b = jax.lax.ragged_dot(
-        scaled_a, d_out, sizes, precision=hi, preferred_element_type=f32)
-  d_scale = None
-  if row_scale is not None:
-    d_scale = jnp.sum(rows_a * d_rows_a, axis=1).astype(row_scale.dtype)
-    d_rows_a = d_rows_a * row_scale.astype(f32)[:, None]
-
-  def scatter(x, row_index, d_rows):
-    if row_index is None:
-      return d_rows.astype(x.dtype)
-    return jnp.zeros(x.shape, f32).at[row_index].add(d_rows).astype(x.dtype)
-
-  return (scatter(a, a_row_index, d_rows_a), scatter(b, b_row_index, d_rows_b),
-          None, None, None, d_scale)
-
-
-@functools.cache
-def _reference_fn(out_dtype: Any, precision: Any):
-  @jax.custom_vjp
-  def ref(a, b, group_sizes, a_row_index, b_row_index, row_scale):
-    return _forward_reference(a, b, group_sizes, a_row_index, b_row_index,
-                              row_scale, out_dtype, precision)
-
-  def fwd(*args):
-    return ref(*args), args
-
-  def bwd(residuals, d_out):
-    return tgmm_vjp(*residuals, d_out)
-
-  ref.defvjp(fwd, bwd)
-  return ref
 
 
 def tgmm_reference(
@@ -428,17 +329,12 @@ def tgmm_reference(
     out_dtype=jnp.float32,
     precision=jax.lax.Precision.HIGHEST,
 ) -> jax.Array:
-  """Pure-jnp `tgmm`: `jax.lax.ragged_dot_general` with a ragged contraction.
-
-  Same arguments and semantics as `tgmm`. The row scale is applied to the
-  gathered `a` rows in float32 and the result cast back to `a.dtype` (as the
-  kernel does, `A_r^T (s_r B_r) = (s_r A_r)^T B_r`); the products accumulate
-  in float32 at `precision`. Differentiable in `a`, `b` and `row_scale`
-  (`tgmm_vjp`; JAX has no VJP of a ragged contraction).
+  """`jmoe.reference.tgmm.tgmm` with `tgmm`'s argument checks.
 
   Returns:
     `[g, ka, n]` in `out_dtype`.
   """
   _check_args(a, b, group_sizes, a_row_index, b_row_index, row_scale, out_dtype)
-  return _reference_fn(jnp.dtype(out_dtype), precision)(
-      a, b, group_sizes, a_row_index, b_row_index, row_scale)
+  return reference_tgmm(
+      a, b, group_sizes, a_row_index=a_row_index, b_row_index=b_row_index,
+      row_scale=row_scale, out_dtype=out_dtype, precision=precision)
