@@ -12,6 +12,7 @@ the reference with the float64 loop `oracle.expert_ffn`.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,8 @@ import helpers
 import oracle
 from jmoe import reference
 from jmoe.ops import expert_ffn as ffn_lib
+from jmoe.ops import grouped_matmul as gmm_lib
+from jmoe.reference.activations import apply_activation
 
 BF16 = ml_dtypes.bfloat16
 
@@ -243,13 +246,171 @@ class ExpertFfnTestBase:
         jax.jit(functools.partial(self._ffn, activation=activation))(*args)
 
 
+def _act_bwd_oracle(dy, down, ids, weights, pos, pre, activation):
+  """Per copy `(t, j)` kept at slot `s = pos[t, j]`: `g = dy[t] @ down[e]^T`,
+  `d_pre[s] = vjp(act)(pre[s])(w g)` and `dw[t, j] = <act(pre[s]), g>`.
+  Returns `(d_pre, dw)` float32, `d_pre` only at filled slots (else NaN)."""
+  d_pre = np.full(pre.shape, np.nan, np.float32)
+  dw = np.zeros(ids.shape, np.float32)
+  act = lambda p: apply_activation(p, activation)  # noqa: E731
+  for t, j in zip(*np.nonzero(pos >= 0)):
+    s = pos[t, j]
+    g = np.asarray(dy[t], np.float64) @ np.asarray(down[ids[t, j]], np.float64).T
+    h, vjp = jax.vjp(act, jnp.asarray(pre[s], jnp.float32))
+    (d_pre[s],) = vjp(jnp.asarray(weights[t, j] * g, jnp.float32))
+    dw[t, j] = np.dot(np.asarray(h, np.float64), g)
+  return d_pre, dw
+
+
 class TestExpertFfnInterpret(ExpertFfnTestBase):
   BACKEND = "interpret"
+
+  # f = 40: the second program's second 16-column half is past f; f = 12 < 16:
+  # every second half is empty; f = 20: a partial second half.
+  @pytest.mark.parametrize("split", ["1", "0"])
+  @pytest.mark.parametrize("activation,f", [("swiglu", 40), ("gelu", 12),
+                                            ("geglu", 20)])
+  def test_act_bwd_split(self, rng, monkeypatch, split, activation, f):
+    """act_bwd with two accumulators per program (`SPLIT_N=2`, the default)
+    and the previous single one (`JMOE_ACT_BWD_SPLIT=0`) vs a per-copy oracle:
+    `d_pre` at every filled slot and the router-weight gradient summed from
+    the `dwp` partial sums (every column written: outputs start as NaN)."""
+    monkeypatch.setenv(gmm_lib.ACT_BWD_SPLIT_ENV, split)
+    t, d, e, top_k = 23, 24, 4, 2
+    gated = activation in ("swiglu", "geglu")
+    cfg = gmm_lib.default_config("act_bwd", 16, f, d, self.BACKEND, gated)
+    assert cfg.split_n == (2 if split == "1" else 1)
+    x, ids, weights, kept, _, down = _inputs(rng, t, d, f, e, top_k, activation,
+                                              np.float32, 0.2)
+    del x
+    pre = helpers.normal(rng, (t * top_k, 2 * f if gated else f), np.float32)
+    dy = helpers.normal(rng, (t, d), np.float32)
+    al, w_sorted, block_m = ffn_lib.plan(jnp.asarray(ids), jnp.asarray(kept),
+                                         jnp.asarray(weights), e, self.BACKEND)
+    d_pre, dwp = jax.jit(
+        lambda dy, dn, w, pre: ffn_lib.act_bwd_stage(
+            dy, dn, al, w, pre, block_m, activation, self.BACKEND)
+    )(dy, down, w_sorted, pre)
+    assert dwp.shape == (t * top_k, -(-f // cfg.block_n))
+    pos = np.asarray(al.pos)
+    want_dpre, want_dw = _act_bwd_oracle(dy, down, ids, weights, pos, pre, activation)
+    filled = pos[pos >= 0]
+    helpers.assert_close(np.asarray(d_pre)[filled], want_dpre[filled], np.float32,
+                         kind="grad", err_msg="d_pre")
+    dw = np.where(pos >= 0, np.asarray(dwp)[np.maximum(pos, 0)].sum(-1), 0.0)
+    helpers.assert_close(dw, want_dw, np.float32, kind="grad", err_msg="dw")
+
+
+def _sm90_act_bwd_build(cfg: gmm_lib.GemmConfig, f: int, d: int, gated: bool):
+  """`_grouped_gemm_act_bwd_kernel` built for the H100 on the host (bf16, the
+  pointer hints jax-triton gives) with `cfg`'s tiles: `(ptx, cubin, shared)`."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+
+  from jmoe.kernels import grouped_gemm as kernels
+
+  fn = kernels._grouped_gemm_act_bwd_kernel
+  sig = {"dy_ptr": "*bf16", "w_ptr": "*bf16", "tiles_ptr": "*i32",
+         "row_index_ptr": "*i32", "row_scale_ptr": "*fp32", "pre_ptr": "*bf16",
+         "dpre_ptr": "*bf16", "dwp_ptr": "*fp32"}
+  meta = cfg.metaparams("act_bwd")
+  options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+  const = dict(F=f, K=d, NUM_TILES=80, STRIDE_DYM=d, STRIDE_WG=f * d, STRIDE_WK=1,
+               STRIDE_WN=d, DWP_COLS=-(-f // cfg.block_n),
+               ACTIVATION="silu" if gated else "gelu", GATED=gated, DOT_F32=False,
+               INPUT_PRECISION="ieee", **meta)
+  full_sig = {name: sig.get(name, "constexpr") for name in fn.arg_names}
+  attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+           if name in sig}
+  try:
+    compiled = triton.compile(ASTSource(fn, full_sig, constexprs=const, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 128), options=options)
+  except Exception as err:  # pylint: disable=broad-except
+    pytest.skip(f"cannot build for sm_90 here: {type(err).__name__}: {err}")
+  return compiled.asm["ptx"], compiled.asm["cubin"], compiled.metadata.shared
+
+
+def _cubin_resources(cubin: bytes, tmp_path) -> dict[str, int]:
+  """`{"REG": .., "STACK": .., "LOCAL": ..}` from `cuobjdump -res-usage`."""
+  import re  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+
+  import triton  # pylint: disable=import-outside-toplevel
+
+  tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                      "cuobjdump")
+  if not os.path.exists(tool):
+    tool = shutil.which("cuobjdump")
+  if tool is None:
+    pytest.skip("no cuobjdump to read the register use")
+  path = tmp_path / "act_bwd.cubin"
+  path.write_bytes(cubin)
+  out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True,
+                       check=True).stdout
+  return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+
+
+@pytest.mark.parametrize("f,d", [(3072, 768), (14336, 4096)])
+def test_sm90_act_bwd_split_builds_without_spills(tmp_path, f, d):
+  """The default gated act_bwd config on the H100 (two 64-wide accumulators,
+  `split_n=2`) compiles for sm_90 with 16-byte `cp.async` tile loads feeding
+  `wgmma`, no register spills (a single 128-wide accumulator spills: checked
+  too, so the test sees the difference), and shared memory that fits."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  cfg = gmm_lib.default_config("act_bwd", 128, f, d, "triton", gated=True)
+  assert (cfg.block_n, cfg.split_n) == (64, 2)
+  ptx, cubin, shared = _sm90_act_bwd_build(cfg, f, d, gated=True)
+  assert ptx.count("wgmma.mma_async") >= 2 * 4, "two accumulators' wgmma"
+  copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)",
+                      ptx)
+  assert copies and set(copies) == {"0x10"}, f"cp.async sizes {set(copies)}"
+  assert not re.search(r"ld\.global(\.\w+)*\.b16", ptx), "2-byte global loads"
+  assert shared <= 232448, f"{shared} bytes of shared memory"
+  res = _cubin_resources(cubin, tmp_path)
+  assert res["STACK"] == 0 and res.get("LOCAL", 0) == 0, f"spills: {res}"
+  assert "st.local" not in ptx
+  # The single 128-wide accumulator it replaces does spill.
+  old = gmm_lib.GemmConfig(128, 128, 64, 8, 8, 3)
+  _, old_cubin, _ = _sm90_act_bwd_build(old, f, d, gated=True)
+  assert _cubin_resources(old_cubin, tmp_path)["STACK"] > 0
 
 
 @pytest.mark.gpu
 class TestExpertFfnTriton(ExpertFfnTestBase):
   BACKEND = "triton"
+
+  @pytest.mark.parametrize("autotune", ["0", "1"])
+  def test_act_bwd_split_matches_unsplit(self, monkeypatch, autotune):
+    """On the small benchmark shape (bf16 SwiGLU): act_bwd with `SPLIT_N=2` gives
+    the `d_pre` and summed `dwp` of `JMOE_ACT_BWD_SPLIT=0` (the same 64-column
+    blocks and products; checked bit-identical with autotuning off)."""
+    monkeypatch.setenv(gmm_lib.AUTOTUNE_ENV, autotune)
+    t, d, f, e, top_k = 4096, 768, 3072, 8, 2
+    keys = jax.random.split(jax.random.key(3), 5)
+    dy = jax.random.normal(keys[0], (t, d), jnp.bfloat16)
+    down = (jax.random.normal(keys[1], (e, f, d)) / np.sqrt(f)).astype(jnp.bfloat16)
+    pre = jax.random.normal(keys[2], (t * top_k, 2 * f), jnp.bfloat16)
+    ids = jax.lax.top_k(jax.random.normal(keys[3], (t, e)), top_k)[1]
+    weights = jax.random.uniform(keys[4], (t, top_k), jnp.float32, 0.1, 1.0)
+    kept = jnp.ones((t, top_k), bool)
+    al, w_sorted, block_m = ffn_lib.plan(ids, kept, weights, e, self.BACKEND)
+    outs = {}
+    for split in ("1", "0"):
+      monkeypatch.setenv(gmm_lib.ACT_BWD_SPLIT_ENV, split)
+      d_pre, dwp = jax.jit(lambda dy, dn, w, pre: ffn_lib.act_bwd_stage(
+          dy, dn, al, w, pre, block_m, "swiglu", self.BACKEND))(dy, down, w_sorted, pre)
+      outs[split] = (np.asarray(d_pre.astype(jnp.float32)),
+                     np.asarray(dwp).sum(-1))
+    if autotune == "0":
+      for a, b in zip(outs["1"], outs["0"]):
+        assert np.array_equal(a, b)
+    else:
+      for a, b in zip(outs["1"], outs["0"]):
+        helpers.assert_close(a, b, BF16, kind="grad")
 
   @pytest.mark.parametrize(
       "t,d,f,e,top_k",

@@ -27,6 +27,9 @@ Three entry points share `_tile_coords` and `_mainloop`:
 - `_grouped_gemm_act_bwd_kernel`: `g = dy[row(r)] @ down[g]^T` with the
   activation backward in the epilogue: `d_pre` and per-column-block partial
   sums of `<h, g>` (the router-weight gradient, summed later in a fixed order).
+  With `SPLIT_N = 2` a program holds two BLOCK_N-wide accumulators that share
+  each loaded dy tile (`_mainloop`'s `SPLIT`) and runs `_act_bwd_epilogue`
+  on one after the other.
 
 Dot operands are upcast to float32 when `DOT_F32` (Triton's interpreter gets
 bf16/fp16 `tl.dot` wrong); accumulation is always float32.
@@ -86,9 +89,13 @@ def _mainloop(
     GATED: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-  """float32 tile(s) `a[rows] @ B[expert][:, cols]` (and the up half if GATED).
+  """float32 tile(s) `a[rows] @ B[expert][:, cols]` (and a second tile).
 
+  The second tile (`GATED`: the up half, columns `cols + UP_OFFSET`; `SPLIT`:
+  the next column block, columns `cols + BLOCK_N` wrapped at N, with
+  `pid_n` counting BLOCK_N blocks) shares each loaded `a` tile.
   Rows past `row_end` are clamped to a valid row (their results are never
   stored) and columns past N wrap around, so loads need no M/N masks. A zero
   tile (`expert < 0`) runs no K iterations and returns zeros.
@@ -113,6 +120,13 @@ def _mainloop(
       + offs_k[:, None] * STRIDE_BK
       + b_cols[None, :] * STRIDE_BN
   )
+  if SPLIT:
+    b2_ptrs = (
+        b_ptr
+        + tl.maximum(expert, 0).to(tl.int64) * STRIDE_BG
+        + offs_k[:, None] * STRIDE_BK
+        + ((offs_n + BLOCK_N) % N)[None, :] * STRIDE_BN
+    )
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   num_k = tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)
@@ -136,6 +150,15 @@ def _mainloop(
       if DOT_F32:
         bu = bu.to(tl.float32)
       acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+    if SPLIT:
+      if K % BLOCK_K == 0:
+        b2 = tl.load(b2_ptrs)
+      else:
+        b2 = tl.load(b2_ptrs, mask=k_mask[:, None], other=0.0)
+      if DOT_F32:
+        b2 = b2.to(tl.float32)
+      acc_up = tl.dot(a, b2, acc_up, input_precision=INPUT_PRECISION)
+      b2_ptrs += BLOCK_K * STRIDE_BK
     a_ptrs += BLOCK_K * STRIDE_AK
     b_ptrs += BLOCK_K * STRIDE_BK
   return acc, acc_up
@@ -181,6 +204,7 @@ def _grouped_gemm_kernel(
       a_ptr, b_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
       N, K, STRIDE_AM, STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, 0,
       BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
+      False,
   )
   offs_m = row_start + tl.arange(0, BLOCK_M)
   mask_m = offs_m < row_end
@@ -233,6 +257,7 @@ def _grouped_gemm_act_kernel(
       x_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
       F, K, STRIDE_XM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, F,
       BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
+      False,
   )
   if GATED:
     h = act_fwd(gate, ACTIVATION) * up
@@ -255,55 +280,27 @@ def _grouped_gemm_act_kernel(
 
 
 @triton.jit
-def _grouped_gemm_act_bwd_kernel(
-    # Inputs.
-    dy_ptr,  # [t, K] output gradient per token
-    w_ptr,  # [G, F, K] down weights, read transposed through strides
-    tiles_ptr,  # [3, NUM_TILES] int32
-    row_index_ptr,  # [rows] int32 token of each slot
-    row_scale_ptr,  # [rows] float32 router weight of each slot
-    pre_ptr,  # [rows, F or 2F] pre-activation saved by the forward
-    # Outputs.
-    dpre_ptr,  # [rows, F or 2F] gradient of the pre-activation, pre dtype
-    dwp_ptr,  # [rows, DWP_COLS] float32 partial <h, g> per column block
-    # Sizes and strides.
+def _act_bwd_epilogue(
+    g,
+    block_n_index,
+    expert,
+    row_start,
+    row_end,
+    row_scale_ptr,
+    pre_ptr,
+    dpre_ptr,
+    dwp_ptr,
     F: tl.constexpr,
-    K: tl.constexpr,
-    NUM_TILES: tl.constexpr,
-    STRIDE_DYM: tl.constexpr,
-    STRIDE_WG: tl.constexpr,
-    STRIDE_WK: tl.constexpr,
-    STRIDE_WN: tl.constexpr,
     DWP_COLS: tl.constexpr,
-    # Switches and tiles.
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
 ):
-  """Backward of `y += w * act(pre) @ down` for one slot tile and column block.
-
-  `g = dy[row] @ down[e]^T` (float32); `h = act(pre)` (rounded to the pre
-  dtype, as the forward stored it); `dwp[r, pid_n] = sum_cols h * g`;
-  `dh = w * g`; `d_pre = dh * act'(pre)` (gated: `d_gate = dh * up *
-  act'(gate)`, `d_up = dh * act(gate)`).
-  """
-  pid_n, expert, row_start, row_end = _tile_coords(
-      tiles_ptr, NUM_TILES, F, BLOCK_N, GROUP_M
-  )
-  if row_start >= row_end:
-    return
-  g, _ = _mainloop(
-      dy_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
-      F, K, STRIDE_DYM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, 0,
-      BLOCK_M, BLOCK_N, BLOCK_K, True, False, DOT_F32, INPUT_PRECISION,
-  )
+  """The act_bwd epilogue of one `[BLOCK_M, BLOCK_N]` tile `g` (float32) of
+  column block `block_n_index`: `dwp[r, block_n_index]` and `d_pre`."""
   offs_m = row_start + tl.arange(0, BLOCK_M)
-  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  offs_n = block_n_index * BLOCK_N + tl.arange(0, BLOCK_N)
   mask_m = offs_m < row_end
   mask = mask_m[:, None] & (offs_n < F)[None, :]
   load_mask = mask & (expert >= 0)
@@ -324,7 +321,10 @@ def _grouped_gemm_act_bwd_kernel(
   h = h.to(pre_ptr.dtype.element_ty).to(tl.float32)
   g = tl.where(load_mask, g, 0.0)
   dwp = tl.sum(h * g, axis=1)
-  tl.store(dwp_ptr + offs_m.to(tl.int64) * DWP_COLS + pid_n, dwp, mask=mask_m)
+  # A column block past F (the second half of a SPLIT program) has no column.
+  dwp_mask = mask_m & (block_n_index * BLOCK_N < F)
+  tl.store(dwp_ptr + offs_m.to(tl.int64) * DWP_COLS + block_n_index, dwp,
+           mask=dwp_mask)
   w = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
   dh = g * w[:, None]
   if GATED:
@@ -332,6 +332,76 @@ def _grouped_gemm_act_bwd_kernel(
     tl.store(dpre_ptrs + F, (dh * act).to(dpre_ptr.dtype.element_ty), mask=mask)
   else:
     tl.store(dpre_ptrs, (dh * dact).to(dpre_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_gemm_act_bwd_kernel(
+    # Inputs.
+    dy_ptr,  # [t, K] output gradient per token
+    w_ptr,  # [G, F, K] down weights, read transposed through strides
+    tiles_ptr,  # [3, NUM_TILES] int32
+    row_index_ptr,  # [rows] int32 token of each slot
+    row_scale_ptr,  # [rows] float32 router weight of each slot
+    pre_ptr,  # [rows, F or 2F] pre-activation saved by the forward
+    # Outputs.
+    dpre_ptr,  # [rows, F or 2F] gradient of the pre-activation, pre dtype
+    dwp_ptr,  # [rows, DWP_COLS] float32 partial <h, g> per BLOCK_N columns
+    # Sizes and strides.
+    F: tl.constexpr,
+    K: tl.constexpr,
+    NUM_TILES: tl.constexpr,
+    STRIDE_DYM: tl.constexpr,
+    STRIDE_WG: tl.constexpr,
+    STRIDE_WK: tl.constexpr,
+    STRIDE_WN: tl.constexpr,
+    DWP_COLS: tl.constexpr,
+    # Switches and tiles.
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_N: tl.constexpr,
+):
+  """Backward of `y += w * act(pre) @ down` for one slot tile and column block.
+
+  `g = dy[row] @ down[e]^T` (float32); `h = act(pre)` (rounded to the pre
+  dtype, as the forward stored it); `dwp[r, j] = sum_cols h * g` over the
+  BLOCK_N columns of block `j`; `dh = w * g`; `d_pre = dh * act'(pre)`
+  (gated: `d_gate = dh * up * act'(gate)`, `d_up = dh * act(gate)`).
+
+  `SPLIT_N = 2`: each program covers `2 * BLOCK_N` columns as two BLOCK_N
+  accumulators sharing every loaded dy tile (the main loop reads dy as
+  often as one `2 * BLOCK_N` tile would), then runs the epilogue of one
+  half after the other, so the epilogue holds the live tiles of BLOCK_N
+  columns only (a `2 * BLOCK_N` epilogue spills). The `dwp` layout and
+  values are those of `SPLIT_N = 1` with the same BLOCK_N.
+  """
+  tl.static_assert((SPLIT_N == 1) | (SPLIT_N == 2))
+  pid_n, expert, row_start, row_end = _tile_coords(
+      tiles_ptr, NUM_TILES, F, BLOCK_N * SPLIT_N, GROUP_M
+  )
+  if row_start >= row_end:
+    return
+  g, g2 = _mainloop(
+      dy_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n * SPLIT_N,
+      F, K, STRIDE_DYM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, 0,
+      BLOCK_M, BLOCK_N, BLOCK_K, True, False, DOT_F32, INPUT_PRECISION,
+      SPLIT_N == 2,
+  )
+  _act_bwd_epilogue(
+      g, pid_n * SPLIT_N, expert, row_start, row_end, row_scale_ptr, pre_ptr,
+      dpre_ptr, dwp_ptr, F, DWP_COLS, ACTIVATION, GATED, BLOCK_M, BLOCK_N,
+  )
+  if SPLIT_N == 2:
+    _act_bwd_epilogue(
+        g2, pid_n * SPLIT_N + 1, expert, row_start, row_end, row_scale_ptr,
+        pre_ptr, dpre_ptr, dwp_ptr, F, DWP_COLS, ACTIVATION, GATED, BLOCK_M,
+        BLOCK_N,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -342,12 +412,11 @@ def _grouped_gemm_act_bwd_kernel(
 # ----------------------------------------------------------------------------
 
 
-def _config(block_n, block_k, num_warps, num_stages, group_m=8):
-  return triton.Config(
-      {"BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-      num_warps=num_warps,
-      num_stages=num_stages,
-  )
+def _config(block_n, block_k, num_warps, num_stages, group_m=8, split_n=None):
+  kwargs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
+  if split_n is not None:
+    kwargs["SPLIT_N"] = split_n
+  return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
 PLAIN_CONFIGS = [
@@ -362,12 +431,20 @@ GATED_CONFIGS = [
     _config(64, 64, 4, 4),
 ]
 # The act_bwd epilogue keeps ~4 live float32 tiles (g, up, act, act'): with
-# BLOCK_N=128 and gating it spills (ptxas: 544 B stack), BLOCK_N=64 does not.
-ACT_BWD_CONFIGS = [
-    _config(64, 64, 8, 4),
-    _config(64, 64, 8, 3),
-    _config(128, 64, 8, 3),
+# BLOCK_N=128 and gating it spills (H100 ptxas: 544 B stack; sm_90 build of
+# triton 3.6 on the host: 376 B), BLOCK_N=64 does not but reads dy twice as
+# often. SPLIT_N=2 runs two 64-wide accumulators sharing each dy tile and
+# their epilogues one after the other (sm_90: 254 registers, no stack).
+# `JMOE_ACT_BWD_SPLIT=0` autotunes over the unsplit configs only.
+ACT_BWD_UNSPLIT_CONFIGS = [
+    _config(64, 64, 8, 4, split_n=1),
+    _config(64, 64, 8, 3, split_n=1),
+    _config(128, 64, 8, 3, split_n=1),
 ]
+ACT_BWD_CONFIGS = [
+    _config(64, 64, 8, 4, split_n=2),
+    _config(64, 64, 8, 3, split_n=2),
+] + ACT_BWD_UNSPLIT_CONFIGS
 
 grouped_gemm_autotuned = triton.autotune(
     configs=PLAIN_CONFIGS, key=["N", "K", "NUM_TILES"]
@@ -381,6 +458,10 @@ grouped_gemm_act_gated_autotuned = triton.autotune(
 grouped_gemm_act_bwd_autotuned = triton.autotune(
     configs=ACT_BWD_CONFIGS, key=["F", "K", "NUM_TILES"]
 )(_grouped_gemm_act_bwd_kernel)
+grouped_gemm_act_bwd_unsplit_autotuned = triton.autotune(
+    configs=ACT_BWD_UNSPLIT_CONFIGS, key=["F", "K", "NUM_TILES"]
+)(_grouped_gemm_act_bwd_kernel)
 
-# The smallest BLOCK_N of the act_bwd configs: sizes the `dwp` partial sums.
+# The smallest BLOCK_N of the act_bwd configs (both lists): sizes the `dwp`
+# partial sums (one column per BLOCK_N columns, whatever SPLIT_N).
 ACT_BWD_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in ACT_BWD_CONFIGS)

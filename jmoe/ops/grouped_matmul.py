@@ -27,6 +27,7 @@ import numpy as np
 from jmoe.ops import align as align_lib
 
 AUTOTUNE_ENV = "JMOE_AUTOTUNE"
+ACT_BWD_SPLIT_ENV = "JMOE_ACT_BWD_SPLIT"
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -42,6 +43,8 @@ class GemmConfig:
     group_m: row tiles per L2 swizzle band.
     num_warps: warps per program (GPU only).
     num_stages: software-pipelining depth (GPU only).
+    split_n: `act_bwd` only: BLOCK_N-wide accumulators per program (1 or 2;
+      2 covers `2 * block_n` columns, sharing each loaded A tile).
   """
 
   block_m: int
@@ -50,9 +53,16 @@ class GemmConfig:
   group_m: int = 8
   num_warps: int = 8
   num_stages: int = 3
+  split_n: int = 1
 
-  def metaparams(self) -> dict[str, int]:
-    return {
+  def metaparams(self, kind: str = "plain") -> dict[str, int]:
+    """The kernel's tile constexprs and launch options (`SPLIT_N` for act_bwd)."""
+    if self.split_n not in (1, 2) or (self.split_n != 1 and kind != "act_bwd"):
+      raise ValueError(
+          f"split_n must be 1, or 2 for kind 'act_bwd', got {self.split_n} "
+          f"for kind {kind!r}"
+      )
+    params = {
         "BLOCK_M": self.block_m,
         "BLOCK_N": self.block_n,
         "BLOCK_K": self.block_k,
@@ -60,10 +70,18 @@ class GemmConfig:
         "num_warps": self.num_warps,
         "num_stages": self.num_stages,
     }
+    if kind == "act_bwd":
+      params["SPLIT_N"] = self.split_n
+    return params
 
 
 # Under Triton's interpreter: one small config (each program costs Python time).
 INTERPRET_CONFIG = GemmConfig(16, 32, 32, group_m=4, num_warps=4, num_stages=1)
+# The interpreter's act_bwd with two 16-wide accumulators per program (32
+# columns, as INTERPRET_CONFIG): odd widths hit a partial and an empty half.
+INTERPRET_ACT_BWD_SPLIT_CONFIG = GemmConfig(
+    16, 16, 32, group_m=4, num_warps=4, num_stages=1, split_n=2
+)
 
 # Kinds of grouped GEMM launch (each has its own kernel and autotune list).
 KINDS = ("plain", "act", "act_bwd")
@@ -78,6 +96,16 @@ def autotune_enabled() -> bool:
   return os.environ.get(AUTOTUNE_ENV, "1").strip() not in ("0", "false", "False")
 
 
+def act_bwd_split_enabled() -> bool:
+  """act_bwd may use two accumulators per program unless `JMOE_ACT_BWD_SPLIT=0`.
+
+  `JMOE_ACT_BWD_SPLIT=0` selects the previous act_bwd configs (one
+  accumulator per program: BLOCK_N=64 gated, which reads dy twice as often,
+  or 128) for comparison; results are the same up to the `dwp` layout.
+  """
+  return os.environ.get(ACT_BWD_SPLIT_ENV, "1").strip() not in ("0", "false", "False")
+
+
 def block_m_for(rows: int, groups: int, backend: str) -> int:
   """Rows per tile: 128 on the GPU, 64 when groups average under 128 rows."""
   if backend == "interpret":
@@ -89,8 +117,9 @@ def default_config(kind: str, block_m: int, n: int, k: int, backend: str,
                    gated: bool = False) -> GemmConfig:
   """The config used without autotuning (and the interpreter's)."""
   del k
+  split = kind == "act_bwd" and act_bwd_split_enabled()
   if backend == "interpret":
-    return INTERPRET_CONFIG
+    return INTERPRET_ACT_BWD_SPLIT_CONFIG if split else INTERPRET_CONFIG
   if kind == "plain":
     if n >= 256 and block_m == 128:
       return GemmConfig(block_m, 256, 64, 8, 8, 3)
@@ -102,6 +131,10 @@ def default_config(kind: str, block_m: int, n: int, k: int, backend: str,
       return GemmConfig(block_m, 128 if n >= 128 else 64, 64, 8, 8, 3)
     return GemmConfig(block_m, 256 if n >= 256 and block_m == 128 else 128, 64, 8, 8, 3)
   if kind == "act_bwd":
+    # Gated, a BLOCK_N=128 epilogue spills (sm_90: 376 B stack); two 64-wide
+    # accumulators do not (254 registers) and read dy as often as 128 would.
+    if gated and n >= 128 and split:
+      return GemmConfig(block_m, 64, 64, 8, 8, 4, split_n=2)
     if gated or n < 128:
       return GemmConfig(block_m, 64, 64, 8, 8, 4)
     return GemmConfig(block_m, 128, 64, 8, 8, 3)
@@ -133,6 +166,9 @@ def tgmm_config(backend: str):
 
 def _kernel_for(kind: str, autotune: bool, gated: bool):
   from jmoe.kernels import grouped_gemm as kernels  # pylint: disable=import-outside-toplevel
+
+  if kind == "act_bwd" and autotune and not act_bwd_split_enabled():
+    return kernels.grouped_gemm_act_bwd_unsplit_autotuned
 
   table = {
       "plain": (kernels._grouped_gemm_kernel, kernels.grouped_gemm_autotuned),
@@ -187,10 +223,10 @@ def gemm_call(
   if autotune:
     tiles = {"BLOCK_M": block_m}
   else:
-    tiles = default_config(kind, block_m, n, k, backend, gated).metaparams()
+    tiles = default_config(kind, block_m, n, k, backend, gated).metaparams(kind)
 
   def grid(meta):
-    return (num_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
+    return (num_tiles * triton.cdiv(n, meta["BLOCK_N"] * meta.get("SPLIT_N", 1)),)
 
   return kernel_call(
       kernel,
