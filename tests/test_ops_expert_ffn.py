@@ -271,8 +271,8 @@ class TestExpertFfnInterpret(ExpertFfnTestBase):
   @pytest.mark.parametrize("activation,f", [("swiglu", 40), ("gelu", 12),
                                             ("geglu", 20)])
   def test_act_bwd_split(self, rng, monkeypatch, split, activation, f):
-    """act_bwd with two accumulators per program (`SPLIT_N=2`, the default)
-    and the previous single one (`JMOE_ACT_BWD_SPLIT=0`) vs a per-copy oracle:
+    """act_bwd with two accumulators per program (`SPLIT_N=2`, opt-in)
+    and the default single one (`JMOE_ACT_BWD_SPLIT=0`) vs a per-copy oracle:
     `d_pre` at every filled slot and the router-weight gradient summed from
     the `dwp` partial sums (every column written: outputs start as NaN)."""
     monkeypatch.setenv(gmm_lib.ACT_BWD_SPLIT_ENV, split)
@@ -354,13 +354,15 @@ def _cubin_resources(cubin: bytes, tmp_path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("f,d", [(3072, 768), (14336, 4096)])
-def test_sm90_act_bwd_split_builds_without_spills(tmp_path, f, d):
-  """The default gated act_bwd config on the H100 (two 64-wide accumulators,
-  `split_n=2`) compiles for sm_90 with 16-byte `cp.async` tile loads feeding
-  `wgmma`, no register spills (a single 128-wide accumulator spills: checked
-  too, so the test sees the difference), and shared memory that fits."""
+def test_sm90_act_bwd_split_builds_without_spills(tmp_path, monkeypatch, f, d):
+  """The opt-in gated act_bwd config on the H100 (`JMOE_ACT_BWD_SPLIT=1`: two
+  64-wide accumulators, `split_n=2`) compiles for sm_90 with 16-byte `cp.async`
+  tile loads feeding `wgmma`, no register spills (a single 128-wide accumulator
+  spills: checked too, so the test sees the difference), and shared memory that
+  fits."""
   import re  # pylint: disable=import-outside-toplevel
 
+  monkeypatch.setenv(gmm_lib.ACT_BWD_SPLIT_ENV, "1")
   cfg = gmm_lib.default_config("act_bwd", 128, f, d, "triton", gated=True)
   assert (cfg.block_n, cfg.split_n) == (64, 2)
   ptx, cubin, shared = _sm90_act_bwd_build(cfg, f, d, gated=True)
