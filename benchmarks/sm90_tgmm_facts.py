@@ -96,7 +96,8 @@ def main(argv=None) -> int:
   header = None
   for cfg in kernels.TGMM_CONFIGS:
     c = cfg.kwargs
-    name = f"{c['BLOCK_M']}x{c['BLOCK_K']}x{c['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+    name = (f"{c['BLOCK_M']}x{c['BLOCK_K']}x{c['BLOCK_N']} "
+            f"w{cfg.num_warps} s{cfg.num_stages}")
     for path, flags in paths:
       row = facts(build(cfg, flags, args.ka, args.n))
       if header is None:
