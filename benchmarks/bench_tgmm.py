@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmoe.ops.tgmm import TgmmConfig, tgmm, tgmm_reference
+from jmoe.ops.tgmm import TgmmConfig, prescale_rows, tgmm, tgmm_reference
 
 
 def bench(fn, *args, min_time=0.05, reps=5) -> float:
@@ -86,6 +86,8 @@ CASES = (
      False, False),
     ("dW_down-like: b gathered + row_scale", (49152, 1408, 2048, 64), True, False,
      True, True),
+    ("dW_down-like, 8 experts: b gathered + row_scale", (16384, 14336, 4096, 8),
+     False, False, True, True),
 )
 
 PINNED = (
@@ -144,6 +146,16 @@ def main(argv=None) -> int:
           variant = (f"  pinned {cfg.block_m}x{cfg.block_k}x{cfg.block_n} "
                      f"w{cfg.num_warps} s{cfg.num_stages}")
           record(label, variant, m, ka, n, bench(fnc, a, b, sizes))
+    if scale:
+      # The default "prescale" includes XLA's scaling pass; time it alone too.
+      pre = jax.jit(functools.partial(prescale_rows, a_row_index=kw.get("a_row_index"),
+                                      row_scale=kw["row_scale"]))
+      record(label, "  of which XLA prescale pass (a * row_scale)", m, ka, n,
+             bench(pre, a))
+      fnk = jax.jit(functools.partial(tgmm, backend=backend, row_scale_mode="kernel",
+                                      **kw))
+      record(label, "  row_scale_mode='kernel' (old path)", m, ka, n,
+             bench(fnk, a, b, sizes))
     record(label, "XLA ragged_dot_general (+gather/scale)", m, ka, n,
            bench(ref, a, b, sizes, reps=3))
     if not (a_idx or b_idx or scale):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import helpers
-from jmoe.ops.tgmm import TgmmConfig, tgmm, tgmm_reference
+from jmoe.ops.tgmm import ROW_SCALE_MODES, TgmmConfig, tgmm, tgmm_reference
 
 BF16 = ml_dtypes.bfloat16
 
@@ -149,7 +149,11 @@ class TgmmTestBase:
     a, b, sizes, kw = _inputs(rng, 37, 48, 33, 4, "random", BF16, OPTIONS[1])
     out = self._tgmm(a, b, sizes, out_dtype=out_dtype, **kw)
     assert out.dtype == out_dtype
-    helpers.assert_close(out, _oracle(a, b, sizes, **kw), out_dtype)
+    # The scaled bf16 rows are rounded once (bf16 tolerance against the exact
+    # oracle); the output cast adds only the out_dtype rounding.
+    out32 = self._tgmm(a, b, sizes, **kw)
+    helpers.assert_close(out, out32, out_dtype)
+    helpers.assert_close(out, _oracle(a, b, sizes, **kw), BF16)
 
   def test_is_ragged_dot_rhs_gradient(self, rng):
     m, k, n, g = 37, 48, 33, 4
@@ -161,6 +165,22 @@ class TgmmTestBase:
         lambda r: jax.lax.ragged_dot(lhs, r, sizes, precision="highest"), rhs)
     (expected,) = vjp(d_out)
     helpers.assert_close(self._tgmm(lhs, d_out, sizes), expected, np.float32)
+
+  @pytest.mark.parametrize("dtype", DTYPES)
+  def test_row_scale_modes(self, rng, dtype):
+    # "prescale" (XLA scales and gathers `a`) and "kernel" (the kernel does)
+    # form the same float32 products with one rounding, so they agree bit for
+    # bit where the kernel rounds like XLA: float32, and bf16 on the GPU (the
+    # interpreter keeps the kernel's scaled bf16 tile in float32).
+    a, b, sizes, kw = _inputs(rng, 130, 48, 33, 9, "zeros", dtype, OPTIONS[1])
+    outs = {}
+    for mode in ROW_SCALE_MODES:
+      fn = jax.jit(functools.partial(self._tgmm, row_scale_mode=mode, **kw))
+      outs[mode] = np.asarray(fn(a, b, sizes))
+      helpers.assert_close(outs[mode], _oracle(a, b, sizes, **kw), dtype,
+                           err_msg=mode)
+    if dtype == np.float32 or self.BACKEND == "triton":
+      np.testing.assert_array_equal(outs["prescale"], outs["kernel"])
 
   def test_gradients(self, rng):
     # The backward is `tgmm_vjp` (XLA); check it against finite differences of
@@ -212,6 +232,8 @@ class TgmmTestBase:
          r"row_scale must have shape \[m\] = \[8\]"),
         ((a, b, sizes), {"out_dtype": jnp.int32}, TypeError, "out_dtype must be"),
         ((a, b, sizes), {"input_precision": "tf64"}, ValueError, "input_precision"),
+        ((a, b, sizes), {"row_scale_mode": "epilogue"}, ValueError,
+         "row_scale_mode must be one of"),
     ]
     for args, kwargs, error, pattern in cases:
       with pytest.raises(error, match=pattern):
@@ -233,20 +255,17 @@ class TestTgmmInterpret(TgmmTestBase):
       tgmm(a, a, np.array([4], np.int32), backend="cuda")
 
 
-@pytest.mark.parametrize("flags", [(False, False, False), (True, False, False)])
-def test_sm90_build_uses_16_byte_async_copies(flags):
+def _sm90_build(flags, ka=2048, n=1408, cfg=None):
   """Compiles the kernel for the H100 on the host, with the argument hints that
-  jax-triton gives (16-byte aligned pointers, none for scalars), and checks the
-  tile loads are 16-byte `cp.async` copies feeding `wgmma`. With the row
-  strides passed as plain scalars they were 2-byte loads (~7x slower)."""
+  jax-triton gives (16-byte aligned pointers, none for scalars); skips the test
+  where this host cannot build for sm_90."""
   import triton  # pylint: disable=import-outside-toplevel
   from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
   from triton.compiler import ASTSource  # pylint: disable=import-outside-toplevel
 
   from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
 
-  ka, n = 2048, 1408
-  cfg = kernels.TGMM_CONFIGS[0]
+  cfg = cfg or kernels.TGMM_CONFIGS[0]
   sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "group_offsets_ptr": "*i32",
          "a_row_index_ptr": "*i32", "b_row_index_ptr": "*i32",
          "row_scale_ptr": "*fp32", "M": "i32", "KA_Q": "i32", "N_Q": "i32",
@@ -261,17 +280,67 @@ def test_sm90_build_uses_16_byte_async_copies(flags):
   pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
   attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
   try:
-    compiled = triton.compile(
+    return triton.compile(
         ASTSource(kernels._tgmm_kernel, sig, constexprs=const, attrs=attrs),  # pylint: disable=protected-access
         target=GPUTarget("cuda", 90, 128),
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"cannot build for sm_90 here: {type(e).__name__}: {e}")
-  ptx = compiled.asm["ptx"]
+
+
+# wgmma with the A operand from registers: `{acc}, {a registers}, desc_b`
+# (from shared memory: `{acc}, desc_a, desc_b`).
+_WGMMA_REGISTER_A = re.compile(r"wgmma\.mma_async[^;]*\}, \{")
+
+
+@pytest.mark.parametrize(
+    "flags", [(False, False, False), (True, False, False), (False, True, False)])
+def test_sm90_build_uses_16_byte_async_copies(flags):
+  """The tile loads are 16-byte `cp.async` copies feeding `wgmma` from shared
+  memory. With the row strides passed as plain scalars they were 2-byte loads
+  (~7x slower). (False, True, False) is the MoE dW_down call with the default
+  `row_scale_mode="prescale"`."""
+  ptx = _sm90_build(flags).asm["ptx"]
   assert "wgmma.mma_async" in ptx
+  assert not _WGMMA_REGISTER_A.search(ptx), "wgmma A operand from registers"
   copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
   assert copies and set(copies) == {"0x10"}, f"cp.async sizes {set(copies)}"
   assert not re.search(r"ld\.global(\.\w+)*\.b16", ptx), "2-byte global loads"
+  assert not re.search(r"ld\.global(\.\w+)*\.v4", ptx), "tile loads into registers"
+
+
+def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():
+  """Why `row_scale_mode="prescale"` is the default: with `HAS_SCALE` the `a`
+  tile is loaded into registers (16-byte `ld.global`, no `cp.async`), scaled,
+  and fed to wgmma from registers (a shared-memory round trip per step).
+  If this starts failing, Triton learned to keep the scaled tile in shared
+  memory: re-measure `row_scale_mode="kernel"` (benchmarks/bench_tgmm.py)."""
+  ptx = _sm90_build((False, True, True)).asm["ptx"]
+  assert _WGMMA_REGISTER_A.search(ptx)
+  assert re.search(r"ld\.global(\.\w+)*\.v4", ptx)
+
+
+def test_prescale_launches_the_unscaled_kernel(rng, monkeypatch):
+  """`row_scale_mode="prescale"` runs the kernel with neither `HAS_SCALE` nor
+  `HAS_A_INDEX` (the configs built in `test_sm90_build_uses_16_byte_async_copies`);
+  `"kernel"` keeps both."""
+  from jmoe.ops import _call  # pylint: disable=import-outside-toplevel
+
+  seen = []
+  real = _call.kernel_call
+
+  def spy(*args, **kwargs):
+    seen.append({k: kwargs[k] for k in ("HAS_A_INDEX", "HAS_B_INDEX", "HAS_SCALE")})
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(_call, "kernel_call", spy)
+  a, b, sizes, kw = _inputs(rng, 37, 48, 33, 4, "random", BF16, OPTIONS[1])
+  for mode in ("prescale", "kernel"):
+    tgmm(a, b, sizes, row_scale_mode=mode, backend="interpret", **kw)
+  assert seen == [
+      {"HAS_A_INDEX": False, "HAS_B_INDEX": True, "HAS_SCALE": False},
+      {"HAS_A_INDEX": True, "HAS_B_INDEX": True, "HAS_SCALE": True},
+  ]
 
 
 # ----------------------------------------------------------------------------

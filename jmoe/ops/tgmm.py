@@ -40,6 +40,17 @@ from jmoe.reference.tgmm import tgmm as reference_tgmm
 OPERAND_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 INPUT_PRECISIONS = ("ieee", "tf32")
+# How `row_scale` is applied. "prescale" (default): XLA computes
+# `a_s = (s * a[a_row_index]).astype(a.dtype)` (float32 product, one rounding:
+# the same numbers the kernel made) and the kernel runs without scale or `a`
+# gather, so its `a` tile streams by 16-byte cp.async into shared memory and
+# feeds wgmma from there. "kernel": the kernel loads the `a` tile into
+# registers, scales it and feeds wgmma from registers (the first version; on
+# sm_90 it adds a shared-memory round trip of the tile per step, loads `a`
+# without cp.async and holds two prefetched tiles in registers: 222-255
+# registers, spills in the 64x256x128 config). See
+# benchmarks/results/next_tgmm.md.
+ROW_SCALE_MODES = ("prescale", "kernel")
 
 _SHAPES_DOC = (
     "tgmm(a [m, ka], b [m, n], group_sizes [g]; a_row_index [m] -> a [ma, ka], "
@@ -152,8 +163,21 @@ def _check_args(a, b, group_sizes, a_row_index, b_row_index, row_scale,
   return m
 
 
+def prescale_rows(a, a_row_index, row_scale) -> jax.Array:
+  """`[m, ka]` rows `s_r * a[a_row_index[r]]` in float32, rounded to `a.dtype`.
+
+  The `"prescale"` row-scale mode: exactly the scaled tile the kernel's
+  `"kernel"` mode forms (float32 product, one round-to-nearest-even to the
+  operand dtype), computed by XLA (one elementwise pass over `[m, ka]`).
+  """
+  rows = a if a_row_index is None else jnp.take(a, a_row_index, axis=0)
+  scaled = rows.astype(jnp.float32) * row_scale.astype(jnp.float32)[:, None]
+  return scaled.astype(a.dtype)
+
+
 def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
-            out_dtype, input_precision, backend, config) -> jax.Array:
+            out_dtype, input_precision, backend, config,
+            row_scale_mode="prescale") -> jax.Array:
   import triton  # pylint: disable=import-outside-toplevel
 
   from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
@@ -165,6 +189,9 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   if g == 0 or ka == 0 or n == 0 or m == 0:
     return jnp.zeros(out_shape.shape, out_dtype)
 
+  if row_scale is not None and row_scale_mode == "prescale":
+    a = prescale_rows(a, a_row_index, row_scale)
+    a_row_index = row_scale = None
   offsets = group_offsets(group_sizes, m)
   dummy_index = jnp.zeros((1,), jnp.int32)
   args = (
@@ -221,14 +248,14 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
 
 @functools.cache
 def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
-             config: TgmmConfig | None):
+             config: TgmmConfig | None, row_scale_mode: str = "prescale"):
   """The custom_vjp op for one static configuration."""
 
   def forward(a, b, group_sizes, a_row_index, b_row_index, row_scale):
     return _launch(
         a, b, group_sizes, a_row_index, b_row_index, row_scale, m=m,
         out_dtype=out_dtype, input_precision=input_precision, backend=backend,
-        config=config,
+        config=config, row_scale_mode=row_scale_mode,
     )
 
   @jax.custom_vjp
@@ -259,6 +286,7 @@ def tgmm(
     out_dtype=jnp.float32,
     input_precision: str = "ieee",
     config: TgmmConfig | None = None,
+    row_scale_mode: str = "prescale",
     backend: str = "auto",
 ) -> jax.Array:
   """Transposed grouped GEMM: `out[gi] = sum_{r in gi} A_r^T (s_r * B_r)`.
@@ -285,6 +313,10 @@ def tgmm(
       float32 products) or `"tf32"` (faster, ~1e-3 relative error).
     config: a `TgmmConfig` to pin one tile config (default: autotune on the GPU,
       the small interpreter config with `"interpret"`).
+    row_scale_mode: with `row_scale`, `"prescale"` (default: XLA forms the
+      scaled, gathered rows of `a` in `a.dtype` and the kernel runs unscaled;
+      one extra `[m, ka]` array) or `"kernel"` (the kernel scales its `a` tile
+      in registers). Same numbers on the GPU (float32 product, one rounding).
     backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
 
   Returns:
@@ -300,6 +332,10 @@ def tgmm(
     raise ValueError(
         f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
     )
+  if row_scale_mode not in ROW_SCALE_MODES:
+    raise ValueError(
+        f"row_scale_mode must be one of {ROW_SCALE_MODES}, got {row_scale_mode!r}"
+    )
   if config is not None and not isinstance(config, TgmmConfig):
     raise TypeError(f"config must be a TgmmConfig or None, got {type(config).__name__}")
   out_dtype = jnp.dtype(out_dtype)
@@ -309,7 +345,7 @@ def tgmm(
         a, b, group_sizes, a_row_index=a_row_index, b_row_index=b_row_index,
         row_scale=row_scale, out_dtype=out_dtype,
     )
-  op = _tgmm_fn(m, out_dtype, input_precision, backend, config)
+  op = _tgmm_fn(m, out_dtype, input_precision, backend, config, row_scale_mode)
   return op(a, b, group_sizes, a_row_index, b_row_index, row_scale)
 
 

@@ -1,0 +1,113 @@
+"""Host-only (no GPU) facts about the tgmm kernel's sm_90 build, per config.
+
+Builds `jmoe.kernels.tgmm._tgmm_kernel` for the H100 (`GPUTarget("cuda", 90,
+128)`) with the argument hints jax-triton 0.3.1 gives (16-byte aligned pointers,
+no hints on scalars), for the autotuner's bf16 configs and the MoE dW_down call
+in both row-scale modes, and prints a markdown table: registers and stack
+(`cuobjdump -res-usage`), static SASS counts (16-byte cp.async, 16-byte register
+loads, STS/LDSM, HGMMA), wgmma waits (PTX) and where wgmma's A operand comes
+from. Usage::
+
+  PYTHONPATH=$PWD python benchmarks/sm90_tgmm_facts.py [--ka 1408 --n 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from jmoe.kernels import tgmm as kernels
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def build(cfg, flags, ka, n):
+  """The sm_90 build of `_tgmm_kernel` for `(HAS_A_INDEX, HAS_B_INDEX, HAS_SCALE)`."""
+  sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "group_offsets_ptr": "*i32",
+         "a_row_index_ptr": "*i32", "b_row_index_ptr": "*i32",
+         "row_scale_ptr": "*fp32", "M": "i32", "KA_Q": "i32", "N_Q": "i32",
+         "out_ptr": "*bf16"}
+  const = dict(
+      HAS_A_INDEX=flags[0], HAS_B_INDEX=flags[1], HAS_SCALE=flags[2],
+      DOT_F32=False, INPUT_PRECISION="ieee",
+      KA_MULT=kernels.stride_multiple(ka), N_MULT=kernels.stride_multiple(n),
+      EVEN_K=ka % cfg.kwargs["BLOCK_K"] == 0, EVEN_N=n % cfg.kwargs["BLOCK_N"] == 0,
+      **cfg.kwargs)
+  sig.update({k: "constexpr" for k in const})
+  pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
+  attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
+  return triton.compile(
+      ASTSource(kernels._tgmm_kernel, sig, constexprs=const, attrs=attrs),  # pylint: disable=protected-access
+      target=GPUTarget("cuda", 90, 128),
+      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def facts(compiled) -> dict:
+  ptx = compiled.asm["ptx"]
+  with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+    f.write(compiled.asm["cubin"])
+  try:
+    def tool(flag):
+      return subprocess.run([os.path.join(_BIN, "cuobjdump"), flag, f.name],
+                            capture_output=True, text=True, check=True).stdout
+    sass, res = tool("-sass"), tool("-res-usage")
+  finally:
+    os.unlink(f.name)
+
+  def count(pattern):
+    return len(re.findall(pattern, sass))
+
+  hgmma = re.findall(r"HGMMA\.\w+\.F32\.\w+ R\d+, (\S+?),", sass)
+  return {
+      "regs": int(re.search(r"REG:(\d+)", res).group(1)),
+      "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
+      "local ld/st": count(r"\b(?:LDL|STL)\b"),
+      "smem B": compiled.metadata.shared,
+      "LDGSTS.128": count(r"LDGSTS\.E\.BYPASS(?:\.LTC128B)?\.128"),
+      "LDG.128": count(r"LDG\.E\.128"),
+      "STS": count(r"\bSTS"),
+      "LDSM": count(r"\bLDSM"),
+      "HGMMA": count(r"\bHGMMA"),
+      "wgmma waits": ", ".join(sorted(set(
+          re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)))),
+      "HGMMA A operand": "smem (gdesc)" if all(o.startswith("gdesc") for o in hgmma)
+                         else "registers",
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--ka", type=int, default=1408)
+  parser.add_argument("--n", type=int, default=2048)
+  args = parser.parse_args(argv)
+  paths = (
+      ("dW_down, row_scale_mode=kernel", (False, True, True)),
+      ("dW_down, row_scale_mode=prescale", (False, True, False)),
+      ("dW_up (a gathered)", (True, False, False)),
+  )
+  header = None
+  for cfg in kernels.TGMM_CONFIGS:
+    c = cfg.kwargs
+    name = (f"{c['BLOCK_M']}x{c['BLOCK_K']}x{c['BLOCK_N']} "
+            f"w{cfg.num_warps} s{cfg.num_stages}")
+    for path, flags in paths:
+      row = facts(build(cfg, flags, args.ka, args.n))
+      if header is None:
+        header = list(row)
+        print("| config | call | " + " | ".join(header) + " |")
+        print("|---" * (len(header) + 2) + "|")
+      print(f"| {name} | {path} | " + " | ".join(str(row[k]) for k in header) + " |",
+            flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
