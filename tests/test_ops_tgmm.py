@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import helpers
+from jmoe.ops import tgmm as tgmm_lib
 from jmoe.ops.tgmm import ROW_SCALE_MODES, TgmmConfig, tgmm, tgmm_reference
 
 BF16 = ml_dtypes.bfloat16
@@ -298,7 +299,7 @@ _WGMMA_REGISTER_A = re.compile(r"wgmma\.mma_async[^;]*\}, \{")
 def test_sm90_build_uses_16_byte_async_copies(flags):
   """The tile loads are 16-byte `cp.async` copies feeding `wgmma` from shared
   memory. With the row strides passed as plain scalars they were 2-byte loads
-  (~7x slower). (False, True, False) is the MoE dW_down call with the default
+  (~7x slower). (False, True, False) is the MoE dW_down call with the opt-in
   `row_scale_mode="prescale"`."""
   ptx = _sm90_build(flags).asm["ptx"]
   assert "wgmma.mma_async" in ptx
@@ -310,7 +311,7 @@ def test_sm90_build_uses_16_byte_async_copies(flags):
 
 
 def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():
-  """Why `row_scale_mode="prescale"` is the default: with `HAS_SCALE` the `a`
+  """Why `row_scale_mode="prescale"` is predicted faster: with `HAS_SCALE` the `a`
   tile is loaded into registers (16-byte `ld.global`, no `cp.async`), scaled,
   and fed to wgmma from registers (a shared-memory round trip per step).
   If this starts failing, Triton learned to keep the scaled tile in shared
@@ -408,3 +409,17 @@ class TestTgmmTriton(TgmmTestBase):
     a, b, sizes, kw = _inputs(rng, 1000, 600, 300, 8, "zeros", np.float32, OPTIONS[1])
     out = self._tgmm(a, b, sizes, input_precision="tf32", config=None, **kw)
     helpers.assert_close(out, _oracle(a, b, sizes, **kw), "tf32")
+
+
+def test_row_scale_mode_env_default(monkeypatch):
+  """`row_scale_mode=None` reads `JMOE_TGMM_ROW_SCALE_MODE` (default "kernel")."""
+  rng = helpers.rng_for("row-scale-env")
+  a, b, sizes, kw = _inputs(rng, 37, 48, 33, 4, "random", np.float32, OPTIONS[1])
+  monkeypatch.setenv(tgmm_lib.ROW_SCALE_MODE_ENV, "prescale")
+  got = tgmm(a, b, sizes, backend="interpret", **kw)
+  monkeypatch.setenv(tgmm_lib.ROW_SCALE_MODE_ENV, "bogus")
+  with pytest.raises(ValueError, match="row_scale_mode must be one of"):
+    tgmm(a, b, sizes, backend="interpret", **kw)
+  monkeypatch.delenv(tgmm_lib.ROW_SCALE_MODE_ENV)
+  want = tgmm(a, b, sizes, backend="interpret", **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -40,17 +41,19 @@ from jmoe.reference.tgmm import tgmm as reference_tgmm
 OPERAND_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 INPUT_PRECISIONS = ("ieee", "tf32")
-# How `row_scale` is applied. "prescale" (default): XLA computes
+# How `row_scale` is applied. "kernel" (default; the GPU-measured path) or
+# "prescale" (opt-in until timed on a GPU). "prescale": XLA computes
 # `a_s = (s * a[a_row_index]).astype(a.dtype)` (float32 product, one rounding:
 # the same numbers the kernel made) and the kernel runs without scale or `a`
 # gather, so its `a` tile streams by 16-byte cp.async into shared memory and
 # feeds wgmma from there. "kernel": the kernel loads the `a` tile into
-# registers, scales it and feeds wgmma from registers (the first version; on
+# registers, scales it and feeds wgmma from registers (the measured version; on
 # sm_90 it adds a shared-memory round trip of the tile per step, loads `a`
 # without cp.async and holds two prefetched tiles in registers: 222-255
 # registers, spills in the 64x256x128 config). See
 # benchmarks/results/next_tgmm.md.
 ROW_SCALE_MODES = ("prescale", "kernel")
+ROW_SCALE_MODE_ENV = "JMOE_TGMM_ROW_SCALE_MODE"
 
 _SHAPES_DOC = (
     "tgmm(a [m, ka], b [m, n], group_sizes [g]; a_row_index [m] -> a [ma, ka], "
@@ -177,7 +180,7 @@ def prescale_rows(a, a_row_index, row_scale) -> jax.Array:
 
 def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
             out_dtype, input_precision, backend, config,
-            row_scale_mode="prescale") -> jax.Array:
+            row_scale_mode="kernel") -> jax.Array:
   import triton  # pylint: disable=import-outside-toplevel
 
   from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
@@ -248,7 +251,7 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
 
 @functools.cache
 def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
-             config: TgmmConfig | None, row_scale_mode: str = "prescale"):
+             config: TgmmConfig | None, row_scale_mode: str = "kernel"):
   """The custom_vjp op for one static configuration."""
 
   def forward(a, b, group_sizes, a_row_index, b_row_index, row_scale):
@@ -286,7 +289,7 @@ def tgmm(
     out_dtype=jnp.float32,
     input_precision: str = "ieee",
     config: TgmmConfig | None = None,
-    row_scale_mode: str = "prescale",
+    row_scale_mode: str | None = None,
     backend: str = "auto",
 ) -> jax.Array:
   """Transposed grouped GEMM: `out[gi] = sum_{r in gi} A_r^T (s_r * B_r)`.
@@ -313,10 +316,13 @@ def tgmm(
       float32 products) or `"tf32"` (faster, ~1e-3 relative error).
     config: a `TgmmConfig` to pin one tile config (default: autotune on the GPU,
       the small interpreter config with `"interpret"`).
-    row_scale_mode: with `row_scale`, `"prescale"` (default: XLA forms the
-      scaled, gathered rows of `a` in `a.dtype` and the kernel runs unscaled;
-      one extra `[m, ka]` array) or `"kernel"` (the kernel scales its `a` tile
-      in registers). Same numbers on the GPU (float32 product, one rounding).
+    row_scale_mode: None (default: the environment variable
+      `JMOE_TGMM_ROW_SCALE_MODE`, else `"kernel"`), or with `row_scale`,
+      `"kernel"` (the GPU-measured
+      path: the kernel scales its `a` tile in registers) or `"prescale"` (XLA
+      forms the scaled, gathered rows of `a` in `a.dtype` and the kernel runs
+      unscaled; one extra `[m, ka]` array; predicted faster on sm_90, not yet
+      timed). Same numbers on the GPU (float32 product, one rounding).
     backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
 
   Returns:
@@ -332,6 +338,8 @@ def tgmm(
     raise ValueError(
         f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
     )
+  if row_scale_mode is None:
+    row_scale_mode = os.environ.get(ROW_SCALE_MODE_ENV, "kernel").strip() or "kernel"
   if row_scale_mode not in ROW_SCALE_MODES:
     raise ValueError(
         f"row_scale_mode must be one of {ROW_SCALE_MODES}, got {row_scale_mode!r}"
