@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from benchmarks import cases as cases_lib  # noqa: E402
 from benchmarks import implementations as impls_lib  # noqa: E402
 from benchmarks import memory as memory_lib  # noqa: E402
-from benchmarks import profile as profile_lib  # noqa: E402
+from benchmarks import stage_profile as profile_lib  # noqa: E402
 from benchmarks import report as report_lib  # noqa: E402
 from benchmarks import timing as timing_lib  # noqa: E402
 

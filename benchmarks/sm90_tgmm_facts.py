@@ -29,12 +29,13 @@ from jmoe.kernels import tgmm as kernels
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def build(cfg, flags, ka, n):
-  """The sm_90 build of `_tgmm_kernel` for `(HAS_A_INDEX, HAS_B_INDEX, HAS_SCALE)`."""
+def build(cfg, flags, ka, n, out_type="*bf16"):
+  """The sm_90 build of `_tgmm_kernel` for `(HAS_A_INDEX, HAS_B_INDEX, HAS_SCALE)`,
+  bf16 operands, output pointer type `out_type` (also used by tests/test_ops_tgmm.py)."""
   sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "group_offsets_ptr": "*i32",
          "a_row_index_ptr": "*i32", "b_row_index_ptr": "*i32",
          "row_scale_ptr": "*fp32", "M": "i32", "KA_Q": "i32", "N_Q": "i32",
-         "out_ptr": "*bf16"}
+         "out_ptr": out_type}
   const = dict(
       HAS_A_INDEX=flags[0], HAS_B_INDEX=flags[1], HAS_SCALE=flags[2],
       DOT_F32=False, INPUT_PRECISION="ieee",

@@ -18,7 +18,8 @@ import pytest
 
 from jmoe import reference
 
-from benchmarks import cases, implementations, profile, report, run, timing
+from benchmarks import cases, implementations, report, run, timing
+from benchmarks import stage_profile as profile
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="the interpret backend needs triton")

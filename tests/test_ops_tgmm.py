@@ -260,31 +260,12 @@ def _sm90_build(flags, ka=2048, n=1408, cfg=None):
   """Compiles the kernel for the H100 on the host, with the argument hints that
   jax-triton gives (16-byte aligned pointers, none for scalars); skips the test
   where this host cannot build for sm_90."""
-  import triton  # pylint: disable=import-outside-toplevel
-  from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
-  from triton.compiler import ASTSource  # pylint: disable=import-outside-toplevel
-
+  from benchmarks import sm90_tgmm_facts  # pylint: disable=import-outside-toplevel
   from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
 
-  cfg = cfg or kernels.TGMM_CONFIGS[0]
-  sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "group_offsets_ptr": "*i32",
-         "a_row_index_ptr": "*i32", "b_row_index_ptr": "*i32",
-         "row_scale_ptr": "*fp32", "M": "i32", "KA_Q": "i32", "N_Q": "i32",
-         "out_ptr": "*fp32"}
-  const = dict(
-      HAS_A_INDEX=flags[0], HAS_B_INDEX=flags[1], HAS_SCALE=flags[2],
-      DOT_F32=False, INPUT_PRECISION="ieee",
-      KA_MULT=kernels.stride_multiple(ka), N_MULT=kernels.stride_multiple(n),
-      EVEN_K=ka % cfg.kwargs["BLOCK_K"] == 0, EVEN_N=n % cfg.kwargs["BLOCK_N"] == 0,
-      **cfg.kwargs)
-  sig.update({k: "constexpr" for k in const})
-  pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
-  attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
   try:
-    return triton.compile(
-        ASTSource(kernels._tgmm_kernel, sig, constexprs=const, attrs=attrs),  # pylint: disable=protected-access
-        target=GPUTarget("cuda", 90, 128),
-        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return sm90_tgmm_facts.build(cfg or kernels.TGMM_CONFIGS[0], flags, ka, n,
+                                 out_type="*fp32")
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"cannot build for sm_90 here: {type(e).__name__}: {e}")
 
