@@ -20,11 +20,10 @@ import numpy as np
 from flax.nnx.nn import dtypes
 
 from jmoe import api
+from jmoe.reference.activations import ACTIVATIONS, GATED_ACTIVATIONS
+from jmoe.reference.routing import DROP_POLICIES
 from jmoe.types import MoEParams
 
-ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "geglu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
-DROP_POLICIES = ("token_order", "probability")
 NORMS = ("rmsnorm", "layernorm")
 
 # Names of the entries of the aux dict every layer returns.

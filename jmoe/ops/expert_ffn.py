@@ -43,14 +43,12 @@ import jax.numpy as jnp
 
 from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
+from jmoe.reference.activations import ACTIVATIONS
+from jmoe.reference.activations import is_gated as _is_gated
 
-ACTIVATIONS = ("gelu", "relu", "silu", "swiglu", "geglu")
+# The epilogue activation applied to the gate half of a gated activation.
 _GATE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _is_gated(activation: str) -> bool:
-  return activation in _GATE_ACTIVATION
 
 
 def _combine_blocks(backend: str) -> dict[str, int]:
