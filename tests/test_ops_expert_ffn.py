@@ -23,6 +23,7 @@ import pytest
 import helpers
 import oracle
 from jmoe import reference
+from jmoe.ops import act_bwd as act_bwd_lib
 from jmoe.ops import expert_ffn as ffn_lib
 from jmoe.ops import grouped_matmul as gmm_lib
 from jmoe.reference.activations import apply_activation
@@ -267,19 +268,25 @@ class TestExpertFfnInterpret(ExpertFfnTestBase):
 
   # f = 40: the second program's second 16-column half is past f; f = 12 < 16:
   # every second half is empty; f = 20: a partial second half.
-  @pytest.mark.parametrize("split", ["1", "0"])
+  @pytest.mark.parametrize("impl,split", [("two_pass", None), ("fused", "1"),
+                                          ("fused", "0")])
   @pytest.mark.parametrize("activation,f", [("swiglu", 40), ("gelu", 12),
                                             ("geglu", 20)])
-  def test_act_bwd_split(self, rng, monkeypatch, split, activation, f):
-    """act_bwd with two accumulators per program (`SPLIT_N=2`, opt-in)
-    and the default single one (`JMOE_ACT_BWD_SPLIT=0`) vs a per-copy oracle:
-    `d_pre` at every filled slot and the router-weight gradient summed from
-    the `dwp` partial sums (every column written: outputs start as NaN)."""
-    monkeypatch.setenv(gmm_lib.ACT_BWD_SPLIT_ENV, split)
+  def test_act_bwd_stage(self, rng, monkeypatch, impl, split, activation, f):
+    """act_bwd, two-pass (default: GEMM storing g, then the elementwise
+    kernel) and fused with two accumulators per program (`SPLIT_N=2`) or one
+    (`JMOE_ACT_BWD_SPLIT=0`), vs a per-copy oracle: `d_pre` at every filled
+    slot and the router-weight gradient summed from the `dwp` partial sums
+    (every column written: outputs start as NaN)."""
     t, d, e, top_k = 23, 24, 4, 2
     gated = activation in ("swiglu", "geglu")
-    cfg = gmm_lib.default_config("act_bwd", 16, f, d, self.BACKEND, gated)
-    assert cfg.split_n == (2 if split == "1" else 1)
+    if impl == "fused":
+      monkeypatch.setenv(gmm_lib.ACT_BWD_SPLIT_ENV, split)
+      cfg = gmm_lib.default_config("act_bwd", 16, f, d, self.BACKEND, gated)
+      assert cfg.split_n == (2 if split == "1" else 1)
+      cols = -(-f // cfg.block_n)
+    else:
+      cols = -(-f // act_bwd_lib._elementwise_blocks(self.BACKEND)["BLOCK_N"])
     x, ids, weights, kept, _, down = _inputs(rng, t, d, f, e, top_k, activation,
                                               np.float32, 0.2)
     del x
@@ -289,9 +296,9 @@ class TestExpertFfnInterpret(ExpertFfnTestBase):
                                          jnp.asarray(weights), e, self.BACKEND)
     d_pre, dwp = jax.jit(
         lambda dy, dn, w, pre: ffn_lib.act_bwd_stage(
-            dy, dn, al, w, pre, block_m, activation, self.BACKEND)
+            dy, dn, al, w, pre, block_m, activation, self.BACKEND, impl=impl)
     )(dy, down, w_sorted, pre)
-    assert dwp.shape == (t * top_k, -(-f // cfg.block_n))
+    assert dwp.shape == (t * top_k, cols)
     pos = np.asarray(al.pos)
     want_dpre, want_dw = _act_bwd_oracle(dy, down, ids, weights, pos, pre, activation)
     filled = pos[pos >= 0]
@@ -387,9 +394,10 @@ class TestExpertFfnTriton(ExpertFfnTestBase):
 
   @pytest.mark.parametrize("autotune", ["0", "1"])
   def test_act_bwd_split_matches_unsplit(self, monkeypatch, autotune):
-    """On the small benchmark shape (bf16 SwiGLU): act_bwd with `SPLIT_N=2` gives
-    the `d_pre` and summed `dwp` of `JMOE_ACT_BWD_SPLIT=0` (the same 64-column
-    blocks and products; checked bit-identical with autotuning off)."""
+    """On the small benchmark shape (bf16 SwiGLU): the fused act_bwd with
+    `SPLIT_N=2` gives the `d_pre` and summed `dwp` of `JMOE_ACT_BWD_SPLIT=0` (the
+    same 64-column blocks and products; bit-identical with autotuning off), and
+    the default two-pass path agrees within bf16 tolerance."""
     monkeypatch.setenv(gmm_lib.AUTOTUNE_ENV, autotune)
     t, d, f, e, top_k = 4096, 768, 3072, 8, 2
     keys = jax.random.split(jax.random.key(3), 5)
@@ -404,7 +412,8 @@ class TestExpertFfnTriton(ExpertFfnTestBase):
     for split in ("1", "0"):
       monkeypatch.setenv(gmm_lib.ACT_BWD_SPLIT_ENV, split)
       d_pre, dwp = jax.jit(lambda dy, dn, w, pre: ffn_lib.act_bwd_stage(
-          dy, dn, al, w, pre, block_m, "swiglu", self.BACKEND))(dy, down, w_sorted, pre)
+          dy, dn, al, w, pre, block_m, "swiglu", self.BACKEND, impl="fused"))(
+              dy, down, w_sorted, pre)
       outs[split] = (np.asarray(d_pre.astype(jnp.float32)),
                      np.asarray(dwp).sum(-1))
     if autotune == "0":
@@ -413,6 +422,14 @@ class TestExpertFfnTriton(ExpertFfnTestBase):
     else:
       for a, b in zip(outs["1"], outs["0"]):
         helpers.assert_close(a, b, BF16, kind="grad")
+    # The default two-pass path rounds g to bf16 once: bf16 tolerance.
+    d_pre, dwp = jax.jit(lambda dy, dn, w, pre: ffn_lib.act_bwd_stage(
+        dy, dn, al, w, pre, block_m, "swiglu", self.BACKEND, impl="two_pass"))(
+            dy, down, w_sorted, pre)
+    helpers.assert_close(np.asarray(d_pre.astype(jnp.float32)), outs["1"][0], BF16,
+                         kind="grad", err_msg="two-pass d_pre")
+    helpers.assert_close(np.asarray(dwp).sum(-1), outs["1"][1], BF16, kind="grad",
+                         err_msg="two-pass dw")
 
   @pytest.mark.parametrize(
       "t,d,f,e,top_k",

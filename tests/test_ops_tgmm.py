@@ -280,7 +280,7 @@ _WGMMA_REGISTER_A = re.compile(r"wgmma\.mma_async[^;]*\}, \{")
 def test_sm90_build_uses_16_byte_async_copies(flags):
   """The tile loads are 16-byte `cp.async` copies feeding `wgmma` from shared
   memory. With the row strides passed as plain scalars they were 2-byte loads
-  (~7x slower). (False, True, False) is the MoE dW_down call with the opt-in
+  (~7x slower). (False, True, False) is the MoE dW_down call with the default
   `row_scale_mode="prescale"`."""
   ptx = _sm90_build(flags).asm["ptx"]
   assert "wgmma.mma_async" in ptx
@@ -292,7 +292,7 @@ def test_sm90_build_uses_16_byte_async_copies(flags):
 
 
 def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():
-  """Why `row_scale_mode="prescale"` is predicted faster: with `HAS_SCALE` the `a`
+  """Why `row_scale_mode="prescale"` (the default) is faster: with `HAS_SCALE` the `a`
   tile is loaded into registers (16-byte `ld.global`, no `cp.async`), scaled,
   and fed to wgmma from registers (a shared-memory round trip per step).
   If this starts failing, Triton learned to keep the scaled tile in shared
@@ -303,9 +303,9 @@ def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():
 
 
 def test_prescale_launches_the_unscaled_kernel(rng, monkeypatch):
-  """`row_scale_mode="prescale"` runs the kernel with neither `HAS_SCALE` nor
-  `HAS_A_INDEX` (the configs built in `test_sm90_build_uses_16_byte_async_copies`);
-  `"kernel"` keeps both."""
+  """`row_scale_mode="prescale"` (also the default) runs the kernel with neither
+  `HAS_SCALE` nor `HAS_A_INDEX` (the configs built in
+  `test_sm90_build_uses_16_byte_async_copies`); `"kernel"` keeps both."""
   from jmoe.ops import _call  # pylint: disable=import-outside-toplevel
 
   seen = []
@@ -316,12 +316,14 @@ def test_prescale_launches_the_unscaled_kernel(rng, monkeypatch):
     return real(*args, **kwargs)
 
   monkeypatch.setattr(_call, "kernel_call", spy)
+  monkeypatch.delenv(tgmm_lib.ROW_SCALE_MODE_ENV, raising=False)
   a, b, sizes, kw = _inputs(rng, 37, 48, 33, 4, "random", BF16, OPTIONS[1])
-  for mode in ("prescale", "kernel"):
+  for mode in ("prescale", "kernel", None):
     tgmm(a, b, sizes, row_scale_mode=mode, backend="interpret", **kw)
   assert seen == [
       {"HAS_A_INDEX": False, "HAS_B_INDEX": True, "HAS_SCALE": False},
       {"HAS_A_INDEX": True, "HAS_B_INDEX": True, "HAS_SCALE": True},
+      {"HAS_A_INDEX": False, "HAS_B_INDEX": True, "HAS_SCALE": False},  # default
   ]
 
 
@@ -393,10 +395,10 @@ class TestTgmmTriton(TgmmTestBase):
 
 
 def test_row_scale_mode_env_default(monkeypatch):
-  """`row_scale_mode=None` reads `JMOE_TGMM_ROW_SCALE_MODE` (default "kernel")."""
+  """`row_scale_mode=None` reads `JMOE_TGMM_ROW_SCALE_MODE` (default "prescale")."""
   rng = helpers.rng_for("row-scale-env")
   a, b, sizes, kw = _inputs(rng, 37, 48, 33, 4, "random", np.float32, OPTIONS[1])
-  monkeypatch.setenv(tgmm_lib.ROW_SCALE_MODE_ENV, "prescale")
+  monkeypatch.setenv(tgmm_lib.ROW_SCALE_MODE_ENV, "kernel")
   got = tgmm(a, b, sizes, backend="interpret", **kw)
   monkeypatch.setenv(tgmm_lib.ROW_SCALE_MODE_ENV, "bogus")
   with pytest.raises(ValueError, match="row_scale_mode must be one of"):

@@ -28,7 +28,7 @@ Three entry points share `_tile_coords` and `_mainloop`:
   activation backward in the epilogue: `d_pre` and per-column-block partial
   sums of `<h, g>` (the router-weight gradient, summed later in a fixed order).
   With `SPLIT_N = 2` a program holds two BLOCK_N-wide accumulators that share
-  each loaded dy tile (`_mainloop`'s `SPLIT`) and runs `_act_bwd_epilogue`
+  each loaded dy tile (`_mainloop`'s `SPLIT`) and runs `act_bwd_epilogue`
   on one after the other.
 
 Dot operands are upcast to float32 when `DOT_F32` (Triton's interpreter gets
@@ -38,8 +38,8 @@ bf16/fp16 `tl.dot` wrong); accumulation is always float32.
 import triton
 import triton.language as tl
 
+from jmoe.kernels.act_bwd import act_bwd_epilogue
 from jmoe.kernels.activations import act_fwd
-from jmoe.kernels.activations import act_fwd_and_grad
 
 
 @triton.jit
@@ -280,61 +280,6 @@ def _grouped_gemm_act_kernel(
 
 
 @triton.jit
-def _act_bwd_epilogue(
-    g,
-    block_n_index,
-    expert,
-    row_start,
-    row_end,
-    row_scale_ptr,
-    pre_ptr,
-    dpre_ptr,
-    dwp_ptr,
-    F: tl.constexpr,
-    DWP_COLS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-  """The act_bwd epilogue of one `[BLOCK_M, BLOCK_N]` tile `g` (float32) of
-  column block `block_n_index`: `dwp[r, block_n_index]` and `d_pre`."""
-  offs_m = row_start + tl.arange(0, BLOCK_M)
-  offs_n = block_n_index * BLOCK_N + tl.arange(0, BLOCK_N)
-  mask_m = offs_m < row_end
-  mask = mask_m[:, None] & (offs_n < F)[None, :]
-  load_mask = mask & (expert >= 0)
-  rows64 = offs_m.to(tl.int64)[:, None]
-  if GATED:
-    pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
-    dpre_ptrs = dpre_ptr + rows64 * (2 * F) + offs_n[None, :]
-  else:
-    pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
-    dpre_ptrs = dpre_ptr + rows64 * F + offs_n[None, :]
-  pre_g = tl.load(pre_ptrs, mask=load_mask, other=0.0).to(tl.float32)
-  act, dact = act_fwd_and_grad(pre_g, ACTIVATION)
-  if GATED:
-    pre_u = tl.load(pre_ptrs + F, mask=load_mask, other=0.0).to(tl.float32)
-    h = act * pre_u
-  else:
-    h = act
-  h = h.to(pre_ptr.dtype.element_ty).to(tl.float32)
-  g = tl.where(load_mask, g, 0.0)
-  dwp = tl.sum(h * g, axis=1)
-  # A column block past F (the second half of a SPLIT program) has no column.
-  dwp_mask = mask_m & (block_n_index * BLOCK_N < F)
-  tl.store(dwp_ptr + offs_m.to(tl.int64) * DWP_COLS + block_n_index, dwp,
-           mask=dwp_mask)
-  w = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
-  dh = g * w[:, None]
-  if GATED:
-    tl.store(dpre_ptrs, (dh * pre_u * dact).to(dpre_ptr.dtype.element_ty), mask=mask)
-    tl.store(dpre_ptrs + F, (dh * act).to(dpre_ptr.dtype.element_ty), mask=mask)
-  else:
-    tl.store(dpre_ptrs, (dh * dact).to(dpre_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _grouped_gemm_act_bwd_kernel(
     # Inputs.
     dy_ptr,  # [t, K] output gradient per token
@@ -392,12 +337,12 @@ def _grouped_gemm_act_bwd_kernel(
       BLOCK_M, BLOCK_N, BLOCK_K, True, False, DOT_F32, INPUT_PRECISION,
       SPLIT_N == 2,
   )
-  _act_bwd_epilogue(
+  act_bwd_epilogue(
       g, pid_n * SPLIT_N, expert, row_start, row_end, row_scale_ptr, pre_ptr,
       dpre_ptr, dwp_ptr, F, DWP_COLS, ACTIVATION, GATED, BLOCK_M, BLOCK_N,
   )
   if SPLIT_N == 2:
-    _act_bwd_epilogue(
+    act_bwd_epilogue(
         g2, pid_n * SPLIT_N + 1, expert, row_start, row_end, row_scale_ptr,
         pre_ptr, dpre_ptr, dwp_ptr, F, DWP_COLS, ACTIVATION, GATED, BLOCK_M,
         BLOCK_N,
@@ -426,6 +371,7 @@ PLAIN_CONFIGS = [
     _config(64, 64, 4, 4),
 ]
 GATED_CONFIGS = [
+    _config(128, 32, 8, 5),
     _config(128, 64, 8, 3),
     _config(128, 64, 8, 4),
     _config(64, 64, 4, 4),

@@ -19,9 +19,11 @@ up_kernel, down_kernel, *, activation, backend) -> y [t, d]` computes
 
 Backward (`custom_vjp`, every GEMM in Triton):
 
-  act_bwd  `_grouped_gemm_act_bwd_kernel`: g = dy[token] @ down[e]^T (gather
-           in the GEMM); epilogue: partial <h, g> per column block (router
-           weight gradient), dh = w * g, activation backward -> d_pre.
+  act_bwd  `jmoe.ops.act_bwd`: g = dy[token] @ down[e]^T (gather in the GEMM,
+           `_grouped_gemm_kernel`, g stored in x dtype), then
+           `_act_bwd_elementwise_kernel`: partial <h, g> per column block
+           (router weight gradient), dh = w * g, activation backward -> d_pre.
+           (`JMOE_ACT_BWD=fused`: one GEMM with that epilogue.)
   dW_down  tgmm(h, dy, b_row_index=token, row_scale=w)   `jmoe.ops.tgmm`
   dW_up    tgmm(x, d_pre, a_row_index=token)
   dx       `_grouped_gemm_kernel`: d_pre @ up[e]^T per slot (float32), then the
@@ -43,11 +45,11 @@ import jax.numpy as jnp
 
 from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
+from jmoe.ops.act_bwd import GATE_ACTIVATION as _GATE_ACTIVATION
+from jmoe.ops.act_bwd import act_bwd_stage
 from jmoe.reference.activations import ACTIVATIONS
 from jmoe.reference.activations import is_gated as _is_gated
 
-# The epilogue activation applied to the gate half of a gated activation.
-_GATE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -195,57 +197,6 @@ def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save):
   y = combine(o, al.pos, x.dtype, backend)
   residuals = (x, up, down, al, w_sorted, h, pre) if save else None
   return y, residuals
-
-
-def act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend):
-  """Backward stage 1: `(d_pre [tk, pf], dwp [tk, c])` from `dy [t, d]`."""
-  tk, pf = pre.shape
-  e, f, d = down.shape
-  gated = _is_gated(activation)
-  num_tiles = al.tiles.shape[1]
-  autotune = backend == "triton" and gmm_lib.autotune_enabled()
-  if autotune:
-    from jmoe.kernels.grouped_gemm import ACT_BWD_MIN_BLOCK_N  # pylint: disable=import-outside-toplevel
-
-    min_block_n = ACT_BWD_MIN_BLOCK_N
-  else:
-    min_block_n = gmm_lib.default_config(
-        "act_bwd", block_m, f, d, backend, gated
-    ).block_n
-  dwp_cols = -(-f // min_block_n)
-  return gmm_lib.gemm_call(
-      "act_bwd",
-      dy,
-      down,
-      al.tiles,
-      al.token,
-      w_sorted,
-      pre,
-      out_shape=(
-          jax.ShapeDtypeStruct((tk, pf), pre.dtype),
-          jax.ShapeDtypeStruct((tk, dwp_cols), jnp.float32),
-      ),
-      n=f,
-      k=d,
-      num_tiles=num_tiles,
-      block_m=block_m,
-      backend=backend,
-      name="jmoe_expert_act_bwd",
-      gated=gated,
-      # Larger autotuned BLOCK_N fill fewer partial-sum columns: the rest stay 0.
-      zeroed_outputs=(1,) if autotune else (),
-      F=f,
-      K=d,
-      NUM_TILES=num_tiles,
-      STRIDE_DYM=d,
-      STRIDE_WG=f * d,
-      STRIDE_WK=1,
-      STRIDE_WN=d,
-      DWP_COLS=dwp_cols,
-      ACTIVATION=_GATE_ACTIVATION.get(activation, activation),
-      GATED=gated,
-      **gmm_lib.dot_flags(pre.dtype, backend),
-  )
 
 
 def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backend):

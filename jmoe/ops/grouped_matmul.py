@@ -97,15 +97,15 @@ def autotune_enabled() -> bool:
 
 
 def act_bwd_split_enabled() -> bool:
-  """act_bwd uses two accumulators per program only with `JMOE_ACT_BWD_SPLIT=1`.
+  """The fused act_bwd kernel (`JMOE_ACT_BWD=fused`) runs two accumulators per
+  program unless the environment sets `JMOE_ACT_BWD_SPLIT=0`.
 
-  Off by default: the split path is correct (interpreter tests) and compiles for
-  sm_90 without spills, but it has not been timed on a GPU yet
-  (`benchmarks/results/next_act_bwd.md` has the command that decides it). The
-  default is the measured path: one accumulator per program (BLOCK_N=64 gated,
-  which reads dy twice as often, or 128).
+  Measured on the H100 (benchmarks/results/sweep_h100.md, bf16 SwiGLU): two
+  64-wide accumulators 5.06 / 1.04 / 0.279 ms vs one 6.96 / 1.34 / 0.313 ms
+  (Mixtral-like / 64 experts / small). `JMOE_ACT_BWD_SPLIT=0` keeps one
+  accumulator (BLOCK_N=64 gated, which reads dy twice as often, or 128).
   """
-  return os.environ.get(ACT_BWD_SPLIT_ENV, "0").strip() in ("1", "true", "True")
+  return os.environ.get(ACT_BWD_SPLIT_ENV, "1").strip() not in ("0", "false", "False")
 
 
 def block_m_for(rows: int, groups: int, backend: str) -> int:
@@ -130,11 +130,14 @@ def default_config(kind: str, block_m: int, n: int, k: int, backend: str,
     return GemmConfig(block_m, 64, 64, 8, 4, 4)
   if kind == "act":
     if gated:
-      return GemmConfig(block_m, 128 if n >= 128 else 64, 64, 8, 8, 3)
+      # BLOCK_K 32 x 5 stages: 6.72 / 1.14 / 0.206 ms vs 64 x 3 stages
+      # 7.08 / 1.15 / 0.225 ms on the H100 (benchmarks/results/sweep_h100.md).
+      return GemmConfig(block_m, 128 if n >= 128 else 64, 32, 8, 8, 5)
     return GemmConfig(block_m, 256 if n >= 256 and block_m == 128 else 128, 64, 8, 8, 3)
   if kind == "act_bwd":
-    # Gated, a BLOCK_N=128 epilogue spills (sm_90: 376 B stack); two 64-wide
-    # accumulators do not (254 registers) and read dy as often as 128 would.
+    # The fused kernel (JMOE_ACT_BWD=fused). Gated, a BLOCK_N=128 epilogue
+    # spills (sm_90: 376 B stack); two 64-wide accumulators do not (254
+    # registers) and read dy as often as 128 would.
     if gated and n >= 128 and split:
       return GemmConfig(block_m, 64, 64, 8, 8, 4, split_n=2)
     if gated or n < 128:

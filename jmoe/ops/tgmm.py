@@ -41,17 +41,16 @@ from jmoe.reference.tgmm import tgmm as reference_tgmm
 OPERAND_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 INPUT_PRECISIONS = ("ieee", "tf32")
-# How `row_scale` is applied. "kernel" (default; the GPU-measured path) or
-# "prescale" (opt-in until timed on a GPU). "prescale": XLA computes
+# How `row_scale` is applied. "prescale" (default): XLA computes
 # `a_s = (s * a[a_row_index]).astype(a.dtype)` (float32 product, one rounding:
 # the same numbers the kernel made) and the kernel runs without scale or `a`
 # gather, so its `a` tile streams by 16-byte cp.async into shared memory and
 # feeds wgmma from there. "kernel": the kernel loads the `a` tile into
-# registers, scales it and feeds wgmma from registers (the measured version; on
-# sm_90 it adds a shared-memory round trip of the tile per step, loads `a`
-# without cp.async and holds two prefetched tiles in registers: 222-255
-# registers, spills in the 64x256x128 config). See
-# benchmarks/results/next_tgmm.md.
+# registers, scales it and feeds wgmma from registers (on sm_90 a shared-memory
+# round trip of the tile per step, no cp.async for `a`, 222-255 registers).
+# Measured on the H100 (MoE dW_down, bf16, benchmarks/results/sweep_h100.md):
+# prescale 4.24 / 0.81 / 0.155 ms vs kernel 6.29 / 1.10 / 0.209 ms
+# (Mixtral-like / 64 experts / small), the XLA pass included.
 ROW_SCALE_MODES = ("prescale", "kernel")
 ROW_SCALE_MODE_ENV = "JMOE_TGMM_ROW_SCALE_MODE"
 
@@ -317,12 +316,11 @@ def tgmm(
     config: a `TgmmConfig` to pin one tile config (default: autotune on the GPU,
       the small interpreter config with `"interpret"`).
     row_scale_mode: None (default: the environment variable
-      `JMOE_TGMM_ROW_SCALE_MODE`, else `"kernel"`), or with `row_scale`,
-      `"kernel"` (the GPU-measured
-      path: the kernel scales its `a` tile in registers) or `"prescale"` (XLA
-      forms the scaled, gathered rows of `a` in `a.dtype` and the kernel runs
-      unscaled; one extra `[m, ka]` array; predicted faster on sm_90, not yet
-      timed). Same numbers on the GPU (float32 product, one rounding).
+      `JMOE_TGMM_ROW_SCALE_MODE`, else `"prescale"`), or with `row_scale`,
+      `"prescale"` (XLA forms the scaled, gathered rows of `a` in `a.dtype`
+      and the kernel runs unscaled; one extra `[m, ka]` array; 1.3-1.5x
+      faster on the H100) or `"kernel"` (the kernel scales its `a` tile in
+      registers). Same numbers on the GPU (float32 product, one rounding).
     backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
 
   Returns:
@@ -339,7 +337,7 @@ def tgmm(
         f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
     )
   if row_scale_mode is None:
-    row_scale_mode = os.environ.get(ROW_SCALE_MODE_ENV, "kernel").strip() or "kernel"
+    row_scale_mode = os.environ.get(ROW_SCALE_MODE_ENV, "prescale").strip() or "prescale"
   if row_scale_mode not in ROW_SCALE_MODES:
     raise ValueError(
         f"row_scale_mode must be one of {ROW_SCALE_MODES}, got {row_scale_mode!r}"
