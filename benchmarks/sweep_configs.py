@@ -67,8 +67,10 @@ TGMM_CANDIDATES = (
     (64, 128, 256, 8, 8, 3),
     (64, 128, 256, 8, 8, 4),
     (64, 256, 128, 8, 8, 3),
-    (32, 128, 256, 8, 8, 5),
     (128, 128, 128, 8, 8, 3),
+    (64, 128, 128, 8, 4, 3),
+    (64, 128, 128, 8, 4, 4),
+    (64, 256, 128, 8, 8, 4),
 )
 
 
@@ -165,7 +167,8 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton") -> None:
 
   default_t = TgmmConfig()
   for stage, flops in (("dW_up", 2.0 * tk * d * 2 * f), ("dW_down", 2.0 * tk * f * d)):
-    modes = ("prescale", "kernel") if stage == "dW_down" else ("gather", "pregather")
+    modes = (("prescale", "pregather_b", "kernel") if stage == "dW_down"
+             else ("pregather", "gather"))
     for mode in modes:
       seen = set()
       for c in (default_t,) + tuple(TgmmConfig(*c) for c in TGMM_CANDIDATES):
@@ -175,13 +178,18 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton") -> None:
         if stage == "dW_up" and mode == "gather":
           fn = jax.jit(lambda x, dp, al, c=c: tgmm(
               x, dp, al.group_sizes, a_row_index=al.token, out_dtype=jnp.bfloat16,
-              backend=be, config=c))
+              backend=be, config=c, gather_mode="kernel"))
           args = (x, d_pre, al)
         elif stage == "dW_up":
           fn = jax.jit(lambda x, dp, al, c=c: tgmm(
-              jnp.take(x, al.token, axis=0), dp, al.group_sizes,
-              out_dtype=jnp.bfloat16, backend=be, config=c))
+              x, dp, al.group_sizes, a_row_index=al.token, out_dtype=jnp.bfloat16,
+              backend=be, config=c, gather_mode="xla"))
           args = (x, d_pre, al)
+        elif mode == "pregather_b":
+          fn = jax.jit(lambda h, dy, al, w, c=c: tgmm(
+              h, jnp.take(dy, al.token, axis=0, mode="clip"), al.group_sizes,
+              row_scale=w, out_dtype=jnp.bfloat16, backend=be, config=c))
+          args = (h, dy, al, w_sorted)
         else:
           fn = jax.jit(lambda h, dy, al, w, c=c, mode=mode: tgmm(
               h, dy, al.group_sizes, b_row_index=al.token, row_scale=w,
@@ -197,7 +205,7 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton") -> None:
                 f"{str(err)[:200]}", flush=True)
           continue
         record(stage, label, ms, flops,
-               default=(c == default_t and mode in ("prescale", "gather")))
+               default=(c == default_t and mode in ("prescale", "pregather")))
 
 
 def main(argv=None) -> int:

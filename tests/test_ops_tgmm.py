@@ -22,7 +22,7 @@ import pytest
 
 import helpers
 from jmoe.ops import tgmm as tgmm_lib
-from jmoe.ops.tgmm import ROW_SCALE_MODES, TgmmConfig, tgmm, tgmm_reference
+from jmoe.ops.tgmm import GATHER_MODES, ROW_SCALE_MODES, TgmmConfig, tgmm, tgmm_reference
 
 BF16 = ml_dtypes.bfloat16
 
@@ -183,6 +183,20 @@ class TgmmTestBase:
     if dtype == np.float32 or self.BACKEND == "triton":
       np.testing.assert_array_equal(outs["prescale"], outs["kernel"])
 
+  @pytest.mark.parametrize("dtype", DTYPES)
+  def test_gather_modes(self, rng, dtype):
+    # `a_row_index` gathered by XLA first ("xla", the default) or inside the
+    # kernel ("kernel"): the same rows reach the same dots, bit for bit.
+    a, b, sizes, kw = _inputs(rng, 130, 48, 33, 9, "zeros", dtype, OPTIONS[1])
+    del kw["row_scale"]
+    outs = {}
+    for mode in GATHER_MODES:
+      fn = jax.jit(functools.partial(self._tgmm, gather_mode=mode, **kw))
+      outs[mode] = np.asarray(fn(a, b, sizes))
+      helpers.assert_close(outs[mode], _oracle(a, b, sizes, **kw), dtype,
+                           err_msg=mode)
+    np.testing.assert_array_equal(outs["xla"], outs["kernel"])
+
   def test_gradients(self, rng):
     # The backward is `tgmm_vjp` (XLA); check it against finite differences of
     # the kernel's forward, with repeated rows in both index arrays.
@@ -235,6 +249,8 @@ class TgmmTestBase:
         ((a, b, sizes), {"input_precision": "tf64"}, ValueError, "input_precision"),
         ((a, b, sizes), {"row_scale_mode": "epilogue"}, ValueError,
          "row_scale_mode must be one of"),
+        ((a, b, sizes), {"gather_mode": "smem"}, ValueError,
+         "gather_mode must be one of"),
     ]
     for args, kwargs, error, pattern in cases:
       with pytest.raises(error, match=pattern):
@@ -305,7 +321,9 @@ def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():
 def test_prescale_launches_the_unscaled_kernel(rng, monkeypatch):
   """`row_scale_mode="prescale"` (also the default) runs the kernel with neither
   `HAS_SCALE` nor `HAS_A_INDEX` (the configs built in
-  `test_sm90_build_uses_16_byte_async_copies`); `"kernel"` keeps both."""
+  `test_sm90_build_uses_16_byte_async_copies`); `"kernel"` keeps the scale
+  (the gather too with `gather_mode="kernel"`). Without a row scale,
+  `gather_mode="xla"` (the default) drops `HAS_A_INDEX` too."""
   from jmoe.ops import _call  # pylint: disable=import-outside-toplevel
 
   seen = []
@@ -318,11 +336,17 @@ def test_prescale_launches_the_unscaled_kernel(rng, monkeypatch):
   monkeypatch.setattr(_call, "kernel_call", spy)
   monkeypatch.delenv(tgmm_lib.ROW_SCALE_MODE_ENV, raising=False)
   a, b, sizes, kw = _inputs(rng, 37, 48, 33, 4, "random", BF16, OPTIONS[1])
+  monkeypatch.delenv(tgmm_lib.GATHER_MODE_ENV, raising=False)
   for mode in ("prescale", "kernel", None):
     tgmm(a, b, sizes, row_scale_mode=mode, backend="interpret", **kw)
+  del kw["row_scale"]
+  for mode in ("kernel", None):
+    tgmm(a, b, sizes, gather_mode=mode, backend="interpret", **kw)
   assert seen == [
       {"HAS_A_INDEX": False, "HAS_B_INDEX": True, "HAS_SCALE": False},
-      {"HAS_A_INDEX": True, "HAS_B_INDEX": True, "HAS_SCALE": True},
+      {"HAS_A_INDEX": False, "HAS_B_INDEX": True, "HAS_SCALE": True},  # xla gather
+      {"HAS_A_INDEX": False, "HAS_B_INDEX": True, "HAS_SCALE": False},  # default
+      {"HAS_A_INDEX": True, "HAS_B_INDEX": True, "HAS_SCALE": False},
       {"HAS_A_INDEX": False, "HAS_B_INDEX": True, "HAS_SCALE": False},  # default
   ]
 
