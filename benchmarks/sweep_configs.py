@@ -102,7 +102,11 @@ def gemm_cfg(c) -> GemmConfig:
   return GemmConfig(0, bn, bk, gm, w, s, split)
 
 
-def sweep_case(name: str, reps: int, out: list, be: str = "triton") -> None:
+STAGES = ("up", "down", "act_bwd", "act_bwd_f", "dx", "dW_up", "dW_down")
+
+
+def sweep_case(name: str, reps: int, out: list, be: str = "triton",
+               stages=STAGES) -> None:
   t, d, f, e, top_k, _, _ = CASES[name]
   x, ids, weights, kept, up, down, _ = make_inputs(t, d, f, e, top_k)
   al, w_sorted, block_m = ffn.plan(ids, kept, weights, e, be)
@@ -126,6 +130,8 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton") -> None:
             f"s{c.num_stages}" + (f" split{c.split_n}" if c.split_n != 1 else ""))
 
   def run_gemm(stage, kind, candidates, default, make_fn, args, flops):
+    if stage not in stages:
+      return
     seen = set()
     for c in (default,) + tuple(dataclasses_replace(gemm_cfg(c), block_m=block_m)
                                 for c in candidates):
@@ -167,6 +173,8 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton") -> None:
 
   default_t = TgmmConfig()
   for stage, flops in (("dW_up", 2.0 * tk * d * 2 * f), ("dW_down", 2.0 * tk * f * d)):
+    if stage not in stages:
+      continue
     modes = (("prescale", "pregather_b", "kernel") if stage == "dW_down"
              else ("pregather", "gather"))
     for mode in modes:
@@ -213,13 +221,14 @@ def main(argv=None) -> int:
   parser.add_argument("--cases", default="e64,big,small")
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--json", default="")
+  parser.add_argument("--stages", default=",".join(STAGES))
   parser.add_argument("--backend", default="triton", choices=("triton", "interpret"),
                       help="interpret: CPU smoke test (use --cases tiny)")
   args = parser.parse_args(argv)
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   rows: list = []
   for name in args.cases.split(","):
-    sweep_case(name, args.reps, rows, args.backend)
+    sweep_case(name, args.reps, rows, args.backend, args.stages.split(","))
     if args.json:
       with open(args.json, "w") as fh:
         json.dump(rows, fh, indent=1)
