@@ -170,6 +170,7 @@ TGMM_CONFIGS = (
     _config(64, 128, 256, 8, 4),
     _config(64, 256, 128, 8, 3),
     _config(64, 128, 128, 8, 4),
+    _config(64, 128, 128, 4, 3),  # 2 programs per SM: short K loops
 )
 
 # float32 operands take twice the shared memory per tile (and "ieee" dots run

@@ -203,7 +203,7 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
   """Backward stage 2: `(d_up [e, d, pf], d_down [e, f, d])` with tgmm."""
   from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
 
-  config = gmm_lib.tgmm_config(backend)
+  config = gmm_lib.tgmm_config(backend, h.shape[0], al.group_sizes.shape[0])
   d_down = tgmm(
       h, dy, al.group_sizes, b_row_index=al.token, row_scale=w_sorted,
       out_dtype=down_dtype, backend=backend, config=config,

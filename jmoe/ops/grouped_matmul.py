@@ -160,11 +160,20 @@ def dot_flags(dtype: Any, backend: str) -> dict[str, Any]:
   }
 
 
-def tgmm_config(backend: str):
-  """The `TgmmConfig` for weight gradients: pinned when autotuning is off."""
+def tgmm_config(backend: str, rows: int = 0, groups: int = 1):
+  """The `TgmmConfig` for weight gradients: pinned when autotuning is off.
+
+  `rows` contracted over `groups` groups: at 1024 rows per group or fewer
+  (short K loops: the tile epilogue weighs more) a 128x128 tile with 4 warps
+  is faster (H100, bf16: 1.35 vs 1.44 ms dW_up at 64 experts, 0.18 vs 0.20 ms
+  on the small case), above it the 128x256 default (7.7 vs 8.1 ms Mixtral-like;
+  benchmarks/results/sweep_h100.md).
+  """
   if backend == "triton" and not autotune_enabled():
     from jmoe.ops.tgmm import TgmmConfig  # pylint: disable=import-outside-toplevel
 
+    if rows <= 1024 * groups:
+      return TgmmConfig(64, 128, 128, 8, 4, 3)
     return TgmmConfig()
   return None
 
@@ -376,7 +385,7 @@ def _grouped_matmul_fn(out_dtype: Any, backend: str):
     d_out = d_out.astype(lhs.dtype)
     d_lhs = _forward(d_out, rhs, group_sizes, lhs.dtype, backend, transpose_rhs=True)
     d_rhs = tgmm(lhs, d_out, group_sizes, out_dtype=rhs.dtype, backend=backend,
-                 config=tgmm_config(backend))
+                 config=tgmm_config(backend, lhs.shape[0], group_sizes.shape[0]))
     return d_lhs, d_rhs, None
 
   op.defvjp(fwd, bwd)
