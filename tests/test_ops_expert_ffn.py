@@ -141,6 +141,33 @@ class ExpertFfnTestBase:
     y_xla = self._ffn(*args, activation="geglu")
     assert np.array_equal(np.asarray(y), np.asarray(y_xla))
 
+  def test_slot_rows_in_input_dtype(self, rng, monkeypatch):
+    # JMOE_SLOT_ROWS=input: the down and dx GEMMs store bf16 rows; y and the
+    # gradients stay within twice the bf16 bound of the float32-row default.
+    args = _inputs(rng, 29, 40, 24, 5, 3, "swiglu", BF16, 0.3)
+    ct = helpers.normal(rng, (29, 40), np.float32)
+    fn = functools.partial(self._ffn, activation="swiglu")
+
+    def run():
+      vg = jax.value_and_grad(
+          lambda x, w, u, dn: _loss(fn, ct, x, args[1], w, args[3], u, dn),
+          (0, 1, 2, 3), has_aux=True)
+      (_, y), grads = jax.jit(vg)(args[0], args[2], args[4], args[5])
+      return [y, *grads]
+
+    monkeypatch.delenv(ffn_lib.SLOT_ROWS_ENV, raising=False)
+    assert ffn_lib.slot_rows_dtype(jnp.bfloat16) == jnp.float32
+    want = run()
+    monkeypatch.setenv(ffn_lib.SLOT_ROWS_ENV, "input")
+    assert ffn_lib.slot_rows_dtype(jnp.bfloat16) == jnp.bfloat16
+    got = run()
+    for g, w, name in zip(got, want, ("y", "x", "weights", "up", "down")):
+      err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
+      assert err <= 2e-2 * float(jnp.max(jnp.abs(w.astype(jnp.float32)))), name
+    monkeypatch.setenv(ffn_lib.SLOT_ROWS_ENV, "bf16")
+    with pytest.raises(ValueError, match="JMOE_SLOT_ROWS must be"):
+      ffn_lib.slot_rows_dtype(jnp.bfloat16)
+
   def test_reference_matches_oracle(self, rng):
     args = _inputs(rng, 13, 24, 20, 5, 2, "swiglu", np.float32, 0.2)
     y = self._ffn(*args, activation="swiglu")

@@ -13,7 +13,8 @@ up_kernel, down_kernel, *, activation, backend) -> y [t, d]` computes
            activation in float32 in the epilogue -> h [tk, f] (x dtype). For
            the backward it also stores the pre-activation [tk, f or 2f].
   down     `_grouped_gemm_kernel`: h @ down[e], times the copy's router weight
-           in the epilogue -> o [tk, d] float32 (one row per slot).
+           in the epilogue -> o [tk, d] (one row per slot, `slot_rows_dtype`:
+           float32 by default, x's dtype with `JMOE_SLOT_ROWS=input`).
   combine  `_combine_kernel`: y[t] = sum_j o[slot(t, j)] in float32, in j order
            (no atomics: bit-identical repeats), cast to x dtype.
 
@@ -26,7 +27,7 @@ Backward (`custom_vjp`, every GEMM in Triton):
            (`JMOE_ACT_BWD=fused`: one GEMM with that epilogue.)
   dW_down  tgmm(h, dy, b_row_index=token, row_scale=w)   `jmoe.ops.tgmm`
   dW_up    tgmm(x, d_pre, a_row_index=token)
-  dx       `_grouped_gemm_kernel`: d_pre @ up[e]^T per slot (float32), then the
+  dx       `_grouped_gemm_kernel`: d_pre @ up[e]^T per slot (`slot_rows_dtype`), then the
            combine kernel sums the k slots of each token and the partial
            <h, g> sums into d_weights.
 
@@ -38,6 +39,7 @@ up GEMM (a third of the forward's flops) to save that memory.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -51,6 +53,24 @@ from jmoe.reference.activations import ACTIVATIONS
 from jmoe.reference.activations import is_gated as _is_gated
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+SLOT_ROWS_ENV = "JMOE_SLOT_ROWS"
+
+
+def slot_rows_dtype(dtype: Any) -> Any:
+  """dtype of the per-slot rows that the combine kernel sums (down and dx GEMMs).
+
+  Default (`JMOE_SLOT_ROWS` unset or "float32"): float32 rows, so each token's
+  output is the float32 sum of its copies' float32 accumulators, rounded once.
+  Opt-in `JMOE_SLOT_ROWS=input`: rows in the activations' dtype (each copy
+  rounded once before the float32 k-way sum): half the store and combine
+  traffic for bf16, at one more rounding per copy (under the interpreter, which
+  truncates to bf16, it exceeds the 1e-2 bf16 test bound). Timed in
+  benchmarks/results/sweep_h100.md.
+  """
+  mode = os.environ.get(SLOT_ROWS_ENV, "float32").strip() or "float32"
+  if mode not in ("input", "float32"):
+    raise ValueError(f"{SLOT_ROWS_ENV} must be 'input' or 'float32', got {mode!r}")
+  return jnp.float32 if mode == "float32" else dtype
 
 
 def _combine_blocks(backend: str) -> dict[str, int]:
@@ -180,12 +200,12 @@ def up_stage(x, up, al, block_m, activation, backend, save):
 
 
 def down_stage(h, down, al, w_sorted, block_m, backend):
-  """Stage 3: `o [tk, d]` float32 = `w_slot * h @ down[e]`."""
+  """Stage 3: `o [tk, d]` (`slot_rows_dtype`) = `w_slot * h @ down[e]`."""
   tk, f = h.shape
   d = down.shape[2]
   return gmm_lib.grouped_gemm(
       h, down, al.tiles, n=d, k=f, rows=tk, strides_b=(f * d, d, 1),
-      block_m=block_m, out_dtype=jnp.float32, backend=backend,
+      block_m=block_m, out_dtype=slot_rows_dtype(h.dtype), backend=backend,
       row_scale=w_sorted, name="jmoe_expert_down",
   )
 
@@ -216,12 +236,12 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
 
 
 def dx_stage(d_pre, up, al, block_m, backend):
-  """Backward stage 3: per-slot `d_pre @ up[e]^T` `[tk, d]` float32."""
+  """Backward stage 3: per-slot `d_pre @ up[e]^T` `[tk, d]` (`slot_rows_dtype`)."""
   tk, pf = d_pre.shape
   d = up.shape[1]
   return gmm_lib.grouped_gemm(
       d_pre, up, al.tiles, n=d, k=pf, rows=tk, strides_b=(d * pf, 1, pf),
-      block_m=block_m, out_dtype=jnp.float32, backend=backend,
+      block_m=block_m, out_dtype=slot_rows_dtype(d_pre.dtype), backend=backend,
       name="jmoe_expert_dx",
   )
 
