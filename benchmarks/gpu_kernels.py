@@ -214,8 +214,9 @@ def main(argv=None):
   print(f"# device {dev.device_kind}; jax {jax.__version__}; triton {triton.__version__}; "
         f"python {platform.python_version()}; JMOE_AUTOTUNE="
         f"{os.environ.get('JMOE_AUTOTUNE', '(unset: autotune)')}; "
-        f"JMOE_ACT_BWD_SPLIT={os.environ.get('JMOE_ACT_BWD_SPLIT', '(unset: 0)')}; "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+        + "".join(f"{k}={os.environ[k]}; " for k in sorted(os.environ)
+                  if k.startswith("JMOE_") and k != "JMOE_AUTOTUNE")
+        + time.strftime('%Y-%m-%d %H:%M:%S'), flush=True)
   results = {}
   for name in args.cases.split(","):
     t, d, f, e, top_k, *_ = CASES[name]
