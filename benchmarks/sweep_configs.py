@@ -14,7 +14,7 @@ after warm-up). The current default is marked `*`. Besides configs it times:
   in XLA (`"prescale"`), and dW_up with `x` gathered in the kernel or by XLA
   first (`"pregather"`), dW_up / dW_down separately.
 
-Usage (GPU machine, `JMOE_AUTOTUNE=0` is set by the script)::
+Usage (GPU machine; `main` sets `JMOE_AUTOTUNE=0` while it runs)::
 
   python -m benchmarks.sweep_configs --cases small,e64,big --json out.json
 """
@@ -27,16 +27,14 @@ import json
 import os
 import sys
 
-os.environ["JMOE_AUTOTUNE"] = "0"
+import jax
+import jax.numpy as jnp
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-
-from benchmarks.gpu_kernels import CASES, make_inputs, time_fn  # pylint: disable=wrong-import-position
-from jmoe.ops import expert_ffn as ffn  # pylint: disable=wrong-import-position
-from jmoe.ops import grouped_matmul as gmm  # pylint: disable=wrong-import-position
-from jmoe.ops.grouped_matmul import GemmConfig  # pylint: disable=wrong-import-position
-from jmoe.ops.tgmm import TgmmConfig, tgmm  # pylint: disable=wrong-import-position
+from benchmarks.gpu_kernels import CASES, make_inputs, time_fn
+from jmoe.ops import expert_ffn as ffn
+from jmoe.ops import grouped_matmul as gmm
+from jmoe.ops.grouped_matmul import GemmConfig
+from jmoe.ops.tgmm import TgmmConfig, tgmm
 
 ACT = "swiglu"
 
@@ -227,11 +225,19 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   rows: list = []
-  for name in args.cases.split(","):
-    sweep_case(name, args.reps, rows, args.backend, args.stages.split(","))
-    if args.json:
-      with open(args.json, "w") as fh:
-        json.dump(rows, fh, indent=1)
+  saved = os.environ.get(gmm.AUTOTUNE_ENV)
+  os.environ[gmm.AUTOTUNE_ENV] = "0"  # every launch takes the pinned (swept) config
+  try:
+    for name in args.cases.split(","):
+      sweep_case(name, args.reps, rows, args.backend, args.stages.split(","))
+      if args.json:
+        with open(args.json, "w") as fh:
+          json.dump(rows, fh, indent=1)
+  finally:
+    if saved is None:
+      del os.environ[gmm.AUTOTUNE_ENV]
+    else:
+      os.environ[gmm.AUTOTUNE_ENV] = saved
   return 0
 
 

@@ -308,3 +308,25 @@ def test_run_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
       run.main(argv)
   assert "unknown" in capsys.readouterr().err
+
+
+def test_sweep_configs_runs_under_the_interpreter(tmp_path):
+  """`benchmarks/sweep_configs.py` (the H100 tile sweep) on the tiny case: every
+  stage times its default (marked) and the candidates without failing."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from benchmarks import sweep_configs  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "sweep.json"
+  assert sweep_configs.main(["--cases", "tiny", "--reps", "1", "--backend", "interpret",
+                             "--stages", "act_bwd,dW_up,dW_down",
+                             "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())
+  stages = {r["stage"] for r in rows}
+  assert stages == {"act_bwd", "dW_up", "dW_down"}
+  for stage in stages:
+    mine = [r for r in rows if r["stage"] == stage]
+    assert sum(r["default"] for r in mine) == 1, stage
+    assert all(r["ms"] > 0 for r in mine)
+  modes = {r["config"].split()[-1] for r in rows if r["stage"] == "dW_down"}
+  assert modes == {"prescale", "pregather_b", "kernel"}
