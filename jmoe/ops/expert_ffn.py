@@ -45,6 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jmoe._checks import check_expert_kernels
 from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
 from jmoe.ops.act_bwd import GATE_ACTIVATION as _GATE_ACTIVATION
@@ -297,23 +298,12 @@ def _check(x, expert_ids, weights, kept, up_kernel, down_kernel, activation):
       raise ValueError(
           f"{name} must have shape [t, top_k]={expert_ids.shape}, got {a.shape}"
       )
-  if up_kernel.ndim != 3 or up_kernel.shape[1] != d:
+  if getattr(up_kernel, "ndim", 0) != 3:
     raise ValueError(
-        f"up_kernel must have shape [e, d={d}, f] ([e, d, 2f] gated), got "
-        f"{up_kernel.shape}"
+        f"up_kernel must have shape [e, d={d}, {'2f' if _is_gated(activation) else 'f'}], "
+        f"got {getattr(up_kernel, 'shape', up_kernel)}"
     )
-  e, _, pf = up_kernel.shape
-  gated = _is_gated(activation)
-  if gated and pf % 2:
-    raise ValueError(
-        f"up_kernel must have shape [e, d, 2f] for {activation!r} (an even last "
-        f"dimension), got {up_kernel.shape}"
-    )
-  f = pf // 2 if gated else pf
-  if down_kernel.shape != (e, f, d):
-    raise ValueError(
-        f"down_kernel must have shape [e={e}, f={f}, d={d}], got {down_kernel.shape}"
-    )
+  check_expert_kernels(up_kernel, down_kernel, d, up_kernel.shape[0], activation)
   for name, a in (("up_kernel", up_kernel), ("down_kernel", down_kernel)):
     if not any(a.dtype == dt for dt in _DTYPES):
       raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
