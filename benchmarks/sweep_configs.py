@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -38,8 +39,8 @@ from jmoe.ops.tgmm import TgmmConfig, tgmm
 
 ACT = "swiglu"
 
-# (label, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, SPLIT_N); BLOCK_M comes
-# from the tile schedule.
+# (BLOCK_N, BLOCK_K, GROUP_M, warps, stages, SPLIT_N); BLOCK_M comes from the
+# tile schedule.
 UP_CANDIDATES = (
     (128, 64, 8, 8, 4, 1),
     (64, 64, 8, 8, 4, 1),
@@ -79,7 +80,7 @@ def pinned(kind: str, cfg: GemmConfig | None):
 
   def patched(k, block_m, n, kk, backend, gated=False):
     if k == kind and cfg is not None:
-      return dataclasses_replace(cfg, block_m=block_m)
+      return dataclasses.replace(cfg, block_m=block_m)
     return original(k, block_m, n, kk, backend, gated)
 
   gmm.default_config = patched
@@ -87,17 +88,6 @@ def pinned(kind: str, cfg: GemmConfig | None):
     yield
   finally:
     gmm.default_config = original
-
-
-def dataclasses_replace(cfg, **kw):
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
-  return dataclasses.replace(cfg, **kw)
-
-
-def gemm_cfg(c) -> GemmConfig:
-  bn, bk, gm, w, s, split = c
-  return GemmConfig(0, bn, bk, gm, w, s, split)
 
 
 STAGES = ("up", "down", "act_bwd", "act_bwd_f", "dx", "dW_up", "dW_down")
@@ -131,8 +121,7 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton",
     if stage not in stages:
       return
     seen = set()
-    for c in (default,) + tuple(dataclasses_replace(gemm_cfg(c), block_m=block_m)
-                                for c in candidates):
+    for c in (default,) + tuple(GemmConfig(block_m, *c) for c in candidates):
       if c in seen:
         continue
       seen.add(c)

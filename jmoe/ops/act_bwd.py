@@ -13,8 +13,8 @@ Two implementations (`JMOE_ACT_BWD`):
 - `"two_pass"` (default): a plain grouped GEMM stores `g` in the operand
   dtype (`_grouped_gemm_kernel` with the token gather, its best 128x256 tiles),
   then `_act_bwd_elementwise_kernel` streams `g` and `pre` once. Measured on
-  the H100 (benchmarks/results/sweep_h100.md): 4.1 vs 5.1 ms (Mixtral-like),
-  0.92 vs 1.04 ms (64 experts) against the fused kernel's best config. Costs a
+  the H100 (benchmarks/results/sweep_h100.md): 3.80 vs 5.06 ms (Mixtral-like),
+  0.83 vs 1.04 ms (64 experts) against the fused kernel's best config. Costs a
   transient `[tk, f]` buffer and one rounding of `g` to the operand dtype.
 - `"fused"`: `_grouped_gemm_act_bwd_kernel`, the same epilogue on the float32
   accumulator. Its 128-column epilogue spills, so it runs two 64-wide
@@ -24,11 +24,10 @@ Two implementations (`JMOE_ACT_BWD`):
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
+from jmoe._env import env_choice
 from jmoe.ops import grouped_matmul as gmm_lib
 from jmoe.reference.activations import is_gated
 
@@ -40,10 +39,7 @@ ACT_BWD_IMPLS = ("two_pass", "fused")
 
 def act_bwd_impl() -> str:
   """`JMOE_ACT_BWD`: "two_pass" (default) or "fused"."""
-  impl = os.environ.get(ACT_BWD_ENV, "two_pass").strip() or "two_pass"
-  if impl not in ACT_BWD_IMPLS:
-    raise ValueError(f"{ACT_BWD_ENV} must be one of {ACT_BWD_IMPLS}, got {impl!r}")
-  return impl
+  return env_choice(ACT_BWD_ENV, ACT_BWD_IMPLS, "two_pass")
 
 
 def _elementwise_blocks(backend: str) -> dict[str, int]:

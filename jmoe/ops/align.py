@@ -26,11 +26,12 @@ keys (the only sort), a scatter for `pos`, and O(tiles * experts) compares.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jmoe._env import env_choice
 
 
 class Alignment(NamedTuple):
@@ -138,10 +139,7 @@ ALIGN_IMPLS = ("triton", "xla")
 def align_impl() -> str:
   """Which align runs in `expert_ffn`: `JMOE_ALIGN` ("triton" or "xla"), default
   "triton" (one kernel launch; see benchmarks/results/kernels_h100.md)."""
-  impl = os.environ.get(ALIGN_IMPL_ENV, "triton").strip() or "triton"
-  if impl not in ALIGN_IMPLS:
-    raise ValueError(f"{ALIGN_IMPL_ENV} must be one of {ALIGN_IMPLS}, got {impl!r}")
-  return impl
+  return env_choice(ALIGN_IMPL_ENV, ALIGN_IMPLS, "triton")
 
 
 def align_triton(

@@ -39,13 +39,13 @@ up GEMM (a third of the forward's flops) to save that memory.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jmoe._checks import check_expert_kernels
+from jmoe._env import env_choice
 from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
 from jmoe.ops.act_bwd import GATE_ACTIVATION as _GATE_ACTIVATION
@@ -68,9 +68,7 @@ def slot_rows_dtype(dtype: Any) -> Any:
   truncates to bf16, it exceeds the 1e-2 bf16 test bound). Timed in
   benchmarks/results/sweep_h100.md.
   """
-  mode = os.environ.get(SLOT_ROWS_ENV, "float32").strip() or "float32"
-  if mode not in ("input", "float32"):
-    raise ValueError(f"{SLOT_ROWS_ENV} must be 'input' or 'float32', got {mode!r}")
+  mode = env_choice(SLOT_ROWS_ENV, ("float32", "input"), "float32")
   return jnp.float32 if mode == "float32" else dtype
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe._env import env_flag
 from jmoe.ops import align as align_lib
 
 AUTOTUNE_ENV = "JMOE_AUTOTUNE"
@@ -93,7 +93,7 @@ def autotune_enabled() -> bool:
   With autotuning off, every launch uses `default_config` (a fixed config:
   faster compiles, and bit-identical results across processes).
   """
-  return os.environ.get(AUTOTUNE_ENV, "1").strip() not in ("0", "false", "False")
+  return env_flag(AUTOTUNE_ENV, True)
 
 
 def act_bwd_split_enabled() -> bool:
@@ -105,7 +105,7 @@ def act_bwd_split_enabled() -> bool:
   (Mixtral-like / 64 experts / small). `JMOE_ACT_BWD_SPLIT=0` keeps one
   accumulator (BLOCK_N=64 gated, which reads dy twice as often, or 128).
   """
-  return os.environ.get(ACT_BWD_SPLIT_ENV, "1").strip() not in ("0", "false", "False")
+  return env_flag(ACT_BWD_SPLIT_ENV, True)
 
 
 def block_m_for(rows: int, groups: int, backend: str) -> int:
@@ -160,7 +160,7 @@ def dot_flags(dtype: Any, backend: str) -> dict[str, Any]:
   }
 
 
-def tgmm_config(backend: str, rows: int = 0, groups: int = 1):
+def tgmm_config(backend: str, rows: int, groups: int):
   """The `TgmmConfig` for weight gradients: pinned when autotuning is off.
 
   `rows` contracted over `groups` groups: at 1024 rows per group or fewer

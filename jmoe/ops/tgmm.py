@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe._backend import resolve_backend
+from jmoe._env import env_value
 from jmoe.reference.tgmm import group_offsets, tgmm_vjp
 from jmoe.reference.tgmm import tgmm as reference_tgmm
 
@@ -354,13 +354,13 @@ def tgmm(
         f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
     )
   if row_scale_mode is None:
-    row_scale_mode = os.environ.get(ROW_SCALE_MODE_ENV, "prescale").strip() or "prescale"
+    row_scale_mode = env_value(ROW_SCALE_MODE_ENV, "prescale")
   if row_scale_mode not in ROW_SCALE_MODES:
     raise ValueError(
         f"row_scale_mode must be one of {ROW_SCALE_MODES}, got {row_scale_mode!r}"
     )
   if gather_mode is None:
-    gather_mode = os.environ.get(GATHER_MODE_ENV, "xla").strip() or "xla"
+    gather_mode = env_value(GATHER_MODE_ENV, "xla")
   if gather_mode not in GATHER_MODES:
     raise ValueError(f"gather_mode must be one of {GATHER_MODES}, got {gather_mode!r}")
   if config is not None and not isinstance(config, TgmmConfig):

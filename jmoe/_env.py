@@ -1,0 +1,27 @@
+"""Reading jmoe's `JMOE_*` environment switches (one place for the parsing)."""
+
+from __future__ import annotations
+
+import os
+
+
+def env_value(name: str, default: str) -> str:
+  """`$name` stripped, or `default` when unset or blank."""
+  return os.environ.get(name, default).strip() or default
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+  """`$name` (default `default`), which must be one of `choices`.
+
+  Raises:
+    ValueError: naming the variable, the allowed values and the value found.
+  """
+  value = env_value(name, default)
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+  return value
+
+
+def env_flag(name: str, default: bool) -> bool:
+  """`$name` as a switch: "0", "false" or "False" is off, any other value on."""
+  return env_value(name, "1" if default else "0") not in ("0", "false", "False")
