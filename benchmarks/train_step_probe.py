@@ -14,7 +14,8 @@ routing it produces); C ~ B > A means it gets slower with process time
 
 Usage::
 
-  python -m benchmarks.train_step_probe --preset gpu --backend triton --steps 200
+  python -m benchmarks.train_step_probe --preset gpu --backend triton --steps 200 \
+      [--trace /tmp/probe_trace]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
 import train_lm  # pylint: disable=wrong-import-position
 
+from benchmarks import trace_summary  # pylint: disable=wrong-import-position
+
 
 def _copy(tree):
   return jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, tree)
@@ -44,6 +47,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--window", type=int, default=25)
   parser.add_argument("--probe", type=int, default=8, help="timed steps per probe")
   parser.add_argument("--max-bytes", type=int, default=0)
+  parser.add_argument("--trace", default="",
+                      help="directory: also trace 3 steps of A and B with "
+                      "jax.profiler and print where the time went "
+                      "(benchmarks/trace_summary.py)")
   args = parser.parse_args(argv)
 
   cfg = train_lm.Config(**{**train_lm.PRESETS[args.preset], "backend": args.backend,
@@ -73,6 +80,16 @@ def main(argv=None) -> dict:
     print(f"probe {name}: {ms:.1f} ms per step (median of {args.probe}; the call "
           f"returns after {statistics.median(dispatch) * 1e3:.1f} ms), dropped "
           f"{np.mean(dropped):.1%}", flush=True)
+    if args.trace:
+      log_dir = pathlib.Path(args.trace) / name.split()[0]
+      with jax.profiler.trace(str(log_dir)):
+        for i in range(3):
+          inputs, targets = train_lm.get_batch(data, cfg.batch_size, cfg.seq_len,
+                                               cfg.seed, first_step + args.probe + i)
+          params, opt, other, m = train_step(params, opt, other, inputs, targets)
+          jax.block_until_ready(m["loss"])
+      trace_summary.summarize(str(log_dir))
+      trace_summary.summarize(str(log_dir), top=15, pattern="/host:CPU")
 
   probe("A init params, start", init, 0)
   params, opt, other = state.params, state.opt_state, state.other
