@@ -114,3 +114,33 @@ def test_cli_flags(train_lm):
   assert cfg.backend == "triton" and cfg.dtype == "bfloat16"
   cfg, _ = train_lm.parse_args(["--tiny"])
   assert cfg.backend == "reference" and cfg.capacity_factor == 1.25
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embed_bytes_matches_nnx_embed(train_lm, dtype):
+  """The one-hot embedding gives `nnx.Embed`'s rows exactly, and the same table
+  gradient as its gather (up to the scatter's bf16 rounding of each add)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  embed = nnx.Embed(train_lm.VOCAB, 24, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (3, 37), 0, train_lm.VOCAB)
+  np.testing.assert_array_equal(
+      np.asarray(train_lm.embed_bytes(embed, tokens, jnp.dtype(dtype)), np.float32),
+      np.asarray(embed(tokens), np.float32))
+  dh = jax.random.normal(jax.random.key(2), (3, 37, 24), jnp.float32)
+
+  def grad_of(fn):
+    table = embed.embedding[...]
+
+    def loss(t):
+      e = nnx.Embed(train_lm.VOCAB, 24, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+      e.embedding[...] = t
+      return jnp.sum(fn(e).astype(jnp.float32) * dh)
+    return np.asarray(jax.grad(loss)(table))
+
+  got = grad_of(lambda e: train_lm.embed_bytes(e, tokens, jnp.dtype(dtype)))
+  want = grad_of(lambda e: e(tokens))
+  tol = 1e-5 if dtype == "float32" else 3e-2
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+  assert np.abs(got).max() > 0
