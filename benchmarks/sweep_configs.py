@@ -12,8 +12,7 @@ after warm-up). The current default is marked `*`. Besides configs it times:
   (`SPLIT_N` 1 or 2; stage `act_bwd_f`);
 - dW_down's row scale in the kernel (`row_scale_mode="kernel"`) and prescaled
   in XLA (`"prescale"`), and dW_up with `x` gathered in the kernel or by XLA
-  first (`"pregather"`), dW_up / dW_down separately; both also with the
-  row-streaming schedule (`"stream"`, `STREAM_CANDIDATES`).
+  first (`"pregather"`), dW_up / dW_down separately.
 
 Usage (GPU machine; `main` sets `JMOE_AUTOTUNE=0` while it runs)::
 
@@ -71,18 +70,6 @@ TGMM_CANDIDATES = (
     (64, 128, 128, 8, 4, 3),
     (64, 128, 128, 8, 4, 4),
     (64, 256, 128, 8, 8, 4),
-)
-# The row-streaming schedule (`schedule="stream"`): the same fields plus
-# groups_per_chunk (0: auto).
-STREAM_CANDIDATES = (
-    (64, 128, 256, 8, 8, 3, 0),
-    (64, 128, 256, 8, 8, 4, 0),
-    (64, 128, 128, 8, 4, 3, 0),
-    (64, 128, 128, 8, 8, 4, 0),
-    (64, 256, 128, 8, 8, 3, 0),
-    (128, 128, 128, 8, 8, 3, 0),
-    (64, 128, 256, 8, 8, 3, 2),
-    (64, 128, 256, 8, 8, 3, 16),
 )
 
 
@@ -175,27 +162,15 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton",
   for stage, flops in (("dW_up", 2.0 * tk * d * 2 * f), ("dW_down", 2.0 * tk * f * d)):
     if stage not in stages:
       continue
-    modes = (("prescale", "pregather_b", "kernel", "stream") if stage == "dW_down"
-             else ("pregather", "gather", "stream"))
+    modes = (("prescale", "pregather_b", "kernel") if stage == "dW_down"
+             else ("pregather", "gather"))
     for mode in modes:
       seen = set()
-      candidates = (tuple(TgmmConfig(*c) for c in STREAM_CANDIDATES) if mode == "stream"
-                    else (default_t,) + tuple(TgmmConfig(*c) for c in TGMM_CANDIDATES))
-      for c in candidates:
+      for c in (default_t,) + tuple(TgmmConfig(*c) for c in TGMM_CANDIDATES):
         if c in seen:
           continue
         seen.add(c)
-        if mode == "stream" and stage == "dW_up":
-          fn = jax.jit(lambda x, dp, al, c=c: tgmm(
-              x, dp, al.group_sizes, a_row_index=al.token, out_dtype=jnp.bfloat16,
-              backend=be, config=c, schedule="stream"))
-          args = (x, d_pre, al)
-        elif mode == "stream":
-          fn = jax.jit(lambda h, dy, al, w, c=c: tgmm(
-              h, dy, al.group_sizes, b_row_index=al.token, row_scale=w,
-              out_dtype=jnp.bfloat16, backend=be, config=c, schedule="stream"))
-          args = (h, dy, al, w_sorted)
-        elif stage == "dW_up" and mode == "gather":
+        if stage == "dW_up" and mode == "gather":
           fn = jax.jit(lambda x, dp, al, c=c: tgmm(
               x, dp, al.group_sizes, a_row_index=al.token, out_dtype=jnp.bfloat16,
               backend=be, config=c, gather_mode="kernel"))
@@ -217,7 +192,6 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton",
           args = (h, dy, al, w_sorted)
         label = (f"{c.block_m}x{c.block_k}x{c.block_n} g{c.group_size} "
                  f"w{c.num_warps} s{c.num_stages}"
-                 + (f" gpc{c.groups_per_chunk}" if mode == "stream" else "")
                  + f" {mode}")
         try:
           ms, _, _ = time_fn(fn, *args, reps=reps)

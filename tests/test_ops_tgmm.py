@@ -10,7 +10,6 @@ the MoE benchmark shapes added. The kernel is compared with `tgmm_reference`
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 
@@ -23,7 +22,6 @@ import pytest
 
 import helpers
 from jmoe.ops import tgmm as tgmm_lib
-from jmoe.ops import tgmm_stream
 from jmoe.ops.tgmm import GATHER_MODES, ROW_SCALE_MODES, TgmmConfig, tgmm, tgmm_reference
 
 BF16 = ml_dtypes.bfloat16
@@ -199,23 +197,6 @@ class TgmmTestBase:
                            err_msg=mode)
     np.testing.assert_array_equal(outs["xla"], outs["kernel"])
 
-  @pytest.mark.parametrize("groups_per_chunk", [0, 1, 2, 9])
-  @pytest.mark.parametrize("m,ka,n,g,kind", [SHAPES[3], SHAPES[4], SHAPES[6], SHAPES[7]])
-  def test_stream_schedule(self, rng, m, ka, n, g, kind, groups_per_chunk):
-    # One flat row loop over consecutive groups ("stream") against one program
-    # per group ("tile"): the same dots in the same order, bit for bit; every
-    # element written (the interpreter poisons outputs), empty groups zero.
-    a, b, sizes, kw = _inputs(rng, m, ka, n, g, kind, BF16, OPTIONS[1])
-    cfg = dataclasses.replace(self.CONFIG or TgmmConfig.get_interpret_default(),
-                              groups_per_chunk=groups_per_chunk)
-    outs = {}
-    for schedule in tgmm_lib.SCHEDULES:
-      fn = jax.jit(functools.partial(self._tgmm, schedule=schedule, config=cfg, **kw))
-      outs[schedule] = np.asarray(fn(a, b, sizes).astype(jnp.float32))
-    helpers.assert_close(outs["stream"], _oracle(a, b, sizes, **kw), BF16)
-    np.testing.assert_array_equal(outs["stream"], outs["tile"])
-    assert np.all(outs["stream"][np.asarray(sizes) == 0] == 0)
-
   def test_gradients(self, rng):
     # The backward is `tgmm_vjp` (XLA); check it against finite differences of
     # the kernel's forward, with repeated rows in both index arrays.
@@ -270,8 +251,6 @@ class TgmmTestBase:
          "row_scale_mode must be one of"),
         ((a, b, sizes), {"gather_mode": "smem"}, ValueError,
          "gather_mode must be one of"),
-        ((a, b, sizes), {"schedule": "persistent"}, ValueError,
-         "schedule must be one of"),
     ]
     for args, kwargs, error, pattern in cases:
       with pytest.raises(error, match=pattern):
@@ -393,7 +372,6 @@ class TestTgmmTriton(TgmmTestBase):
   # every config); the MoE shapes below autotune.
   CONFIG = TgmmConfig(32, 64, 64, 4, num_warps=4, num_stages=3)
 
-  @pytest.mark.parametrize("schedule", ["tile", "stream"])
   @pytest.mark.parametrize(
       "m,ka,n,g,skewed,options",
       [
@@ -403,7 +381,7 @@ class TestTgmmTriton(TgmmTestBase):
           (49152, 1408, 2048, 64, True, (False, True, True)),
       ],
   )
-  def test_moe_shapes_bf16(self, m, ka, n, g, skewed, options, schedule):
+  def test_moe_shapes_bf16(self, m, ka, n, g, skewed, options):
     rng = helpers.rng_for(f"tgmm-{m}-{ka}-{n}-{g}")
     key = jax.random.key(int(rng.integers(1 << 30)))
     ka_, kb = jax.random.split(key)
@@ -418,10 +396,7 @@ class TestTgmmTriton(TgmmTestBase):
       kw["b_row_index"] = jnp.asarray(rng.permutation(m).astype(np.int32))
     if has_s:
       kw["row_scale"] = jnp.asarray(rng.uniform(0.1, 1.0, m).astype(np.float32))
-    # The stream schedule runs pinned configs: the MoE default for the shape.
-    config = (None if schedule == "tile" else
-              TgmmConfig(64, 128, 128, 8, 4, 3) if m <= 1024 * g else TgmmConfig())
-    fn = jax.jit(functools.partial(self._tgmm, config=config, schedule=schedule, **kw))
+    fn = jax.jit(functools.partial(self._tgmm, config=None, **kw))
     sizes = jnp.asarray(sizes)
     out = fn(a, b, sizes)
     # XLA's ragged_dot_general (one compile; per-group slices would compile once
@@ -453,35 +428,5 @@ def test_row_scale_mode_env_default(monkeypatch):
   with pytest.raises(ValueError, match="row_scale_mode must be one of"):
     tgmm(a, b, sizes, backend="interpret", **kw)
   monkeypatch.delenv(tgmm_lib.ROW_SCALE_MODE_ENV)
-  want = tgmm(a, b, sizes, backend="interpret", **kw)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-def test_stream_step_schedule():
-  """`step_schedule`: steps group after group, one masked step per empty group,
-  rows past `sum(group_sizes)` left out, chunks of whole groups."""
-  sizes = jnp.asarray([5, 0, 9, 3], jnp.int32)  # offsets 0 5 5 14 17; m = 20
-  row0, end, group, chunk_steps = tgmm_stream.step_schedule(sizes, 20, 4, 3)
-  steps = [(int(r), int(e), int(gi)) for r, e, gi in zip(row0, end, group)]
-  # group 0: rows 0-4 (2 steps), 1: empty (1 step), 2: rows 5-13 (3), 3: 14-16 (1)
-  assert steps[:7] == [(0, 5, 0), (4, 5, 0), (5, 5, 1), (5, 14, 2), (9, 14, 2),
-                       (13, 14, 2), (14, 17, 3)]
-  assert len(steps) == 5 + 4  # the static bound cdiv(m, block_m) + g
-  assert chunk_steps.tolist() == [0, 6, 7]  # groups [0, 3), [3, 4)
-  assert tgmm_stream.num_chunks(64, 176) == (6, 11)
-  assert tgmm_stream.num_chunks(8, 3584) == (1, 8)
-  assert tgmm_stream.num_chunks(8, 144, 3) == (3, 3)
-
-
-def test_schedule_env_default(monkeypatch):
-  """`schedule=None` reads `JMOE_TGMM_SCHEDULE`; a bad value names the argument."""
-  rng = helpers.rng_for("schedule-env")
-  a, b, sizes, kw = _inputs(rng, 37, 48, 33, 4, "random", BF16, OPTIONS[1])
-  monkeypatch.setenv(tgmm_lib.SCHEDULE_ENV, "stream")
-  got = tgmm(a, b, sizes, backend="interpret", **kw)
-  monkeypatch.setenv(tgmm_lib.SCHEDULE_ENV, "bogus")
-  with pytest.raises(ValueError, match="schedule must be one of"):
-    tgmm(a, b, sizes, backend="interpret", **kw)
-  monkeypatch.setenv(tgmm_lib.SCHEDULE_ENV, "tile")
   want = tgmm(a, b, sizes, backend="interpret", **kw)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

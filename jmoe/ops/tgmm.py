@@ -61,13 +61,6 @@ ROW_SCALE_MODE_ENV = "JMOE_TGMM_ROW_SCALE_MODE"
 # 9.58 / 1.63 / 0.261 ms (Mixtral-like / 64 experts / small).
 GATHER_MODES = ("xla", "kernel")
 GATHER_MODE_ENV = "JMOE_TGMM_GATHER"
-# How programs walk the groups (16-bit operands, `a` neither gathered in the
-# kernel nor scaled there; otherwise "tile"): "tile", one program per output
-# tile and group (`jmoe.kernels.tgmm`), or "stream", one program per output
-# tile and chunk of consecutive groups with one flat loop over their rows
-# (`jmoe.kernels.tgmm_stream`: no pipeline fill or exposed epilogue per group).
-SCHEDULES = ("tile", "stream")
-SCHEDULE_ENV = "JMOE_TGMM_SCHEDULE"
 
 _SHAPES_DOC = (
     "tgmm(a [m, ka], b [m, n], group_sizes [g]; a_row_index [m] -> a [ma, ka], "
@@ -86,8 +79,6 @@ class TgmmConfig:
     group_size: tile swizzle band height, in tiles.
     num_warps: warps per program (GPU only).
     num_stages: software-pipelining depth (GPU only).
-    groups_per_chunk: `schedule="stream"` only: consecutive groups per
-      program (0: auto, about `jmoe.ops.tgmm_stream.TARGET_PROGRAMS` programs).
   """
 
   block_m: int = 64
@@ -96,7 +87,6 @@ class TgmmConfig:
   group_size: int = 8
   num_warps: int = 8
   num_stages: int = 3
-  groups_per_chunk: int = 0
 
   def metaparams(self) -> dict[str, int]:
     return {
@@ -197,8 +187,7 @@ def prescale_rows(a, a_row_index, row_scale) -> jax.Array:
 
 def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
             out_dtype, input_precision, backend, config,
-            row_scale_mode="kernel", gather_mode="kernel",
-            schedule="tile") -> jax.Array:
+            row_scale_mode="kernel", gather_mode="kernel") -> jax.Array:
   import triton  # pylint: disable=import-outside-toplevel
 
   from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
@@ -216,16 +205,6 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   if a_row_index is not None and gather_mode == "xla":
     a = jnp.take(a, a_row_index, axis=0, mode="clip")
     a_row_index = None
-  if (schedule == "stream" and a_row_index is None and row_scale is None
-      and a.dtype != jnp.float32):
-    from jmoe.ops.tgmm_stream import launch_stream  # pylint: disable=import-outside-toplevel
-
-    if config is None:
-      config = (TgmmConfig.get_interpret_default() if backend == "interpret"
-                else TgmmConfig())
-    return launch_stream(a, b, group_sizes, b_row_index, m=m, out_dtype=out_dtype,
-                         input_precision=input_precision, backend=backend,
-                         config=config)
   offsets = group_offsets(group_sizes, m)
   dummy_index = jnp.zeros((1,), jnp.int32)
   args = (
@@ -283,7 +262,7 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
 @functools.cache
 def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
              config: TgmmConfig | None, row_scale_mode: str = "kernel",
-             gather_mode: str = "kernel", schedule: str = "tile"):
+             gather_mode: str = "kernel"):
   """The custom_vjp op for one static configuration."""
 
   def forward(a, b, group_sizes, a_row_index, b_row_index, row_scale):
@@ -291,7 +270,6 @@ def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
         a, b, group_sizes, a_row_index, b_row_index, row_scale, m=m,
         out_dtype=out_dtype, input_precision=input_precision, backend=backend,
         config=config, row_scale_mode=row_scale_mode, gather_mode=gather_mode,
-        schedule=schedule,
     )
 
   @jax.custom_vjp
@@ -324,7 +302,6 @@ def tgmm(
     config: TgmmConfig | None = None,
     row_scale_mode: str | None = None,
     gather_mode: str | None = None,
-    schedule: str | None = None,
     backend: str = "auto",
 ) -> jax.Array:
   """Transposed grouped GEMM: `out[gi] = sum_{r in gi} A_r^T (s_r * B_r)`.
@@ -361,11 +338,6 @@ def tgmm(
       else `"xla"`), or with `a_row_index`, `"xla"` (XLA gathers the rows of
       `a` into an `[m, ka]` array first; 1.1-1.3x faster on the H100) or
       `"kernel"` (the kernel gathers them). Same numbers either way.
-    schedule: None (default: the environment variable `JMOE_TGMM_SCHEDULE`,
-      else `"tile"`), `"tile"` or `"stream"` (one flat loop over the rows of
-      consecutive groups per program; 16-bit operands with `a` gathered and
-      scaled by XLA, else `"tile"`; pinned config, no autotuning). Same sums
-      in the same order per group either way.
     backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
 
   Returns:
@@ -391,10 +363,6 @@ def tgmm(
     gather_mode = env_value(GATHER_MODE_ENV, "xla")
   if gather_mode not in GATHER_MODES:
     raise ValueError(f"gather_mode must be one of {GATHER_MODES}, got {gather_mode!r}")
-  if schedule is None:
-    schedule = env_value(SCHEDULE_ENV, "tile")
-  if schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   if config is not None and not isinstance(config, TgmmConfig):
     raise TypeError(f"config must be a TgmmConfig or None, got {type(config).__name__}")
   out_dtype = jnp.dtype(out_dtype)
@@ -405,7 +373,7 @@ def tgmm(
         row_scale=row_scale, out_dtype=out_dtype,
     )
   op = _tgmm_fn(m, out_dtype, input_precision, backend, config, row_scale_mode,
-                gather_mode, schedule)
+                gather_mode)
   return op(a, b, group_sizes, a_row_index, b_row_index, row_scale)
 
 
