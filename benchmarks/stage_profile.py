@@ -154,11 +154,16 @@ def jmoe_stages(case: Case, x, params, backend: str
     al, w_sorted, _ = ffn.plan(expert_ids, kept, weights, e, backend)
     return al, w_sorted
 
-  def up(x, up_k, al, save=False):
-    return ffn.up_stage(x, up_k, al, block_m, activation, backend, save)
+  # The router weights scale h in the up epilogue (default) or the down GEMM
+  # (`JMOE_ROUTER_SCALE=down`), as in the fused op.
+  scale_up = ffn.router_scale_stage() == "up"
+
+  def up(x, up_k, al, w_sorted, save=False):
+    return ffn.up_stage(x, up_k, al, block_m, activation, backend, save,
+                        w_sorted if scale_up else None)
 
   def down_combine(h, down_k, al, w_sorted):
-    o = ffn.down_stage(h, down_k, al, w_sorted, block_m, backend)
+    o = ffn.down_stage(h, down_k, al, None if scale_up else w_sorted, block_m, backend)
     return ffn.combine(o, al.pos, x.dtype, backend)
 
   def down_bwd(dy, down_k, al, w_sorted, pre):
@@ -166,15 +171,15 @@ def jmoe_stages(case: Case, x, params, backend: str
                              backend)
 
   def weight_grads(x, dy, h, d_pre, al, w_sorted):
-    return ffn.weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_k.dtype,
-                                 down_k.dtype, backend)
+    return ffn.weight_grad_stage(x, dy, h, d_pre, al, None if scale_up else w_sorted,
+                                 up_k.dtype, down_k.dtype, backend)
 
   def up_bwd(d_pre, up_k, al, dwp):
     dxc = ffn.dx_stage(d_pre, up_k, al, block_m, backend)
     return ffn.combine(dxc, al.pos, x.dtype, backend, dwp=dwp)
 
   al, w_sorted = jax.jit(align)(expert_ids, kept, weights)
-  h, pre = jax.jit(lambda *a: up(*a, save=True))(x, up_k, al)
+  h, pre = jax.jit(lambda *a: up(*a, save=True))(x, up_k, al, w_sorted)
   dy = _random_like(x, 1)
   d_pre, dwp = jax.jit(down_bwd)(dy, down_k, al, w_sorted, pre)
 
@@ -195,7 +200,7 @@ def jmoe_stages(case: Case, x, params, backend: str
   return [
       s_router,
       Stage("align/permute", align, (expert_ids, kept, weights)),
-      Stage("up GEMM", up, (x, up_k, al), up_bwd, (d_pre, up_k, al, dwp)),
+      Stage("up GEMM", up, (x, up_k, al, w_sorted), up_bwd, (d_pre, up_k, al, dwp)),
       Stage("down GEMM + combine", down_combine, (h, down_k, al, w_sorted),
             down_bwd, (dy, down_k, al, w_sorted, pre)),
       Stage("weight grads (2 tgmm)", None, (), weight_grads,

@@ -136,13 +136,17 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton",
       record(stage, label_of(c), ms, flops, default=c == default)
 
   # Forward: up (gated act) and down.
-  h, pre = jax.jit(lambda x, u, al: ffn.up_stage(x, u, al, block_m, ACT, be, True))(x, up, al)
+  # Router weights scale as in the op (JMOE_ROUTER_SCALE): up epilogue or down.
+  w_up, w_down = ((w_sorted, None) if ffn.router_scale_stage() == "up"
+                  else (None, w_sorted))
+  h, pre = jax.jit(lambda x, u, al, w: ffn.up_stage(x, u, al, block_m, ACT, be, True, w))(
+      x, up, al, w_up)
   run_gemm("up", "act", UP_CANDIDATES, default_of("act", f, d, True),
-           lambda: lambda x, u, al: ffn.up_stage(x, u, al, block_m, ACT, be, True),
-           (x, up, al), 2.0 * tk * d * 2 * f)
+           lambda: lambda x, u, al, w: ffn.up_stage(x, u, al, block_m, ACT, be, True, w),
+           (x, up, al, w_up), 2.0 * tk * d * 2 * f)
   run_gemm("down", "plain", DOWN_CANDIDATES, default_of("plain", d, f),
            lambda: lambda h, dn, al, w: ffn.down_stage(h, dn, al, w, block_m, be),
-           (h, down, al, w_sorted), 2.0 * tk * f * d)
+           (h, down, al, w_down), 2.0 * tk * f * d)
   # Backward: act bwd (fused), two-pass estimate, dx, tgmm.
   run_gemm("act_bwd", "plain", DOWN_CANDIDATES[:2], default_of("plain", f, d),
            lambda: lambda dy, dn, al, w, pre: ffn.act_bwd_stage(

@@ -168,6 +168,29 @@ class ExpertFfnTestBase:
     with pytest.raises(ValueError, match="JMOE_SLOT_ROWS must be"):
       ffn_lib.slot_rows_dtype(jnp.bfloat16)
 
+  @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
+  def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):
+    # JMOE_ROUTER_SCALE: router weights applied in the up GEMM's epilogue (the
+    # default; dW_down then reads the stored scaled h) or in the down GEMM's
+    # (dW_down on XLA-prescaled rows). On the same inputs both match the
+    # reference (forward and four gradients, dropped copies included), and
+    # d_x, d_weights and d_up, which never read h, are bit-identical.
+    args = _inputs(rng, 27, 40, 24, 6, 3, activation, dtype, 0.25)
+    ct = helpers.normal(rng, (27, 40), np.float32)
+    outs = {}
+    for stage in ffn_lib.ROUTER_SCALE_STAGES:
+      monkeypatch.setenv(ffn_lib.ROUTER_SCALE_ENV, stage)
+      assert ffn_lib.router_scale_stage() == stage
+      y, grads = self._check_against_reference(args, activation, dtype, ct)
+      outs[stage] = [np.asarray(v.astype(jnp.float32)) for v in (y, *grads)]
+    for i, name in ((1, "x"), (2, "weights"), (3, "up_kernel")):
+      np.testing.assert_array_equal(outs["up"][i], outs["down"][i], err_msg=name)
+
+  def test_router_scale_env_error(self, monkeypatch):
+    monkeypatch.setenv(ffn_lib.ROUTER_SCALE_ENV, "combine")
+    with pytest.raises(ValueError, match="JMOE_ROUTER_SCALE"):
+      ffn_lib.router_scale_stage()
+
   def test_reference_matches_oracle(self, rng):
     args = _inputs(rng, 13, 24, 20, 5, 2, "swiglu", np.float32, 0.2)
     y = self._ffn(*args, activation="swiglu")

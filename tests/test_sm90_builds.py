@@ -7,9 +7,10 @@ when autotuning is off, the constexprs its launcher passes and the argument
 hints jax-triton gives (16-byte aligned pointers; every other argument is a
 constexpr):
 
-  up       `_grouped_gemm_act_kernel`, gated, row gather, STORE_PRE
-           (`jmoe.ops.expert_ffn.up_stage`)
-  down     `_grouped_gemm_kernel`, row scale, float32 out (`down_stage`)
+  up       `_grouped_gemm_act_kernel`, gated, row gather, STORE_PRE, router
+           weight scale SCALE_H (`jmoe.ops.expert_ffn.up_stage`)
+  down     `_grouped_gemm_kernel`, row scale (router scale "down"), float32
+           out (`down_stage`)
   act_bwd_g  `_grouped_gemm_kernel`, dy rows gathered, down read transposed,
            bf16 out (the default two-pass `jmoe.ops.act_bwd.act_bwd_stage`)
   act_bwd  `_grouped_gemm_act_bwd_kernel`, gated, `SPLIT_N=2` default
@@ -113,10 +114,11 @@ def _launch(case_name: str, stage: str):
   if stage == "up":
     cfg = gmm_lib.default_config("act", BLOCK_M, f, d, "triton", gated=True)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tiles_ptr": "*i32",
-           "row_index_ptr": "*i32", "h_ptr": "*bf16", "pre_ptr": "*bf16"}
+           "row_index_ptr": "*i32", "row_scale_ptr": "*fp32", "h_ptr": "*bf16",
+           "pre_ptr": "*bf16"}
     const = dict(F=f, K=d, NUM_TILES=num_tiles, STRIDE_XM=d, STRIDE_WG=d * pf,
                  STRIDE_WK=pf, STRIDE_WN=1, ACTIVATION="silu", GATED=True,
-                 STORE_PRE=True, GATHER_A=True, **dot)
+                 STORE_PRE=True, SCALE_H=True, GATHER_A=True, **dot)
     return kernels._grouped_gemm_act_kernel, sig, const, cfg, "act"
   if stage == "down":
     cfg = gmm_lib.default_config("plain", BLOCK_M, d, f, "triton")

@@ -224,8 +224,9 @@ def _grouped_gemm_act_kernel(
     w_ptr,  # [G, K, F] or [G, K, 2F] (GATED: gate columns first)
     tiles_ptr,  # [3, NUM_TILES] int32
     row_index_ptr,  # [rows] int32 (GATHER_A) token of each slot
+    row_scale_ptr,  # [rows] float32 (SCALE_H) router weight of each slot
     # Outputs.
-    h_ptr,  # [rows, F] activation output, x dtype
+    h_ptr,  # [rows, F] activation output (times the row scale if SCALE_H), x dtype
     pre_ptr,  # [rows, F or 2F] pre-activation (STORE_PRE), else unused [1]
     # Sizes and strides.
     F: tl.constexpr,
@@ -239,6 +240,7 @@ def _grouped_gemm_act_kernel(
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     STORE_PRE: tl.constexpr,
+    SCALE_H: tl.constexpr,
     GATHER_A: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -247,7 +249,9 @@ def _grouped_gemm_act_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-  """`h = act(x[row] @ w[g][:, :F]) (* x[row] @ w[g][:, F:] if GATED)`."""
+  """`h = act(x[row] @ w[g][:, :F]) (* x[row] @ w[g][:, F:] if GATED)`, times
+  `row_scale[row]` in float32 before the one rounding to h's dtype if SCALE_H;
+  the pre-activation is stored unscaled."""
   pid_n, expert, row_start, row_end = _tile_coords(
       tiles_ptr, NUM_TILES, F, BLOCK_N, GROUP_M
   )
@@ -266,6 +270,9 @@ def _grouped_gemm_act_kernel(
   offs_m = row_start + tl.arange(0, BLOCK_M)
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   mask = (offs_m < row_end)[:, None] & (offs_n < F)[None, :]
+  if SCALE_H:
+    scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < row_end, other=0.0)
+    h = h * scale[:, None]
   rows64 = offs_m.to(tl.int64)[:, None]
   h_ptrs = h_ptr + rows64 * F + offs_n[None, :]
   tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)

@@ -55,6 +55,19 @@ from jmoe.reference.activations import is_gated as _is_gated
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 SLOT_ROWS_ENV = "JMOE_SLOT_ROWS"
+# Where the router weight of a copy multiplies in: "up" (default): the up
+# GEMM's epilogue stores `h = w * act(...)` (one rounding of the scaled
+# float32 value), so the down GEMM runs unscaled and dW_down = tgmm(h, dy)
+# needs no scaled copy of h; "down": the down GEMM's epilogue scales its
+# float32 accumulator and dW_down gets XLA's `bf16(w * h)` rows (a second
+# rounding, `jmoe.ops.tgmm.prescale_rows`). Measured: benchmarks/results/sweep_h100.md.
+ROUTER_SCALE_ENV = "JMOE_ROUTER_SCALE"
+ROUTER_SCALE_STAGES = ("up", "down")
+
+
+def router_scale_stage() -> str:
+  """`"up"` or `"down"`: where the router weights scale (`JMOE_ROUTER_SCALE`)."""
+  return env_choice(ROUTER_SCALE_ENV, ROUTER_SCALE_STAGES, "up")
 
 
 def slot_rows_dtype(dtype: Any) -> Any:
@@ -160,8 +173,12 @@ def plan(expert_ids, kept, weights, num_experts, backend, impl=None):
   return al, w_sorted, block_m
 
 
-def up_stage(x, up, al, block_m, activation, backend, save):
-  """Stage 2: `h [tk, f]` (and the pre-activation `[tk, pf]` if `save`)."""
+def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
+  """Stage 2: `h [tk, f]` (and the pre-activation `[tk, pf]` if `save`).
+
+  With `row_scale [tk]` float32, `h = row_scale * act(...)` (scaled in float32
+  in the epilogue, then rounded once); `pre` stays unscaled.
+  """
   t, d, e, pf, f, gated = _dims(x, up, activation)
   del t, e
   tk = al.token.shape[0]
@@ -172,6 +189,7 @@ def up_stage(x, up, al, block_m, activation, backend, save):
       up,
       al.tiles,
       al.token,
+      jnp.zeros((1,), jnp.float32) if row_scale is None else row_scale,
       out_shape=(
           jax.ShapeDtypeStruct((tk, f), x.dtype),
           jax.ShapeDtypeStruct((tk, pf) if save else (1,), x.dtype),
@@ -193,13 +211,15 @@ def up_stage(x, up, al, block_m, activation, backend, save):
       ACTIVATION=_GATE_ACTIVATION.get(activation, activation),
       GATED=gated,
       STORE_PRE=save,
+      SCALE_H=row_scale is not None,
       GATHER_A=True,
       **gmm_lib.dot_flags(x.dtype, backend),
   )
 
 
 def down_stage(h, down, al, w_sorted, block_m, backend):
-  """Stage 3: `o [tk, d]` (`slot_rows_dtype`) = `w_slot * h @ down[e]`."""
+  """Stage 3: `o [tk, d]` (`slot_rows_dtype`) = `w_slot * h @ down[e]`
+  (`h @ down[e]` when `w_sorted` is None: `h` already scaled by `up_stage`)."""
   tk, f = h.shape
   d = down.shape[2]
   return gmm_lib.grouped_gemm(
@@ -209,17 +229,22 @@ def down_stage(h, down, al, w_sorted, block_m, backend):
   )
 
 
-def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save):
+def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save,
+             scale_stage):
   al, w_sorted, block_m = plan(expert_ids, kept, weights, up.shape[0], backend)
-  h, pre = up_stage(x, up, al, block_m, activation, backend, save)
-  o = down_stage(h, down, al, w_sorted, block_m, backend)
+  scale_up = scale_stage == "up"
+  h, pre = up_stage(x, up, al, block_m, activation, backend, save,
+                    row_scale=w_sorted if scale_up else None)
+  o = down_stage(h, down, al, None if scale_up else w_sorted, block_m, backend)
   y = combine(o, al.pos, x.dtype, backend)
   residuals = (x, up, down, al, w_sorted, h, pre) if save else None
   return y, residuals
 
 
 def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backend):
-  """Backward stage 2: `(d_up [e, d, pf], d_down [e, f, d])` with tgmm."""
+  """Backward stage 2: `(d_up [e, d, pf], d_down [e, f, d])` with tgmm.
+
+  `w_sorted` None: `h` holds the scaled rows already (router scale "up")."""
   from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
 
   config = gmm_lib.tgmm_config(backend, h.shape[0], al.group_sizes.shape[0])
@@ -245,13 +270,14 @@ def dx_stage(d_pre, up, al, block_m, backend):
   )
 
 
-def _backward(activation, backend, residuals, dy):
+def _backward(activation, backend, scale_stage, residuals, dy):
   x, up, down, al, w_sorted, h, pre = residuals
   block_m = gmm_lib.block_m_for(h.shape[0], up.shape[0], backend)
   dy = dy.astype(x.dtype)
   d_pre, dwp = act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend)
   d_up, d_down = weight_grad_stage(
-      x, dy, h, d_pre, al, w_sorted, up.dtype, down.dtype, backend
+      x, dy, h, d_pre, al, None if scale_stage == "up" else w_sorted, up.dtype,
+      down.dtype, backend
   )
   dxc = dx_stage(d_pre, up, al, block_m, backend)
   dx, d_weights = combine(dxc, al.pos, x.dtype, backend, dwp=dwp)
@@ -259,19 +285,19 @@ def _backward(activation, backend, residuals, dy):
 
 
 @functools.cache
-def _expert_ffn_fn(activation: str, backend: str):
+def _expert_ffn_fn(activation: str, backend: str, scale_stage: str):
   @jax.custom_vjp
   def op(x, expert_ids, weights, kept, up, down):
     y, _ = _forward(x, expert_ids, weights, kept, up, down, activation, backend,
-                    save=False)
+                    save=False, scale_stage=scale_stage)
     return y
 
   def fwd(x, expert_ids, weights, kept, up, down):
     return _forward(x, expert_ids, weights, kept, up, down, activation, backend,
-                    save=True)
+                    save=True, scale_stage=scale_stage)
 
   def bwd(residuals, dy):
-    return _backward(activation, backend, residuals, dy)
+    return _backward(activation, backend, scale_stage, residuals, dy)
 
   op.defvjp(fwd, bwd)
   return op
@@ -350,7 +376,7 @@ def expert_ffn(
     raise ValueError(f"backend must be 'triton' or 'interpret', got {backend!r}")
   if x.shape[0] == 0 or x.shape[1] == 0:
     return jnp.zeros(x.shape, x.dtype)
-  op = _expert_ffn_fn(activation, backend)
+  op = _expert_ffn_fn(activation, backend, router_scale_stage())
   return op(
       x,
       expert_ids.astype(jnp.int32),
