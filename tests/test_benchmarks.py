@@ -330,3 +330,15 @@ def test_sweep_configs_runs_under_the_interpreter(tmp_path):
     assert all(r["ms"] > 0 for r in mine)
   modes = {r["config"].split()[-1] for r in rows if r["stage"] == "dW_down"}
   assert modes == {"prescale", "pregather_b", "kernel"}
+
+
+def test_ab_env_times_each_value_of_a_switch():
+  """`benchmarks.ab_env` compiles one variant per value and reports a median
+  for each value and mode (tiny case, interpreter)."""
+  from benchmarks import ab_env  # pylint: disable=import-outside-toplevel
+
+  result = ab_env.main(["--case", "tiny", "--var", "JMOE_ROUTER_SCALE",
+                        "--values", "up,down", "--rounds", "1", "--reps", "1",
+                        "--backend", "interpret"])
+  assert set(result) == {"up fwd", "up fwd+bwd", "down fwd", "down fwd+bwd"}
+  assert all(ms > 0 for ms in result.values())

@@ -1,0 +1,83 @@
+"""A/B timing of one `JMOE_*` switch on `expert_ffn`, interleaved (GPU).
+
+Run-to-run spread on the big MoE shapes reaches 5-10 % between separate runs
+(clocks, allocator, L2 state), which hides 1-3 % effects. This tool compiles
+the expert FFN forward and forward+backward once per value of `--var` (the
+switches are read at trace time), then times the variants in alternating
+rounds in one process, so slow drifts hit every variant alike, and prints the
+median over rounds of each (each round: `gpu_kernels.time_fn`, median of
+`--reps` samples). Inputs are those of `benchmarks/gpu_kernels.py`.
+
+Usage::
+
+  python -m benchmarks.ab_env --case big --var JMOE_ROUTER_SCALE --values up,down
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.gpu_kernels import CASES, make_inputs, time_fn
+from jmoe.ops import expert_ffn as ffn
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--case", default="big", choices=sorted(CASES))
+  parser.add_argument("--var", required=True)
+  parser.add_argument("--values", required=True, help="comma-separated")
+  parser.add_argument("--rounds", type=int, default=4)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--backend", default="triton")
+  args = parser.parse_args(argv)
+  t, d, f, e, top_k, _, _ = CASES[args.case]
+  x, ids, weights, kept, up, down, _ = make_inputs(t, d, f, e, top_k)
+  ct = jax.random.normal(jax.random.key(8), (t, d), jnp.float32)
+  op = functools.partial(ffn.expert_ffn, activation="swiglu", backend=args.backend)
+
+  def loss(x, w, u, dn):
+    return jnp.sum(op(x, ids, w, kept, u, dn).astype(jnp.float32) * ct)
+
+  saved = os.environ.get(args.var)
+  fns = {}
+  try:
+    for value in args.values.split(","):
+      os.environ[args.var] = value
+      fwd = jax.jit(lambda x, w, u, dn: op(x, ids, w, kept, u, dn))
+      fb = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))
+      jax.block_until_ready(fwd(x, weights, up, down))  # trace with the value set
+      jax.block_until_ready(fb(x, weights, up, down))
+      fns[value] = {"fwd": fwd, "fwd+bwd": fb}
+  finally:
+    if saved is None:
+      os.environ.pop(args.var, None)
+    else:
+      os.environ[args.var] = saved
+  times = {(v, m): [] for v in fns for m in ("fwd", "fwd+bwd")}
+  for r in range(args.rounds):
+    order = list(fns) if r % 2 == 0 else list(reversed(fns))
+    for value in order:
+      for mode, fn in fns[value].items():
+        ms, _, _ = time_fn(fn, x, weights, up, down, reps=args.reps)
+        times[(value, mode)].append(ms * 1e3)
+  print(f"# {jax.devices()[0].device_kind}; case {args.case} t={t} d={d} f={f} e={e} "
+        f"k={top_k}; {args.var} in {args.values}; {args.rounds} rounds x {args.reps} reps")
+  result = {}
+  for (value, mode), samples in times.items():
+    med = statistics.median(samples)
+    result[f"{value} {mode}"] = med
+    print(f"  {args.var}={value:<10} {mode:<8} median {med:8.3f} ms  rounds "
+          + " ".join(f"{s:.3f}" for s in samples), flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main()
+  sys.exit(0)
