@@ -115,8 +115,7 @@ def bench_case(name, reps, with_reference, with_moe, be="triton"):
     row(f"align ({impl})", ms, None, "identical" if same else "DIFFERENT")
   # Router weights scale h in the up epilogue ("up", default) or the down
   # GEMM's output and dW_down's prescaled rows ("down"): JMOE_ROUTER_SCALE.
-  scale_up = ffn.router_scale_stage() == "up"
-  w_up, w_down = (w_sorted, None) if scale_up else (None, w_sorted)
+  w_up, w_down = ffn.router_scale_args(w_sorted)
   print(f"  (router weights scale in the {ffn.router_scale_stage()} stage)", flush=True)
   up_fn = jax.jit(lambda x, u, al, w: ffn.up_stage(x, u, al, block_m, act, be, True, w))
   h, pre = up_fn(x, up, al, w_up)

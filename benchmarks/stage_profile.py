@@ -155,15 +155,16 @@ def jmoe_stages(case: Case, x, params, backend: str
     return al, w_sorted
 
   # The router weights scale h in the up epilogue (default) or the down GEMM
-  # (`JMOE_ROUTER_SCALE=down`), as in the fused op.
-  scale_up = ffn.router_scale_stage() == "up"
+  # (`JMOE_ROUTER_SCALE=down`), as in the fused op; read once, like the op.
+  scale_stage = ffn.router_scale_stage()
 
   def up(x, up_k, al, w_sorted, save=False):
     return ffn.up_stage(x, up_k, al, block_m, activation, backend, save,
-                        w_sorted if scale_up else None)
+                        ffn.router_scale_args(w_sorted, scale_stage)[0])
 
   def down_combine(h, down_k, al, w_sorted):
-    o = ffn.down_stage(h, down_k, al, None if scale_up else w_sorted, block_m, backend)
+    w_down = ffn.router_scale_args(w_sorted, scale_stage)[1]
+    o = ffn.down_stage(h, down_k, al, w_down, block_m, backend)
     return ffn.combine(o, al.pos, x.dtype, backend)
 
   def down_bwd(dy, down_k, al, w_sorted, pre):
@@ -171,8 +172,9 @@ def jmoe_stages(case: Case, x, params, backend: str
                              backend)
 
   def weight_grads(x, dy, h, d_pre, al, w_sorted):
-    return ffn.weight_grad_stage(x, dy, h, d_pre, al, None if scale_up else w_sorted,
-                                 up_k.dtype, down_k.dtype, backend)
+    w_down = ffn.router_scale_args(w_sorted, scale_stage)[1]
+    return ffn.weight_grad_stage(x, dy, h, d_pre, al, w_down, up_k.dtype,
+                                 down_k.dtype, backend)
 
   def up_bwd(d_pre, up_k, al, dwp):
     dxc = ffn.dx_stage(d_pre, up_k, al, block_m, backend)

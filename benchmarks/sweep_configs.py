@@ -137,8 +137,7 @@ def sweep_case(name: str, reps: int, out: list, be: str = "triton",
 
   # Forward: up (gated act) and down.
   # Router weights scale as in the op (JMOE_ROUTER_SCALE): up epilogue or down.
-  w_up, w_down = ((w_sorted, None) if ffn.router_scale_stage() == "up"
-                  else (None, w_sorted))
+  w_up, w_down = ffn.router_scale_args(w_sorted)
   h, pre = jax.jit(lambda x, u, al, w: ffn.up_stage(x, u, al, block_m, ACT, be, True, w))(
       x, up, al, w_up)
   run_gemm("up", "act", UP_CANDIDATES, default_of("act", f, d, True),

@@ -88,8 +88,9 @@ def main(argv=None) -> dict:
                                                cfg.seed, first_step + args.probe + i)
           params, opt, other, m = train_step(params, opt, other, inputs, targets)
           jax.block_until_ready(m["loss"])
-      trace_summary.summarize(str(log_dir))
-      trace_summary.summarize(str(log_dir), top=15, pattern="/host:CPU")
+      planes = trace_summary.summarize(str(log_dir))
+      if any("/device:GPU" in name for name in planes):  # else that was the host
+        trace_summary.summarize(str(log_dir), top=15, pattern="/host:CPU")
 
   probe("A init params, start", init, 0)
   params, opt, other = state.params, state.opt_state, state.other

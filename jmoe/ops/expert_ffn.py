@@ -70,6 +70,15 @@ def router_scale_stage() -> str:
   return env_choice(ROUTER_SCALE_ENV, ROUTER_SCALE_STAGES, "up")
 
 
+def router_scale_args(w_sorted, scale_stage: str | None = None):
+  """`(up_stage row_scale, down_stage / weight_grad_stage w_sorted)` for
+  `scale_stage` (default `router_scale_stage()`): `w_sorted` goes to one side,
+  None to the other."""
+  if (scale_stage or router_scale_stage()) == "up":
+    return w_sorted, None
+  return None, w_sorted
+
+
 def slot_rows_dtype(dtype: Any) -> Any:
   """dtype of the per-slot rows that the combine kernel sums (down and dx GEMMs).
 
@@ -232,10 +241,9 @@ def down_stage(h, down, al, w_sorted, block_m, backend):
 def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save,
              scale_stage):
   al, w_sorted, block_m = plan(expert_ids, kept, weights, up.shape[0], backend)
-  scale_up = scale_stage == "up"
-  h, pre = up_stage(x, up, al, block_m, activation, backend, save,
-                    row_scale=w_sorted if scale_up else None)
-  o = down_stage(h, down, al, None if scale_up else w_sorted, block_m, backend)
+  w_up, w_down = router_scale_args(w_sorted, scale_stage)
+  h, pre = up_stage(x, up, al, block_m, activation, backend, save, row_scale=w_up)
+  o = down_stage(h, down, al, w_down, block_m, backend)
   y = combine(o, al.pos, x.dtype, backend)
   residuals = (x, up, down, al, w_sorted, h, pre) if save else None
   return y, residuals
@@ -275,9 +283,9 @@ def _backward(activation, backend, scale_stage, residuals, dy):
   block_m = gmm_lib.block_m_for(h.shape[0], up.shape[0], backend)
   dy = dy.astype(x.dtype)
   d_pre, dwp = act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend)
+  _, w_down = router_scale_args(w_sorted, scale_stage)
   d_up, d_down = weight_grad_stage(
-      x, dy, h, d_pre, al, None if scale_stage == "up" else w_sorted, up.dtype,
-      down.dtype, backend
+      x, dy, h, d_pre, al, w_down, up.dtype, down.dtype, backend
   )
   dxc = dx_stage(d_pre, up, al, block_m, backend)
   dx, d_weights = combine(dxc, al.pos, x.dtype, backend, dwp=dwp)
