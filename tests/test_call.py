@@ -19,6 +19,7 @@ import triton.language as tl
 
 import helpers
 from jmoe import interpret
+from jmoe.kernels.rounding import round_to
 from jmoe.ops._call import kernel_call
 
 
@@ -287,3 +288,32 @@ def test_bool_output_and_language_restored(rng):
   np.testing.assert_array_equal(out, np.asarray(x) > 0)
   assert tl.load is load  # the interpreter's patches of triton.language are undone
   assert tl.core.reduce is reduce
+
+
+@triton.jit
+def _round_kernel(x_ptr, n, out_ptr, EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
+  offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+  mask = offs < n
+  x = tl.load(x_ptr + offs, mask=mask)
+  tl.store(out_ptr + offs, round_to(x, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
+@pytest.mark.parametrize("emulate", [True, False])
+def test_round_to_bf16_in_interpreter(rng, emulate):
+  # jmoe.kernels.rounding.round_to: with EMULATE_RNE the interpreter rounds
+  # float32 -> bf16 to nearest even exactly as XLA (and the GPU's cvt.rn) do;
+  # without it, Triton 3.6's interpreter truncates (the reason it exists).
+  x = helpers.normal(rng, (4099,), np.float32) * np.float32(3.0)
+  # Ties: values exactly halfway between two bf16 numbers round to the even one.
+  ties = (np.arange(1, 65, dtype=np.uint32) << 16 | 0x8000).view(np.float32)
+  x = np.concatenate([x, ties, -ties, np.float32([0.0, -0.0, 1e-40, np.inf, -np.inf])])
+  out = jax.jit(lambda x: kernel_call(
+      _round_kernel, x, x.size, out_shape=jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
+      grid=(-(-x.size // 512),), backend="interpret", EMULATE_RNE=emulate, BLOCK=512,
+  ))(jnp.asarray(x))
+  want = jnp.asarray(x).astype(jnp.bfloat16)
+  same = np.asarray(out).view(np.uint16) == np.asarray(want).view(np.uint16)
+  if emulate:
+    assert same.all(), np.flatnonzero(~same)[:10]
+  else:
+    assert not same.all()

@@ -141,27 +141,37 @@ class ExpertFfnTestBase:
     y_xla = self._ffn(*args, activation="geglu")
     assert np.array_equal(np.asarray(y), np.asarray(y_xla))
 
-  def test_slot_rows_in_input_dtype(self, rng, monkeypatch):
-    # JMOE_SLOT_ROWS=input: the down and dx GEMMs store bf16 rows; y and the
-    # gradients stay within twice the bf16 bound of the float32-row default.
+  def test_slot_rows_dtypes(self, rng, monkeypatch):
+    # JMOE_SLOT_ROWS: the down and dx GEMMs store bf16 rows (default "input",
+    # rounded to nearest even, also in the interpreter) or float32 rows; y and
+    # the gradients of the two agree within twice the bf16 bound, and both
+    # match the reference within the bf16 bound.
     args = _inputs(rng, 29, 40, 24, 5, 3, "swiglu", BF16, 0.3)
     ct = helpers.normal(rng, (29, 40), np.float32)
     fn = functools.partial(self._ffn, activation="swiglu")
+    ref = functools.partial(reference.expert_ffn, activation="swiglu")
 
-    def run():
+    def run(f):
       vg = jax.value_and_grad(
-          lambda x, w, u, dn: _loss(fn, ct, x, args[1], w, args[3], u, dn),
+          lambda x, w, u, dn: _loss(f, ct, x, args[1], w, args[3], u, dn),
           (0, 1, 2, 3), has_aux=True)
       (_, y), grads = jax.jit(vg)(args[0], args[2], args[4], args[5])
       return [y, *grads]
 
+    want = run(ref)
+    names = ("y", "x", "weights", "up", "down")
     monkeypatch.delenv(ffn_lib.SLOT_ROWS_ENV, raising=False)
-    assert ffn_lib.slot_rows_dtype(jnp.bfloat16) == jnp.float32
-    want = run()
-    monkeypatch.setenv(ffn_lib.SLOT_ROWS_ENV, "input")
     assert ffn_lib.slot_rows_dtype(jnp.bfloat16) == jnp.bfloat16
-    got = run()
-    for g, w, name in zip(got, want, ("y", "x", "weights", "up", "down")):
+    assert ffn_lib.slot_rows_dtype(jnp.float32) == jnp.float32
+    got_input = run(fn)
+    monkeypatch.setenv(ffn_lib.SLOT_ROWS_ENV, "float32")
+    assert ffn_lib.slot_rows_dtype(jnp.bfloat16) == jnp.float32
+    got_f32 = run(fn)
+    for got in (got_input, got_f32):
+      for g, w, name in zip(got, want, names):
+        helpers.assert_close(g, w, BF16, kind="fwd" if name == "y" else "grad",
+                             err_msg=name)
+    for g, w, name in zip(got_input, got_f32, names):
       err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
       assert err <= 2e-2 * float(jnp.max(jnp.abs(w.astype(jnp.float32)))), name
     monkeypatch.setenv(ffn_lib.SLOT_ROWS_ENV, "bf16")

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from jmoe.kernels.act_bwd import act_bwd_epilogue
 from jmoe.kernels.activations import act_fwd
+from jmoe.kernels.rounding import round_to
 
 
 @triton.jit
@@ -214,7 +215,8 @@ def _grouped_gemm_kernel(
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_CM + offs_n[None, :]
   mask = mask_m[:, None] & (offs_n < N)[None, :]
-  tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+  # DOT_F32 marks the interpreter: round bf16 rows to nearest even there too.
+  tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
 
 @triton.jit
@@ -275,15 +277,16 @@ def _grouped_gemm_act_kernel(
     h = h * scale[:, None]
   rows64 = offs_m.to(tl.int64)[:, None]
   h_ptrs = h_ptr + rows64 * F + offs_n[None, :]
-  tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
+  # DOT_F32 marks the interpreter: round to nearest even there as on the GPU.
+  tl.store(h_ptrs, round_to(h, h_ptr.dtype.element_ty, DOT_F32), mask=mask)
   if STORE_PRE:
     if GATED:
       pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
-      tl.store(pre_ptrs, gate.to(pre_ptr.dtype.element_ty), mask=mask)
-      tl.store(pre_ptrs + F, up.to(pre_ptr.dtype.element_ty), mask=mask)
+      tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
+      tl.store(pre_ptrs + F, round_to(up, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
     else:
       pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
-      tl.store(pre_ptrs, gate.to(pre_ptr.dtype.element_ty), mask=mask)
+      tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
 
 @triton.jit

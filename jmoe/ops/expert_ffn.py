@@ -14,7 +14,7 @@ up_kernel, down_kernel, *, activation, backend) -> y [t, d]` computes
            the backward it also stores the pre-activation [tk, f or 2f].
   down     `_grouped_gemm_kernel`: h @ down[e], times the copy's router weight
            in the epilogue -> o [tk, d] (one row per slot, `slot_rows_dtype`:
-           float32 by default, x's dtype with `JMOE_SLOT_ROWS=input`).
+           x's dtype by default, float32 with `JMOE_SLOT_ROWS=float32`).
   combine  `_combine_kernel`: y[t] = sum_j o[slot(t, j)] in float32, in j order
            (no atomics: bit-identical repeats), cast to x dtype.
 
@@ -82,15 +82,18 @@ def router_scale_args(w_sorted, scale_stage: str | None = None):
 def slot_rows_dtype(dtype: Any) -> Any:
   """dtype of the per-slot rows that the combine kernel sums (down and dx GEMMs).
 
-  Default (`JMOE_SLOT_ROWS` unset or "float32"): float32 rows, so each token's
-  output is the float32 sum of its copies' float32 accumulators, rounded once.
-  Opt-in `JMOE_SLOT_ROWS=input`: rows in the activations' dtype (each copy
-  rounded once before the float32 k-way sum): half the store and combine
-  traffic for bf16, at one more rounding per copy (under the interpreter, which
-  truncates to bf16, it exceeds the 1e-2 bf16 test bound). Timed in
-  benchmarks/results/sweep_h100.md.
+  Default (`JMOE_SLOT_ROWS` unset or "input"): rows in the activations' dtype,
+  each copy's float32 accumulator rounded once to nearest even (also in the
+  interpreter, `jmoe.kernels.rounding`), then the k copies of a token summed in
+  float32 and rounded again: what vLLM's fused_moe, ScatterMoE and MegaBlocks
+  store too. Against float32 rows it halves the store and combine traffic of
+  bf16 rows: -0.10 ms forward and -0.22 ms forward+backward at the
+  deepseek-like shape on the H100 (benchmarks/results/sweep_h100.md).
+  `JMOE_SLOT_ROWS=float32`: float32 rows, each token's output the float32 sum
+  of its copies' accumulators, rounded once (the reference's order of
+  rounding).
   """
-  mode = env_choice(SLOT_ROWS_ENV, ("float32", "input"), "float32")
+  mode = env_choice(SLOT_ROWS_ENV, ("input", "float32"), "input")
   return jnp.float32 if mode == "float32" else dtype
 
 

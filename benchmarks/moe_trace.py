@@ -1,0 +1,87 @@
+"""Where the time of one whole `jmoe.moe` call goes, kernel by kernel (GPU).
+
+The per-stage profile (`benchmarks/stage_profile.py`) times each stage as its
+own jitted function; this tool instead traces the real fused program
+(`jax.profiler`), forward and forward+backward, and lists every device kernel
+with its time per call: the Triton kernels and the XLA glue between them
+(gathers, casts, reductions, copies) as XLA scheduled them. Inputs are those of
+`benchmarks/gpu_kernels.py` (bf16, SwiGLU, skewed routing).
+
+Usage::
+
+  python -m benchmarks.moe_trace --cases e64,big --calls 5 --out /tmp/moe_trace
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import trace_summary
+from benchmarks.gpu_kernels import CASES, make_inputs
+
+
+def _programs(case: str, backend: str):
+  from jmoe.api import moe  # pylint: disable=import-outside-toplevel
+  from jmoe.types import MoEParams  # pylint: disable=import-outside-toplevel
+
+  t, d, f, e, top_k, _, _ = CASES[case]
+  x, _, _, _, up, down, router = make_inputs(t, d, f, e, top_k)
+  params = MoEParams(router, up, down)
+  ct = jax.random.normal(jax.random.key(8), (t, d), jnp.float32)
+
+  def loss(x, p):
+    y, aux = moe(x, p, top_k=top_k, backend=backend)
+    return jnp.sum(y.astype(jnp.float32) * ct) + aux.load_balancing_loss
+
+  fwd = jax.jit(lambda x, p: moe(x, p, top_k=top_k, backend=backend)[0])
+  fb = jax.jit(jax.value_and_grad(loss, (0, 1)))
+  return {"fwd": fwd, "fwd+bwd": fb}, (x, params)
+
+
+def trace_case(case: str, calls: int, out: pathlib.Path, backend: str, top: int) -> dict:
+  """Traces `calls` calls of each mode of `case`; returns
+  `{mode: [(kernel, ms per call, launches per call)]}`."""
+  fns, args = _programs(case, backend)
+  result = {}
+  for mode, fn in fns.items():
+    for _ in range(3):  # compile, then warm
+      jax.block_until_ready(fn(*args))
+    log_dir = out / f"{case}_{mode.replace('+', '_')}"
+    with jax.profiler.trace(str(log_dir)):
+      for _ in range(calls):
+        res = fn(*args)
+      jax.block_until_ready(res)
+    print(f"# case {case} {CASES[case][:5]} mode {mode}: {calls} calls traced", flush=True)
+    summary = trace_summary.summarize(str(log_dir), top=top)
+    rows = []
+    for plane in summary.values():
+      for name, total_ms, count in plane["top"]:
+        rows.append((name, total_ms / calls, count / calls))
+    total = sum(ms for _, ms, _ in rows)
+    print(f"  per call (top {top} kernels): {total:.3f} ms summed")
+    for name, ms, n in rows:
+      print(f"  {ms:9.4f} ms  {n:5.1f}x  {ms / total:6.1%}  {name[:100]}")
+    result[mode] = rows
+  return result
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", default="e64,big")
+  parser.add_argument("--calls", type=int, default=5)
+  parser.add_argument("--top", type=int, default=40)
+  parser.add_argument("--out", default="/tmp/moe_trace")
+  parser.add_argument("--backend", default="triton")
+  args = parser.parse_args(argv)
+  for case in args.cases.split(","):
+    trace_case(case, args.calls, pathlib.Path(args.out), args.backend, args.top)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
