@@ -10,53 +10,65 @@ with its time per call: the Triton kernels and the XLA glue between them
 Usage::
 
   python -m benchmarks.moe_trace --cases e64,big --calls 5 --out /tmp/moe_trace
+
+`--impls jmoe,einsum-bf16` traces the bf16 one-hot einsum MoE too.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import implementations
 from benchmarks import trace_summary
 from benchmarks.gpu_kernels import CASES, make_inputs, time_fn
 
 
-def _programs(case: str, backend: str):
-  from jmoe.api import moe  # pylint: disable=import-outside-toplevel
+def _programs(case: str, backend: str, impl: str):
+  from jmoe.api import moe as jmoe_moe  # pylint: disable=import-outside-toplevel
   from jmoe.types import MoEParams  # pylint: disable=import-outside-toplevel
 
   t, d, f, e, top_k, _, _ = CASES[case]
   x, _, _, _, up, down, router = make_inputs(t, d, f, e, top_k)
   params = MoEParams(router, up, down)
   ct = jax.random.normal(jax.random.key(8), (t, d), jnp.float32)
+  if impl == "jmoe":
+    moe = functools.partial(jmoe_moe, backend=backend)
+  else:  # the bf16 one-hot einsum MoE of the benchmark (capacity factor 1.25)
+    moe = functools.partial(
+        implementations.einsum_bf16_moe, activation="swiglu",
+        capacity_factor=implementations.EINSUM_CAPACITY_FACTOR)
 
   def loss(x, p):
-    y, aux = moe(x, p, top_k=top_k, backend=backend)
+    y, aux = moe(x, p, top_k=top_k)
     return jnp.sum(y.astype(jnp.float32) * ct) + aux.load_balancing_loss
 
-  fwd = jax.jit(lambda x, p: moe(x, p, top_k=top_k, backend=backend)[0])
+  fwd = jax.jit(lambda x, p: moe(x, p, top_k=top_k)[0])
   fb = jax.jit(jax.value_and_grad(loss, (0, 1)))
   return {"fwd": fwd, "fwd+bwd": fb}, (x, params)
 
 
-def trace_case(case: str, calls: int, out: pathlib.Path, backend: str, top: int) -> dict:
+def trace_case(case: str, calls: int, out: pathlib.Path, backend: str, top: int,
+               impl: str = "jmoe") -> dict:
   """Traces `calls` calls of each mode of `case`; returns
   `{mode: [(kernel, ms per call, launches per call)]}`."""
-  fns, args = _programs(case, backend)
+  fns, args = _programs(case, backend, impl)
   result = {}
   for mode, fn in fns.items():
     for _ in range(3):  # compile, then warm
       jax.block_until_ready(fn(*args))
-    log_dir = out / f"{case}_{mode.replace('+', '_')}"
+    log_dir = out / f"{impl}_{case}_{mode.replace('+', '_')}"
     with jax.profiler.trace(str(log_dir)):
       for _ in range(calls):
         res = fn(*args)
       jax.block_until_ready(res)
-    print(f"# case {case} {CASES[case][:5]} mode {mode}: {calls} calls traced", flush=True)
+    print(f"# {impl}: case {case} {CASES[case][:5]} mode {mode}: {calls} calls traced",
+          flush=True)
     summary = trace_summary.summarize(str(log_dir), top=top)
     rows = []
     span = 0.0
@@ -86,9 +98,11 @@ def main(argv=None) -> int:
   parser.add_argument("--top", type=int, default=40)
   parser.add_argument("--out", default="/tmp/moe_trace")
   parser.add_argument("--backend", default="triton")
+  parser.add_argument("--impls", default="jmoe", help="comma-separated: jmoe, einsum-bf16")
   args = parser.parse_args(argv)
-  for case in args.cases.split(","):
-    trace_case(case, args.calls, pathlib.Path(args.out), args.backend, args.top)
+  for impl in args.impls.split(","):
+    for case in args.cases.split(","):
+      trace_case(case, args.calls, pathlib.Path(args.out), args.backend, args.top, impl)
   return 0
 
 
