@@ -175,8 +175,12 @@ class GroupedMatmulTestBase:
 
 
   @pytest.mark.parametrize("t,top_k,e,block_m", [(37, 2, 5, 16), (50, 8, 64, 16),
-                                                 (13, 3, 1, 64), (300, 2, 256, 128)])
+                                                 (13, 3, 1, 64), (300, 2, 256, 128),
+                                                 (700, 4, 16, 16), (2999, 6, 64, 128)])
   def test_triton_align_matches_xla(self, rng, t, top_k, e, block_m):
+    if self.BACKEND == "interpret" and t * top_k > 4096:
+      pytest.skip("GPU size (18 blocks of 1024 there); the interpreter would run "
+                  "65 x 282 programs one by one")
     ids = np.stack([rng.permutation(max(e, top_k))[:top_k] % e for _ in range(t)])
     ids = ids.astype(np.int32)
     kept = rng.random((t, top_k)) > 0.3

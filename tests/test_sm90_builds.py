@@ -9,13 +9,14 @@ constexpr):
 
   up       `_grouped_gemm_act_kernel`, gated, row gather, STORE_PRE, router
            weight scale SCALE_H (`jmoe.ops.expert_ffn.up_stage`)
-  down     `_grouped_gemm_kernel`, row scale (router scale "down"), float32
-           out (`down_stage`)
+  down     `_grouped_gemm_kernel`, no row scale (router scale "up"), bf16
+           per-slot rows (`JMOE_SLOT_ROWS` default; `down_stage`)
   act_bwd_g  `_grouped_gemm_kernel`, dy rows gathered, down read transposed,
            bf16 out (the default two-pass `jmoe.ops.act_bwd.act_bwd_stage`)
   act_bwd  `_grouped_gemm_act_bwd_kernel`, gated, `SPLIT_N=2` default
            (`JMOE_ACT_BWD=fused`, `JMOE_ACT_BWD_SPLIT` unset)
-  dx       `_grouped_gemm_kernel`, up weights read transposed (`dx_stage`)
+  dx       `_grouped_gemm_kernel`, up weights read transposed, bf16 per-slot
+           rows (`dx_stage`)
 
 The PTX must feed `wgmma` from 16-byte `cp.async` copies with no 2-byte global
 loads, shared memory must fit the H100's 227 KB, and `cuobjdump -res-usage`
@@ -124,14 +125,14 @@ def _launch(case_name: str, stage: str):
     cfg = gmm_lib.default_config("plain", BLOCK_M, d, f, "triton")
     const = dict(N=d, K=f, NUM_TILES=num_tiles, STRIDE_AM=f, STRIDE_AK=1,
                  STRIDE_BG=f * d, STRIDE_BK=d, STRIDE_BN=1, STRIDE_CM=d,
-                 GATHER_A=False, SCALE_ROWS=True, **dot)
-    return kernels._grouped_gemm_kernel, plain_sig, const, cfg, "plain"
+                 GATHER_A=False, SCALE_ROWS=False, **dot)
+    return kernels._grouped_gemm_kernel, {**plain_sig, "c_ptr": "*bf16"}, const, cfg, "plain"
   if stage == "dx":
     cfg = gmm_lib.default_config("plain", BLOCK_M, d, pf, "triton")
     const = dict(N=d, K=pf, NUM_TILES=num_tiles, STRIDE_AM=pf, STRIDE_AK=1,
                  STRIDE_BG=d * pf, STRIDE_BK=1, STRIDE_BN=pf, STRIDE_CM=d,
                  GATHER_A=False, SCALE_ROWS=False, **dot)
-    return kernels._grouped_gemm_kernel, plain_sig, const, cfg, "plain"
+    return kernels._grouped_gemm_kernel, {**plain_sig, "c_ptr": "*bf16"}, const, cfg, "plain"
   if stage == "act_bwd_g":
     cfg = gmm_lib.default_config("plain", BLOCK_M, f, d, "triton")
     const = dict(N=f, K=d, NUM_TILES=num_tiles, STRIDE_AM=d, STRIDE_AK=1,

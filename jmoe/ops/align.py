@@ -150,7 +150,8 @@ def align_triton(
     block_m: int,
     backend: str,
 ) -> tuple[Alignment, jax.Array]:
-  """`align` in one Triton launch (`jmoe.kernels.align._align_kernel`).
+  """`align` in two Triton launches (`jmoe.kernels.align`): block histograms,
+  then ranks per (key, block).
 
   Same results as `align` (bit-identical), plus the router weight of each slot.
 
@@ -167,18 +168,45 @@ def align_triton(
   """
   import triton  # pylint: disable=import-outside-toplevel
 
-  from jmoe.kernels.align import _align_kernel  # pylint: disable=import-outside-toplevel
+  from jmoe.kernels import align as kernels  # pylint: disable=import-outside-toplevel
   from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
 
   t, top_k = expert_ids.shape
   tk = t * top_k
   n = num_tiles(tk, num_experts, block_m)
   i32 = jnp.int32
+  ids = expert_ids.reshape(tk).astype(i32)
+  kept_flat = kept.reshape(tk).astype(bool)
+  # The interpreter runs programs one by one: smaller blocks there also make
+  # the tests cross block boundaries.
+  block = min(1024 if backend == "triton" else 64, triton.next_power_of_2(tk))
+  nb = triton.cdiv(tk, block)
+  e_bins = triton.next_power_of_2(num_experts + 1)
+  counts, totals = kernel_call(
+      kernels._align_count_kernel,  # pylint: disable=protected-access
+      ids,
+      kept_flat,
+      out_shape=(
+          jax.ShapeDtypeStruct((nb, e_bins), i32),
+          jax.ShapeDtypeStruct((e_bins,), i32),
+      ),
+      grid=(nb,),
+      backend=backend,
+      zeroed_outputs=(1,),
+      name="jmoe_align_count",
+      TK=tk,
+      E=num_experts,
+      BLOCK=block,
+      E_BINS=e_bins,
+      num_warps=4,
+  )
   order, token, w_sorted, pos, sizes, tiles = kernel_call(
-      _align_kernel,
-      expert_ids.reshape(tk).astype(i32),
-      kept.reshape(tk).astype(bool),
+      kernels._align_kernel,  # pylint: disable=protected-access
+      ids,
+      kept_flat,
       weights.reshape(tk).astype(jnp.float32),
+      counts,
+      totals,
       out_shape=(
           jax.ShapeDtypeStruct((tk,), i32),
           jax.ShapeDtypeStruct((tk,), i32),
@@ -187,7 +215,7 @@ def align_triton(
           jax.ShapeDtypeStruct((num_experts,), i32),
           jax.ShapeDtypeStruct((3, n), i32),
       ),
-      grid=(num_experts + 1,),
+      grid=(num_experts + 1, nb),
       backend=backend,
       name="jmoe_align",
       TK=tk,
@@ -195,9 +223,10 @@ def align_triton(
       TOP_K=top_k,
       NUM_TILES=n,
       BLOCK_M=block_m,
-      BLOCK=min(4096, triton.next_power_of_2(tk)),
-      E_BINS=triton.next_power_of_2(num_experts + 1),
+      BLOCK=block,
+      NB_P2=triton.next_power_of_2(nb),
+      E_BINS=e_bins,
       TILE_CHUNK=128 if backend == "triton" else 32,
-      num_warps=8,
+      num_warps=4,
   )
   return Alignment(sizes, order, token, pos.reshape(t, top_k), tiles), w_sorted
