@@ -342,3 +342,11 @@ def test_ab_env_times_each_value_of_a_switch():
                         "--backend", "interpret"])
   assert set(result) == {"up fwd", "up fwd+bwd", "down fwd", "down fwd+bwd"}
   assert all(ms > 0 for ms in result.values())
+
+
+def test_one_call_runs_forward_and_backward_once(capsys):
+  """`benchmarks.one_call` (the ncu target) runs one expert_ffn fwd+bwd per case."""
+  from benchmarks import one_call  # pylint: disable=import-outside-toplevel
+
+  assert one_call.main(["--cases", "tiny", "--backend", "interpret"]) == 0
+  assert "# tiny: one expert_ffn forward+backward ran" in capsys.readouterr().out

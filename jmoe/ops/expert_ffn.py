@@ -5,7 +5,7 @@ up_kernel, down_kernel, *, activation, backend) -> y [t, d]` computes
 `y_i = sum_{j kept} weights[i, j] * down_e(act(x_i @ up_e))`, `e = expert_ids[i, j]`
 (DESIGN.md "Experts"). Pipeline, with `tk = t * top_k` slots:
 
-  align    `jmoe.kernels.align._align_kernel` (one launch; or XLA ops,
+  align    `jmoe.kernels.align` (two launches: block histograms, ranks; or XLA ops,
            `JMOE_ALIGN=xla`): copies sorted by expert, slot of each copy,
            per-slot token and router weight, BLOCK_M tile schedule.
   up       `_grouped_gemm_act_kernel`: reads token rows of x through the slot ->
@@ -168,7 +168,7 @@ def _dims(x, up, activation):
 def plan(expert_ids, kept, weights, num_experts, backend, impl=None):
   """Stage 1, align: `(Alignment, w_sorted [tk] float32, block_m)`.
 
-  `impl` is "triton" (one `_align_kernel` launch) or "xla" (argsort and a few
+  `impl` is "triton" (two launches, `jmoe.ops.align.align_triton`) or "xla" (argsort and a few
   XLA ops, `jmoe.ops.align.align`); default `jmoe.ops.align.align_impl()`.
   Both give bit-identical results.
   """
