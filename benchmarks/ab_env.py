@@ -16,16 +16,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
 
 import jax
-import jax.numpy as jnp
 
-from benchmarks.gpu_kernels import CASES, make_inputs, time_fn
-from jmoe.ops import expert_ffn as ffn
+from benchmarks.gpu_kernels import CASES, ffn_programs, time_fn
 
 
 def main(argv=None) -> dict:
@@ -38,22 +35,18 @@ def main(argv=None) -> dict:
   parser.add_argument("--backend", default="triton")
   args = parser.parse_args(argv)
   t, d, f, e, top_k, _, _ = CASES[args.case]
-  x, ids, weights, kept, up, down, _ = make_inputs(t, d, f, e, top_k)
-  ct = jax.random.normal(jax.random.key(8), (t, d), jnp.float32)
-  op = functools.partial(ffn.expert_ffn, activation="swiglu", backend=args.backend)
-
-  def loss(x, w, u, dn):
-    return jnp.sum(op(x, ids, w, kept, u, dn).astype(jnp.float32) * ct)
+  forward, loss, ffn_args = ffn_programs(args.case, args.backend)
 
   saved = os.environ.get(args.var)
   fns = {}
   try:
     for value in args.values.split(","):
       os.environ[args.var] = value
-      fwd = jax.jit(lambda x, w, u, dn: op(x, ids, w, kept, u, dn))
+      # A fresh function per value, so each is traced with its value set.
+      fwd = jax.jit(lambda *a: forward(*a))  # pylint: disable=unnecessary-lambda
       fb = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))
-      jax.block_until_ready(fwd(x, weights, up, down))  # trace with the value set
-      jax.block_until_ready(fb(x, weights, up, down))
+      jax.block_until_ready(fwd(*ffn_args))
+      jax.block_until_ready(fb(*ffn_args))
       fns[value] = {"fwd": fwd, "fwd+bwd": fb}
   finally:
     if saved is None:
@@ -65,7 +58,7 @@ def main(argv=None) -> dict:
     order = list(fns) if r % 2 == 0 else list(reversed(fns))
     for value in order:
       for mode, fn in fns[value].items():
-        ms, _, _ = time_fn(fn, x, weights, up, down, reps=args.reps)
+        ms, _, _ = time_fn(fn, *ffn_args, reps=args.reps)
         times[(value, mode)].append(ms * 1e3)
   print(f"# {jax.devices()[0].device_kind}; case {args.case} t={t} d={d} f={f} e={e} "
         f"k={top_k}; {args.var} in {args.values}; {args.rounds} rounds x {args.reps} reps")

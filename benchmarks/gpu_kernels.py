@@ -85,6 +85,27 @@ def make_inputs(t, d, f, e, top_k, seed=0):
   return x, ids.astype(jnp.int32), weights, kept, up, down, router
 
 
+def ffn_programs(name, backend="triton"):
+  """`(forward, loss, args)` of `expert_ffn` on case `name` (SwiGLU, the case's
+  skewed routing): `forward(x, weights, up, down) -> y`, `loss(...)` the float32
+  sum of `y` times a fixed random cotangent, `args = (x, weights, up, down)`.
+  Switches (`JMOE_*`) are read when a caller traces them."""
+  from jmoe.ops import expert_ffn as ffn  # pylint: disable=import-outside-toplevel
+
+  t, d, f, e, top_k, _, _ = CASES[name]
+  x, ids, weights, kept, up, down, _ = make_inputs(t, d, f, e, top_k)
+  ct = jax.random.normal(jax.random.key(8), (t, d), jnp.float32)
+  op = functools.partial(ffn.expert_ffn, activation="swiglu", backend=backend)
+
+  def forward(x, w, u, dn):
+    return op(x, ids, w, kept, u, dn)
+
+  def loss(x, w, u, dn):
+    return jnp.sum(forward(x, w, u, dn).astype(jnp.float32) * ct)
+
+  return forward, loss, (x, weights, up, down)
+
+
 def bench_case(name, reps, with_reference, with_moe, be="triton"):
   from jmoe import reference  # pylint: disable=import-outside-toplevel
   from jmoe.ops import expert_ffn as ffn  # pylint: disable=import-outside-toplevel

@@ -12,14 +12,11 @@ wanted there; this compiles and runs the op exactly once per case (inputs of
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 
 import jax
-import jax.numpy as jnp
 
-from benchmarks.gpu_kernels import CASES, make_inputs
-from jmoe.ops import expert_ffn as ffn
+from benchmarks.gpu_kernels import ffn_programs
 
 
 def main(argv=None) -> int:
@@ -28,16 +25,8 @@ def main(argv=None) -> int:
   parser.add_argument("--backend", default="triton")
   args = parser.parse_args(argv)
   for case in args.cases.split(","):
-    t, d, f, e, top_k, _, _ = CASES[case]
-    x, ids, weights, kept, up, down, _ = make_inputs(t, d, f, e, top_k)
-    ct = jax.random.normal(jax.random.key(8), (t, d), jnp.float32)
-    op = functools.partial(ffn.expert_ffn, activation="swiglu", backend=args.backend)
-
-    def loss(x, w, u, dn, ids=ids, kept=kept, ct=ct, op=op):
-      return jnp.sum(op(x, ids, w, kept, u, dn).astype(jnp.float32) * ct)
-
-    grads = jax.jit(jax.grad(loss, (0, 1, 2, 3)))(x, weights, up, down)
-    jax.block_until_ready(grads)
+    _, loss, ffn_args = ffn_programs(case, args.backend)
+    jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1, 2, 3)))(*ffn_args))
     print(f"# {case}: one expert_ffn forward+backward ran", flush=True)
   return 0
 

@@ -167,6 +167,16 @@ class TgmmTestBase:
     (expected,) = vjp(d_out)
     helpers.assert_close(self._tgmm(lhs, d_out, sizes), expected, np.float32)
 
+  def _each_mode(self, option, modes, a, b, sizes, kw, dtype):
+    """`{mode: tgmm(..., option=mode)}`, each checked against the oracle."""
+    outs = {}
+    for mode in modes:
+      fn = jax.jit(functools.partial(self._tgmm, **{option: mode}, **kw))
+      outs[mode] = np.asarray(fn(a, b, sizes))
+      helpers.assert_close(outs[mode], _oracle(a, b, sizes, **kw), dtype,
+                           err_msg=mode)
+    return outs
+
   @pytest.mark.parametrize("dtype", DTYPES)
   def test_row_scale_modes(self, rng, dtype):
     # "prescale" (XLA scales and gathers `a`) and "kernel" (the kernel does)
@@ -174,12 +184,7 @@ class TgmmTestBase:
     # bit where the kernel rounds like XLA: float32, and bf16 on the GPU (the
     # interpreter keeps the kernel's scaled bf16 tile in float32).
     a, b, sizes, kw = _inputs(rng, 130, 48, 33, 9, "zeros", dtype, OPTIONS[1])
-    outs = {}
-    for mode in ROW_SCALE_MODES:
-      fn = jax.jit(functools.partial(self._tgmm, row_scale_mode=mode, **kw))
-      outs[mode] = np.asarray(fn(a, b, sizes))
-      helpers.assert_close(outs[mode], _oracle(a, b, sizes, **kw), dtype,
-                           err_msg=mode)
+    outs = self._each_mode("row_scale_mode", ROW_SCALE_MODES, a, b, sizes, kw, dtype)
     if dtype == np.float32 or self.BACKEND == "triton":
       np.testing.assert_array_equal(outs["prescale"], outs["kernel"])
 
@@ -189,12 +194,7 @@ class TgmmTestBase:
     # kernel ("kernel"): the same rows reach the same dots, bit for bit.
     a, b, sizes, kw = _inputs(rng, 130, 48, 33, 9, "zeros", dtype, OPTIONS[1])
     del kw["row_scale"]
-    outs = {}
-    for mode in GATHER_MODES:
-      fn = jax.jit(functools.partial(self._tgmm, gather_mode=mode, **kw))
-      outs[mode] = np.asarray(fn(a, b, sizes))
-      helpers.assert_close(outs[mode], _oracle(a, b, sizes, **kw), dtype,
-                           err_msg=mode)
+    outs = self._each_mode("gather_mode", GATHER_MODES, a, b, sizes, kw, dtype)
     np.testing.assert_array_equal(outs["xla"], outs["kernel"])
 
   def test_gradients(self, rng):
