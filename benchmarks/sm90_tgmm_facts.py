@@ -29,15 +29,16 @@ from jmoe.kernels import tgmm as kernels
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def build(cfg, flags, ka, n, out_type="*bf16"):
+def build(cfg, flags, ka, n, out_type="*bf16", a_columns=False):
   """The sm_90 build of `_tgmm_kernel` for `(HAS_A_INDEX, HAS_B_INDEX, HAS_SCALE)`,
-  bf16 operands, output pointer type `out_type` (also used by tests/test_ops_tgmm.py)."""
+  bf16 operands, output pointer type `out_type`, `a` as rows or (`a_columns`)
+  columns (also used by tests/test_ops_tgmm.py)."""
   sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "group_offsets_ptr": "*i32",
          "a_row_index_ptr": "*i32", "b_row_index_ptr": "*i32",
-         "row_scale_ptr": "*fp32", "M": "i32", "KA_Q": "i32", "N_Q": "i32",
-         "out_ptr": out_type}
+         "row_scale_ptr": "*fp32", "a_col_offsets_ptr": "*i32", "M": "i32",
+         "KA_Q": "i32", "N_Q": "i32", "MA_Q": "i32", "out_ptr": out_type}
   const = dict(
-      HAS_A_INDEX=flags[0], HAS_B_INDEX=flags[1], HAS_SCALE=flags[2],
+      A_COLUMNS=a_columns, HAS_A_INDEX=flags[0], HAS_B_INDEX=flags[1], HAS_SCALE=flags[2],
       DOT_F32=False, INPUT_PRECISION="ieee",
       KA_MULT=kernels.stride_multiple(ka), N_MULT=kernels.stride_multiple(n),
       EVEN_K=ka % cfg.kwargs["BLOCK_K"] == 0, EVEN_N=n % cfg.kwargs["BLOCK_N"] == 0,

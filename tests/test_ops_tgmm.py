@@ -196,6 +196,17 @@ class TgmmTestBase:
     del kw["row_scale"]
     outs = self._each_mode("gather_mode", GATHER_MODES, a, b, sizes, kw, dtype)
     np.testing.assert_array_equal(outs["xla"], outs["kernel"])
+    # "xla_columns" feeds the same rows as K-major tiles: same dots, same steps.
+    np.testing.assert_array_equal(outs["xla"], outs["xla_columns"])
+
+  @pytest.mark.parametrize("shape", SHAPES, ids=str)
+  @pytest.mark.parametrize("options", OPTIONS, ids=str)
+  def test_columns_mode(self, rng, shape, options):
+    # Every split of rows (empty groups, one group, rows past the groups) and
+    # the row scale (prescaled by XLA, then transposed), fresh data each time.
+    a, b, sizes, kw = _inputs(rng, *shape, BF16, options)
+    out = self._tgmm(a, b, sizes, gather_mode="xla_columns", **kw)
+    helpers.assert_close(out, _oracle(a, b, sizes, **kw), BF16)
 
   def test_gradients(self, rng):
     # The backward is `tgmm_vjp` (XLA); check it against finite differences of
@@ -272,7 +283,7 @@ class TestTgmmInterpret(TgmmTestBase):
       tgmm(a, a, np.array([4], np.int32), backend="cuda")
 
 
-def _sm90_build(flags, ka=2048, n=1408, cfg=None):
+def _sm90_build(flags, ka=2048, n=1408, cfg=None, a_columns=False):
   """Compiles the kernel for the H100 on the host, with the argument hints that
   jax-triton gives (16-byte aligned pointers, none for scalars); skips the test
   where this host cannot build for sm_90."""
@@ -281,7 +292,7 @@ def _sm90_build(flags, ka=2048, n=1408, cfg=None):
 
   try:
     return sm90_tgmm_facts.build(cfg or kernels.TGMM_CONFIGS[0], flags, ka, n,
-                                 out_type="*fp32")
+                                 out_type="*fp32", a_columns=a_columns)
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"cannot build for sm_90 here: {type(e).__name__}: {e}")
 
@@ -305,6 +316,23 @@ def test_sm90_build_uses_16_byte_async_copies(flags):
   assert copies and set(copies) == {"0x10"}, f"cp.async sizes {set(copies)}"
   assert not re.search(r"ld\.global(\.\w+)*\.b16", ptx), "2-byte global loads"
   assert not re.search(r"ld\.global(\.\w+)*\.v4", ptx), "tile loads into registers"
+
+
+# wgmma's immediates `..., scale-d, imm-scale-a, imm-scale-b, imm-trans-a,
+# imm-trans-b;`: trans-a 1 reads an MN-major (transposed) `a` tile.
+_WGMMA_TRANS_A = re.compile(r"wgmma\.mma_async[^;]*, (?:-?1), (?:-?1), ([01]), ([01]);")
+
+
+@pytest.mark.parametrize("a_columns", [False, True])
+def test_sm90_columns_mode_feeds_a_k_major(a_columns):
+  """`gather_mode="xla_columns"` (`A_COLUMNS`): the `a` tile is still a 16-byte
+  `cp.async` copy (no row mask breaks the vectors) and wgmma reads it K-major
+  (trans-a 0); the row layout reads it transposed (trans-a 1)."""
+  ptx = _sm90_build((False, False, False), a_columns=a_columns).asm["ptx"]
+  copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
+  assert copies and set(copies) == {"0x10"}, f"cp.async sizes {set(copies)}"
+  trans = set(_WGMMA_TRANS_A.findall(ptx))
+  assert trans == {("0" if a_columns else "1", "1")}, trans
 
 
 def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():

@@ -22,6 +22,13 @@ float32 operands with `INPUT_PRECISION="ieee"` the only extra rounding is the
 float32 product itself; for bf16/fp16 operands it is one rounding of the scaled
 row (relative 2^-9 / 2^-12 per element), as in a GEMM on the scaled operand.
 
+`A_COLUMNS` (the op's `gather_mode="xla_columns"`): `a` comes transposed,
+`[KA, MA]`, with group `gi`'s rows as the columns from `a_col_offsets[gi]` (a
+multiple of 64) and zeros up to the next multiple of 64. wgmma then takes a
+K-major `a` tile (contiguous along the contraction) instead of the transposed
+(`tnspA`) one; on the H100 this alone ran 9-12 % faster at the Mixtral-like
+dW_up shape (`benchmarks/tgmm_layout_probe.py`).
+
 `HAS_SCALE` is the op's opt-in `row_scale_mode="kernel"` path. On sm_90 it
 loads the `a` tile into registers (no cp.async), holds two prefetched tiles
 there (186 -> 222-255 registers, spills at 64x256x128) and passes the scaled
@@ -45,13 +52,16 @@ def _tgmm_kernel(
     a_row_index_ptr,  # [m] int32 row of `a` for logical row r (if HAS_A_INDEX)
     b_row_index_ptr,  # [m] int32 row of `b` for logical row r (if HAS_B_INDEX)
     row_scale_ptr,  # [m] float32 (if HAS_SCALE)
+    a_col_offsets_ptr,  # [g] int32 first column of group gi in a (if A_COLUMNS)
     # Sizes.
     M,  # logical rows (only an autotune key; the offsets bound the loop)
     KA_Q,  # KA // KA_MULT (KA: columns of a = out rows per group)
     N_Q,  # N // N_MULT (N: columns of b = out columns)
+    MA_Q,  # (A_COLUMNS) columns of a // 16 (its row stride)
     # Outputs.
     out_ptr,  # [g, KA, N] float32 / bfloat16 / float16
     # Meta-parameters.
+    A_COLUMNS: tl.constexpr,  # a is [KA, MA]: logical row r is a column
     HAS_A_INDEX: tl.constexpr,
     HAS_B_INDEX: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -66,6 +76,8 @@ def _tgmm_kernel(
     BLOCK_N: tl.constexpr,  # output tile columns (columns of b)
     GROUP_SIZE: tl.constexpr,  # tile swizzle: BLOCK_K-rows of tiles per band
 ):
+  tl.static_assert(not (A_COLUMNS and (HAS_A_INDEX or HAS_SCALE)),
+                   "A_COLUMNS takes a pre-gathered, pre-scaled a")
   pid = tl.program_id(0)
   gi = tl.program_id(1)
   # jax-triton gives scalar arguments no divisibility hints, so the row strides
@@ -108,15 +120,29 @@ def _tgmm_kernel(
     b_rows = tl.load(b_row_index_ptr + rows, mask=rows < end, other=0)
   else:
     b_rows = rows
+  if A_COLUMNS:
+    # Column of a for logical row r: r - start + a_start. Every group starts
+    # at a multiple of 64 columns and is zero-filled to the next one, so the
+    # [BLOCK_K, BLOCK_M] tiles need no row mask and load as 16-byte vectors.
+    a_shift = tl.load(a_col_offsets_ptr + gi) - start
   for row0 in range(start, end, BLOCK_M):
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < end
-    a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * KA + offs_k[None, :]
     b_ptrs = b_ptr + b_rows.to(tl.int64)[:, None] * N + offs_n[None, :]
-    if EVEN_K:
-      a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+    if A_COLUMNS:
+      cols = tl.multiple_of(row0 + a_shift, 16) + tl.arange(0, BLOCK_M)
+      cols = tl.max_contiguous(cols, BLOCK_M)
+      a_ptrs = a_ptr + offs_k.to(tl.int64)[:, None] * (MA_Q * 16) + cols[None, :]
+      if EVEN_K:
+        a = tl.load(a_ptrs)
+      else:
+        a = tl.load(a_ptrs, mask=k_mask[:, None], other=0.0)
     else:
-      a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+      a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * KA + offs_k[None, :]
+      if EVEN_K:
+        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+      else:
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
     if EVEN_N:
       b = tl.load(b_ptrs, mask=row_mask[:, None], other=0.0)
     else:
@@ -131,7 +157,10 @@ def _tgmm_kernel(
     if DOT_F32:
       a = a.to(tl.float32)
       b = b.to(tl.float32)
-    acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    if A_COLUMNS:
+      acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+      acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
     next_rows = rows + BLOCK_M
     if HAS_A_INDEX:
       a_rows = tl.load(a_row_index_ptr + next_rows, mask=next_rows < end, other=0)

@@ -261,13 +261,21 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
   config = gmm_lib.tgmm_config(backend, h.shape[0], al.group_sizes.shape[0])
   d_down = tgmm(
       h, dy, al.group_sizes, b_row_index=al.token, row_scale=w_sorted,
-      out_dtype=down_dtype, backend=backend, config=config,
+      out_dtype=down_dtype, backend=backend, config=config, gather_mode="xla",
   )
   d_up = tgmm(
       x, d_pre, al.group_sizes, a_row_index=al.token, out_dtype=up_dtype,
-      backend=backend, config=config,
+      backend=backend, config=config, gather_mode=dw_up_gather_mode(),
   )
   return d_up, d_down
+
+
+def dw_up_gather_mode() -> str:
+  """How dW_up's `tgmm` gathers the token rows of `x`: `JMOE_TGMM_GATHER`, else
+  `"xla"` (`jmoe.ops.tgmm.GATHER_MODES`; dW_down always reads `h` as rows)."""
+  from jmoe.ops.tgmm import GATHER_MODE_ENV, GATHER_MODES  # pylint: disable=import-outside-toplevel
+
+  return env_choice(GATHER_MODE_ENV, GATHER_MODES, "xla")
 
 
 def dx_stage(d_pre, up, al, block_m, backend):

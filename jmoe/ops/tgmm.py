@@ -59,8 +59,14 @@ ROW_SCALE_MODE_ENV = "JMOE_TGMM_ROW_SCALE_MODE"
 # the K loop). Measured on the H100 (MoE dW_up, bf16, gather included,
 # benchmarks/results/sweep_h100.md): xla 7.71 / 1.45 / 0.196 ms vs kernel
 # 9.58 / 1.63 / 0.261 ms (Mixtral-like / 64 experts / small).
-GATHER_MODES = ("xla", "kernel")
+# "xla_columns": XLA gathers them transposed, `[ka, m_pad]`, every group's rows
+# as columns from a multiple of `COLUMN_ALIGN` and zero-filled to the next one
+# (`group_columns`), so the kernel's `a` tile is K-major for wgmma and needs no
+# row mask. With no `a_row_index` it transposes `a` itself. Measured on the
+# H100: see `expert_ffn.dw_up_gather_mode` for where it is used.
+GATHER_MODES = ("xla", "kernel", "xla_columns")
 GATHER_MODE_ENV = "JMOE_TGMM_GATHER"
+COLUMN_ALIGN = 64
 
 _SHAPES_DOC = (
     "tgmm(a [m, ka], b [m, n], group_sizes [g]; a_row_index [m] -> a [ma, ka], "
@@ -185,6 +191,39 @@ def prescale_rows(a, a_row_index, row_scale) -> jax.Array:
   return scaled.astype(a.dtype)
 
 
+def _round_up(x: int, multiple: int) -> int:
+  return (x + multiple - 1) // multiple * multiple
+
+
+def group_columns(a, a_row_index, offsets, m: int):
+  """`gather_mode="xla_columns"`: `(a_t [ka, m_pad], col_offsets [g] int32)`.
+
+  Logical row `r` of group `gi` (`offsets[gi] <= r < offsets[gi + 1]`) becomes
+  column `r - offsets[gi] + col_offsets[gi]` of `a_t`: `a[a_row_index[r]]` (or
+  `a[r]`). Each group starts at a multiple of `COLUMN_ALIGN` and the columns up
+  to the next multiple are zeros; `m_pad = round_up(m + g * (COLUMN_ALIGN - 1),
+  COLUMN_ALIGN)` bounds every split of `m` rows into `g` groups.
+  """
+  g = offsets.shape[0] - 1
+  align = COLUMN_ALIGN
+  sizes = offsets[1:] - offsets[:-1]
+  spans = (sizes + align - 1) // align * align
+  col_offsets = jnp.concatenate(
+      [jnp.zeros((1,), jnp.int32), jnp.cumsum(spans)[:-1].astype(jnp.int32)])
+  m_pad = _round_up(m + g * (align - 1), align)
+  rows = jnp.arange(m, dtype=jnp.int32)
+  group = jnp.searchsorted(offsets[1:], rows, side="right")  # g: past the end
+  in_group = group < g
+  group = jnp.minimum(group, g - 1)
+  cols = jnp.where(in_group, rows - offsets[group] + col_offsets[group], m_pad)
+  src = rows if a_row_index is None else jnp.clip(
+      a_row_index.astype(jnp.int32), 0, a.shape[0] - 1)
+  # Unset columns keep the out-of-range index a.shape[0]: "fill" gives zeros.
+  index = jnp.full((m_pad,), a.shape[0], jnp.int32).at[cols].set(src, mode="drop")
+  a_t = jnp.take(a, index, axis=0, mode="fill", fill_value=0).T
+  return a_t, col_offsets
+
+
 def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
             out_dtype, input_precision, backend, config,
             row_scale_mode="kernel", gather_mode="kernel") -> jax.Array:
@@ -207,6 +246,12 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
     a_row_index = None
   offsets = group_offsets(group_sizes, m)
   dummy_index = jnp.zeros((1,), jnp.int32)
+  a_col_offsets = None
+  if gather_mode == "xla_columns":
+    if row_scale is not None:
+      raise ValueError('gather_mode="xla_columns" needs row_scale_mode="prescale"')
+    a, a_col_offsets = group_columns(a, a_row_index, offsets, m)
+    a_row_index = None
   args = (
       a,
       b,
@@ -215,11 +260,14 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
       dummy_index if b_row_index is None else b_row_index.astype(jnp.int32),
       jnp.zeros((1,), jnp.float32) if row_scale is None
       else row_scale.astype(jnp.float32),
+      dummy_index if a_col_offsets is None else a_col_offsets,
       m,
       ka // kernels.stride_multiple(ka),
       n // kernels.stride_multiple(n),
+      0 if a_col_offsets is None else a.shape[1] // 16,
   )
   flags = {
+      "A_COLUMNS": a_col_offsets is not None,
       "KA_MULT": kernels.stride_multiple(ka),
       "N_MULT": kernels.stride_multiple(n),
       "HAS_A_INDEX": a_row_index is not None,
@@ -234,6 +282,10 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
 
   if backend == "interpret" and config is None:
     config = TgmmConfig.get_interpret_default()
+  if a_col_offsets is not None and config is not None and COLUMN_ALIGN % config.block_m:
+    raise ValueError(
+        f'gather_mode="xla_columns" needs config.block_m dividing {COLUMN_ALIGN}, '
+        f"got block_m={config.block_m}")
   if config is None:
     if a.dtype == jnp.float32:
       kernel = kernels.tgmm_kernel_autotuned_f32
@@ -337,7 +389,10 @@ def tgmm(
     gather_mode: None (default: the environment variable `JMOE_TGMM_GATHER`,
       else `"xla"`), or with `a_row_index`, `"xla"` (XLA gathers the rows of
       `a` into an `[m, ka]` array first; 1.1-1.3x faster on the H100) or
-      `"kernel"` (the kernel gathers them). Same numbers either way.
+      `"kernel"` (the kernel gathers them); or `"xla_columns"` (with or
+      without `a_row_index`: XLA writes the rows as columns of a transposed,
+      group-padded `[ka, m_pad]` copy, `group_columns`; the kernel's `a` tile
+      is then K-major). Same numbers in every mode.
     backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
 
   Returns:
