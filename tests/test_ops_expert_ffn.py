@@ -178,6 +178,39 @@ class ExpertFfnTestBase:
     with pytest.raises(ValueError, match="JMOE_SLOT_ROWS must be"):
       ffn_lib.slot_rows_dtype(jnp.bfloat16)
 
+  def test_dw_up_gather_modes(self, rng, monkeypatch):
+    # dW_up's tgmm reads x as gathered rows ("xla") or as K-major columns of a
+    # transposed, group-padded copy ("xla_columns", the default above 1024 rows
+    # per expert): the same rows reach the same dots, so every output is bit
+    # for bit the same, and both match the reference within the bf16 bound.
+    from jmoe.ops.tgmm import GATHER_MODE_ENV  # pylint: disable=import-outside-toplevel
+
+    args = _inputs(rng, 29, 40, 24, 5, 3, "swiglu", BF16, 0.3)
+    ct = helpers.normal(rng, (29, 40), np.float32)
+
+    def run(f):
+      vg = jax.value_and_grad(
+          lambda x, w, u, dn: _loss(f, ct, x, args[1], w, args[3], u, dn),
+          (0, 1, 2, 3), has_aux=True)
+      (_, y), grads = jax.jit(vg)(args[0], args[2], args[4], args[5])
+      return [np.asarray(a) for a in (y, *grads)]
+
+    fn = functools.partial(self._ffn, activation="swiglu")
+    want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
+    got = {}
+    for mode in ("xla", "xla_columns"):
+      monkeypatch.setenv(GATHER_MODE_ENV, mode)
+      assert ffn_lib.dw_up_gather_mode(87, 3) == mode
+      got[mode] = run(fn)
+      for g, w, name in zip(got[mode], want, ("y", "x", "weights", "up", "down")):
+        helpers.assert_close(g, w, BF16, kind="fwd" if name == "y" else "grad",
+                             err_msg=f"{mode}: {name}")
+    for g, w in zip(got["xla"], got["xla_columns"]):
+      np.testing.assert_array_equal(g, w)
+    monkeypatch.delenv(GATHER_MODE_ENV)
+    assert ffn_lib.dw_up_gather_mode(16384, 8) == "xla_columns"
+    assert ffn_lib.dw_up_gather_mode(49152, 64) == "xla"
+
   @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
   def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):
     # JMOE_ROUTER_SCALE: router weights applied in the up GEMM's epilogue (the

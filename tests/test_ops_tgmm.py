@@ -200,6 +200,32 @@ class TgmmTestBase:
     np.testing.assert_array_equal(outs["xla"], outs["xla_columns"])
 
   @pytest.mark.parametrize("shape", SHAPES, ids=str)
+  @pytest.mark.parametrize("copy", ["kernel", "reference"])
+  def test_group_columns(self, rng, shape, copy):
+    # The transposed, group-padded copy of "xla_columns", against a numpy
+    # construction: group gi's rows from column col_offsets[gi] (a multiple of
+    # COLUMN_ALIGN), zeros up to the next multiple and in unused columns.
+    m, ka, _, g, kind = shape
+    a = helpers.normal(rng, (m + 3, ka), BF16)
+    index = rng.integers(0, m + 3, size=m).astype(np.int32)
+    sizes = _group_sizes(rng, m, g, kind)
+    offsets = tgmm_lib.group_offsets(jnp.asarray(sizes), m)
+    backend = self.BACKEND if copy == "kernel" else "reference"
+    a_t, col_offsets = jax.jit(
+        functools.partial(tgmm_lib.group_columns, m=m, backend=backend)
+    )(a, index, offsets)
+    align = tgmm_lib.COLUMN_ALIGN
+    m_pad = -(-(m + g * (align - 1)) // align) * align
+    want = np.zeros((ka, m_pad), np.float32)
+    start, col = 0, 0
+    for gi, size in enumerate(sizes):
+      size = min(int(size), m - start)
+      assert int(col_offsets[gi]) == col
+      want[:, col:col + size] = np.asarray(a, np.float32)[index[start:start + size]].T
+      start, col = start + size, col + -(-size // align) * align
+    np.testing.assert_array_equal(np.asarray(a_t, np.float32), want)
+
+  @pytest.mark.parametrize("shape", SHAPES, ids=str)
   @pytest.mark.parametrize("options", OPTIONS, ids=str)
   def test_columns_mode(self, rng, shape, options):
     # Every split of rows (empty groups, one group, rows past the groups) and

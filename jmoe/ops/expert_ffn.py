@@ -265,17 +265,23 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
   )
   d_up = tgmm(
       x, d_pre, al.group_sizes, a_row_index=al.token, out_dtype=up_dtype,
-      backend=backend, config=config, gather_mode=dw_up_gather_mode(),
+      backend=backend, config=config,
+      gather_mode=dw_up_gather_mode(h.shape[0], al.group_sizes.shape[0]),
   )
   return d_up, d_down
 
 
-def dw_up_gather_mode() -> str:
-  """How dW_up's `tgmm` gathers the token rows of `x`: `JMOE_TGMM_GATHER`, else
-  `"xla"` (`jmoe.ops.tgmm.GATHER_MODES`; dW_down always reads `h` as rows)."""
+def dw_up_gather_mode(rows: int, groups: int) -> str:
+  """How dW_up's `tgmm` reads the token rows of `x` (`jmoe.ops.tgmm.GATHER_MODES`):
+  `JMOE_TGMM_GATHER` if set; else `"xla_columns"` above 1024 rows per group
+  (long K loops on the 128x256 tile, where the K-major `x` tile made the
+  Mixtral-like dW_up 13 % faster on the H100), `"xla"` at or below (64 experts:
+  no gain, and the transposed copy costs more than the row gather;
+  benchmarks/results/sweep_h100.md). dW_down always reads `h` as rows."""
   from jmoe.ops.tgmm import GATHER_MODE_ENV, GATHER_MODES  # pylint: disable=import-outside-toplevel
 
-  return env_choice(GATHER_MODE_ENV, GATHER_MODES, "xla")
+  default = "xla_columns" if rows > 1024 * groups else "xla"
+  return env_choice(GATHER_MODE_ENV, GATHER_MODES, default)
 
 
 def dx_stage(d_pre, up, al, block_m, backend):

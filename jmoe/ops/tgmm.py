@@ -195,14 +195,16 @@ def _round_up(x: int, multiple: int) -> int:
   return (x + multiple - 1) // multiple * multiple
 
 
-def group_columns(a, a_row_index, offsets, m: int):
+def group_columns(a, a_row_index, offsets, m: int, backend: str = "reference"):
   """`gather_mode="xla_columns"`: `(a_t [ka, m_pad], col_offsets [g] int32)`.
 
   Logical row `r` of group `gi` (`offsets[gi] <= r < offsets[gi + 1]`) becomes
   column `r - offsets[gi] + col_offsets[gi]` of `a_t`: `a[a_row_index[r]]` (or
   `a[r]`). Each group starts at a multiple of `COLUMN_ALIGN` and the columns up
   to the next multiple are zeros; `m_pad = round_up(m + g * (COLUMN_ALIGN - 1),
-  COLUMN_ALIGN)` bounds every split of `m` rows into `g` groups.
+  COLUMN_ALIGN)` bounds every split of `m` rows into `g` groups. XLA builds the
+  column -> row index; the copy itself is `jmoe.kernels.gather_columns` with
+  `backend` "triton" / "interpret", XLA's take + transpose with "reference".
   """
   g = offsets.shape[0] - 1
   align = COLUMN_ALIGN
@@ -220,8 +222,30 @@ def group_columns(a, a_row_index, offsets, m: int):
       a_row_index.astype(jnp.int32), 0, a.shape[0] - 1)
   # Unset columns keep the out-of-range index a.shape[0]: "fill" gives zeros.
   index = jnp.full((m_pad,), a.shape[0], jnp.int32).at[cols].set(src, mode="drop")
-  a_t = jnp.take(a, index, axis=0, mode="fill", fill_value=0).T
-  return a_t, col_offsets
+  if backend == "reference":
+    return jnp.take(a, index, axis=0, mode="fill", fill_value=0).T, col_offsets
+  return _gather_columns(a, index, backend), col_offsets
+
+
+def _gather_columns(x, index, backend: str) -> jax.Array:
+  """`take(x, index, fill 0).T` `[d, len(index)]` with the Triton kernel."""
+  from jmoe.kernels import gather_columns as kernels  # pylint: disable=import-outside-toplevel
+  from jmoe.kernels.tgmm import stride_multiple  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+
+  t, d = x.shape
+  mp = index.shape[0]
+  block_c, block_d = (64, 128) if backend == "triton" else (16, 16)
+  d_mult = stride_multiple(d)
+  return kernel_call(
+      kernels._gather_columns_kernel,  # pylint: disable=protected-access
+      x, index, t, d // d_mult, mp // block_c,
+      out_shape=jax.ShapeDtypeStruct((d, mp), x.dtype),
+      grid=(mp // block_c, -(-d // block_d)),
+      backend=backend,
+      name="jmoe_gather_columns",
+      D_MULT=d_mult, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+  )
 
 
 def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
@@ -250,7 +274,7 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   if gather_mode == "xla_columns":
     if row_scale is not None:
       raise ValueError('gather_mode="xla_columns" needs row_scale_mode="prescale"')
-    a, a_col_offsets = group_columns(a, a_row_index, offsets, m)
+    a, a_col_offsets = group_columns(a, a_row_index, offsets, m, backend)
     a_row_index = None
   args = (
       a,
