@@ -38,7 +38,7 @@ def build(cfg, flags, ka, n, out_type="*bf16", a_columns=False):
          "row_scale_ptr": "*fp32", "a_col_offsets_ptr": "*i32", "M": "i32",
          "KA_Q": "i32", "N_Q": "i32", "MA_Q": "i32", "out_ptr": out_type}
   const = dict(
-      A_COLUMNS=a_columns, HAS_A_INDEX=flags[0], HAS_B_INDEX=flags[1], HAS_SCALE=flags[2],
+      A_COLUMNS=a_columns, OUT_TRANSPOSED=False, HAS_A_INDEX=flags[0], HAS_B_INDEX=flags[1], HAS_SCALE=flags[2],
       DOT_F32=False, INPUT_PRECISION="ieee",
       KA_MULT=kernels.stride_multiple(ka), N_MULT=kernels.stride_multiple(n),
       EVEN_K=ka % cfg.kwargs["BLOCK_K"] == 0, EVEN_N=n % cfg.kwargs["BLOCK_N"] == 0,

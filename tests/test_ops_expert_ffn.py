@@ -178,11 +178,13 @@ class ExpertFfnTestBase:
     with pytest.raises(ValueError, match="JMOE_SLOT_ROWS must be"):
       ffn_lib.slot_rows_dtype(jnp.bfloat16)
 
-  def test_dw_up_gather_modes(self, rng, monkeypatch):
-    # dW_up's tgmm reads x as gathered rows ("xla") or as K-major columns of a
-    # transposed, group-padded copy ("xla_columns", the default above 1024 rows
-    # per expert): the same rows reach the same dots, so every output is bit
-    # for bit the same, and both match the reference within the bf16 bound.
+  def test_weight_grad_layouts(self, rng, monkeypatch):
+    # The weight gradients read their K-major operand as rows or as columns
+    # of a transposed, group-padded copy (the default above 1024 rows per
+    # expert): dW_up through JMOE_TGMM_GATHER (the same rows reach the same
+    # dots: bit for bit the same), dW_down through JMOE_DW_DOWN (dy^T h with a
+    # transposed store instead of h^T dy). Every output matches the reference
+    # within the bf16 bound.
     from jmoe.ops.tgmm import GATHER_MODE_ENV  # pylint: disable=import-outside-toplevel
 
     args = _inputs(rng, 29, 40, 24, 5, 3, "swiglu", BF16, 0.3)
@@ -198,18 +200,27 @@ class ExpertFfnTestBase:
     fn = functools.partial(self._ffn, activation="swiglu")
     want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
     got = {}
-    for mode in ("xla", "xla_columns"):
-      monkeypatch.setenv(GATHER_MODE_ENV, mode)
-      assert ffn_lib.dw_up_gather_mode(87, 3) == mode
-      got[mode] = run(fn)
-      for g, w, name in zip(got[mode], want, ("y", "x", "weights", "up", "down")):
+    for up_mode, down_layout in (("xla", "rows"), ("xla_columns", "rows"),
+                                 ("xla_columns", "columns")):
+      monkeypatch.setenv(GATHER_MODE_ENV, up_mode)
+      monkeypatch.setenv(ffn_lib.DW_DOWN_ENV, down_layout)
+      assert ffn_lib.dw_up_gather_mode(87, 3) == up_mode
+      assert ffn_lib.dw_down_layout(87, 3) == down_layout
+      got[up_mode, down_layout] = outs = run(fn)
+      for g, w, name in zip(outs, want, ("y", "x", "weights", "up", "down")):
         helpers.assert_close(g, w, BF16, kind="fwd" if name == "y" else "grad",
-                             err_msg=f"{mode}: {name}")
-    for g, w in zip(got["xla"], got["xla_columns"]):
+                             err_msg=f"{up_mode}, {down_layout}: {name}")
+    for g, w in zip(got["xla", "rows"], got["xla_columns", "rows"]):
       np.testing.assert_array_equal(g, w)
     monkeypatch.delenv(GATHER_MODE_ENV)
+    monkeypatch.delenv(ffn_lib.DW_DOWN_ENV)
     assert ffn_lib.dw_up_gather_mode(16384, 8) == "xla_columns"
+    assert ffn_lib.dw_down_layout(16384, 8) == "columns"
     assert ffn_lib.dw_up_gather_mode(49152, 64) == "xla"
+    assert ffn_lib.dw_down_layout(49152, 64) == "rows"
+    monkeypatch.setenv(ffn_lib.DW_DOWN_ENV, "cols")
+    with pytest.raises(ValueError, match="JMOE_DW_DOWN must be one of"):
+      ffn_lib.dw_down_layout(16384, 8)
 
   @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
   def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):

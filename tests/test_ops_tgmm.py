@@ -225,6 +225,30 @@ class TgmmTestBase:
       start, col = start + size, col + -(-size // align) * align
     np.testing.assert_array_equal(np.asarray(a_t, np.float32), want)
 
+  @pytest.mark.parametrize("shape", SHAPES[2:6], ids=str)
+  @pytest.mark.parametrize("mode", ["xla", "xla_columns"])
+  def test_transpose_out(self, rng, shape, mode):
+    # The kernel stores each group's tile transposed: exactly the swapped
+    # output of the plain call; gradients (XLA's tgmm_vjp) follow the swap.
+    a, b, sizes, kw = _inputs(rng, *shape, BF16, OPTIONS[1])
+    del kw["row_scale"]
+    fn = functools.partial(self._tgmm, gather_mode=mode, **kw)
+    out_t = jax.jit(functools.partial(fn, transpose_out=True))(a, b, sizes)
+    assert out_t.shape == (shape[3], shape[2], shape[1])
+    np.testing.assert_array_equal(
+        np.asarray(out_t), np.swapaxes(np.asarray(jax.jit(fn)(a, b, sizes)), 1, 2))
+    ct = helpers.normal(rng, out_t.shape, np.float32)
+    a32, b32 = (jnp.asarray(x, jnp.float32) for x in (a, b))
+
+    def grads(f, **extra):
+      return jax.grad(lambda x, y: jnp.sum(f(x, y, sizes, **kw, **extra) * ct),
+                      (0, 1))(a32, b32)
+
+    got = grads(functools.partial(self._tgmm, gather_mode=mode), transpose_out=True)
+    want = grads(tgmm, transpose_out=True, backend="reference")
+    for g, w in zip(got, want):
+      helpers.assert_close(g, w, np.float32)
+
   @pytest.mark.parametrize("shape", SHAPES, ids=str)
   @pytest.mark.parametrize("options", OPTIONS, ids=str)
   def test_columns_mode(self, rng, shape, options):

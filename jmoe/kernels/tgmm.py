@@ -29,6 +29,10 @@ K-major `a` tile (contiguous along the contraction) instead of the transposed
 (`tnspA`) one; on the H100 this alone ran 9-12 % faster at the Mixtral-like
 dW_up shape (`benchmarks/tgmm_layout_probe.py`).
 
+`OUT_TRANSPOSED` stores each group's tile transposed (`out [g, N, KA]`), so
+that `dW_down [e, f, d]` can be computed as `dy^T h` with `dy` as the
+K-major columns (`h` is the wider operand there).
+
 `HAS_SCALE` is the op's opt-in `row_scale_mode="kernel"` path. On sm_90 it
 loads the `a` tile into registers (no cp.async), holds two prefetched tiles
 there (186 -> 222-255 registers, spills at 64x256x128) and passes the scaled
@@ -62,6 +66,7 @@ def _tgmm_kernel(
     out_ptr,  # [g, KA, N] float32 / bfloat16 / float16
     # Meta-parameters.
     A_COLUMNS: tl.constexpr,  # a is [KA, MA]: logical row r is a column
+    OUT_TRANSPOSED: tl.constexpr,  # out is [g, N, KA] (each group transposed)
     HAS_A_INDEX: tl.constexpr,
     HAS_B_INDEX: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -172,12 +177,20 @@ def _tgmm_kernel(
       b_rows = next_rows
 
   out = acc.to(out_ptr.dtype.element_ty)
-  out_ptrs = (
-      out_ptr
-      + gi.to(tl.int64) * KA * N
-      + offs_k.to(tl.int64)[:, None] * N
-      + offs_n[None, :]
-  )
+  if OUT_TRANSPOSED:
+    out_ptrs = (
+        out_ptr
+        + gi.to(tl.int64) * KA * N
+        + offs_n.to(tl.int64)[None, :] * KA
+        + offs_k[:, None]
+    )
+  else:
+    out_ptrs = (
+        out_ptr
+        + gi.to(tl.int64) * KA * N
+        + offs_k.to(tl.int64)[:, None] * N
+        + offs_n[None, :]
+    )
   if EVEN_K and EVEN_N:
     tl.store(out_ptrs, out)
   else:

@@ -258,30 +258,56 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
   `w_sorted` None: `h` holds the scaled rows already (router scale "up")."""
   from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
 
-  config = gmm_lib.tgmm_config(backend, h.shape[0], al.group_sizes.shape[0])
-  d_down = tgmm(
-      h, dy, al.group_sizes, b_row_index=al.token, row_scale=w_sorted,
-      out_dtype=down_dtype, backend=backend, config=config, gather_mode="xla",
-  )
+  rows, groups = h.shape[0], al.group_sizes.shape[0]
+  config = gmm_lib.tgmm_config(backend, rows, groups)
+  if dw_down_layout(rows, groups) == "columns":
+    # dW_down[e]^T = dy_e^T h_e: the gathered dy rows become K-major columns
+    # and the kernel stores each tile transposed, into [e, f, d].
+    d_down = tgmm(
+        dy, h, al.group_sizes, a_row_index=al.token, row_scale=w_sorted,
+        out_dtype=down_dtype, backend=backend, config=config,
+        gather_mode="xla_columns", transpose_out=True,
+    )
+  else:
+    d_down = tgmm(
+        h, dy, al.group_sizes, b_row_index=al.token, row_scale=w_sorted,
+        out_dtype=down_dtype, backend=backend, config=config, gather_mode="xla",
+    )
   d_up = tgmm(
       x, d_pre, al.group_sizes, a_row_index=al.token, out_dtype=up_dtype,
-      backend=backend, config=config,
-      gather_mode=dw_up_gather_mode(h.shape[0], al.group_sizes.shape[0]),
+      backend=backend, config=config, gather_mode=dw_up_gather_mode(rows, groups),
   )
   return d_up, d_down
+
+
+# Above this many rows per expert the weight gradients run on the 128x256 tile
+# with long K loops, where a K-major `a` tile pays for its transposed copy.
+_COLUMNS_MIN_ROWS_PER_GROUP = 1024
+DW_DOWN_ENV = "JMOE_DW_DOWN"
+DW_DOWN_LAYOUTS = ("rows", "columns")
 
 
 def dw_up_gather_mode(rows: int, groups: int) -> str:
   """How dW_up's `tgmm` reads the token rows of `x` (`jmoe.ops.tgmm.GATHER_MODES`):
   `JMOE_TGMM_GATHER` if set; else `"xla_columns"` above 1024 rows per group
-  (long K loops on the 128x256 tile, where the K-major `x` tile made the
-  Mixtral-like dW_up 13 % faster on the H100), `"xla"` at or below (64 experts:
-  no gain, and the transposed copy costs more than the row gather;
-  benchmarks/results/sweep_h100.md). dW_down always reads `h` as rows."""
+  (the K-major `x` tile made the Mixtral-like dW_up 13 % faster on the H100),
+  `"xla"` at or below (64 experts: no gain, and the transposed copy costs
+  more than the row gather; benchmarks/results/sweep_h100.md)."""
   from jmoe.ops.tgmm import GATHER_MODE_ENV, GATHER_MODES  # pylint: disable=import-outside-toplevel
 
-  default = "xla_columns" if rows > 1024 * groups else "xla"
-  return env_choice(GATHER_MODE_ENV, GATHER_MODES, default)
+  long_groups = rows > _COLUMNS_MIN_ROWS_PER_GROUP * groups
+  return env_choice(GATHER_MODE_ENV, GATHER_MODES,
+                    "xla_columns" if long_groups else "xla")
+
+
+def dw_down_layout(rows: int, groups: int) -> str:
+  """How dW_down is formed (`JMOE_DW_DOWN` if set): `"rows"`, `tgmm(h, dy)`
+  with `dy` gathered in the kernel, or `"columns"`, `tgmm(dy, h)` with `dy`
+  as K-major columns and a transposed store (the default above 1024 rows per
+  group, like `dw_up_gather_mode`). Same numbers up to the order of float32
+  additions inside one wgmma."""
+  long_groups = rows > _COLUMNS_MIN_ROWS_PER_GROUP * groups
+  return env_choice(DW_DOWN_ENV, DW_DOWN_LAYOUTS, "columns" if long_groups else "rows")
 
 
 def dx_stage(d_pre, up, al, block_m, backend):

@@ -250,7 +250,8 @@ def _gather_columns(x, index, backend: str) -> jax.Array:
 
 def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
             out_dtype, input_precision, backend, config,
-            row_scale_mode="kernel", gather_mode="kernel") -> jax.Array:
+            row_scale_mode="kernel", gather_mode="kernel",
+            transpose_out=False) -> jax.Array:
   import triton  # pylint: disable=import-outside-toplevel
 
   from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
@@ -258,7 +259,8 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
 
   g = group_sizes.shape[0]
   ka, n = a.shape[1], b.shape[1]
-  out_shape = jax.ShapeDtypeStruct((g, ka, n), out_dtype)
+  out_shape = jax.ShapeDtypeStruct((g, n, ka) if transpose_out else (g, ka, n),
+                                   out_dtype)
   if g == 0 or ka == 0 or n == 0 or m == 0:
     return jnp.zeros(out_shape.shape, out_dtype)
 
@@ -292,6 +294,7 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   )
   flags = {
       "A_COLUMNS": a_col_offsets is not None,
+      "OUT_TRANSPOSED": transpose_out,
       "KA_MULT": kernels.stride_multiple(ka),
       "N_MULT": kernels.stride_multiple(n),
       "HAS_A_INDEX": a_row_index is not None,
@@ -338,7 +341,7 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
 @functools.cache
 def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
              config: TgmmConfig | None, row_scale_mode: str = "kernel",
-             gather_mode: str = "kernel"):
+             gather_mode: str = "kernel", transpose_out: bool = False):
   """The custom_vjp op for one static configuration."""
 
   def forward(a, b, group_sizes, a_row_index, b_row_index, row_scale):
@@ -346,6 +349,7 @@ def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
         a, b, group_sizes, a_row_index, b_row_index, row_scale, m=m,
         out_dtype=out_dtype, input_precision=input_precision, backend=backend,
         config=config, row_scale_mode=row_scale_mode, gather_mode=gather_mode,
+        transpose_out=transpose_out,
     )
 
   @jax.custom_vjp
@@ -359,6 +363,8 @@ def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
   def bwd(residuals, d_out):
     # The gradients of a weight gradient are rarely needed: they are computed
     # in XLA (`tgmm_vjp`), like Pallas' `backward_pass_impl="xla"`.
+    if transpose_out:
+      d_out = jnp.swapaxes(d_out, 1, 2)
     return tgmm_vjp(*residuals, d_out)
 
   op.defvjp(fwd, bwd)
@@ -378,6 +384,7 @@ def tgmm(
     config: TgmmConfig | None = None,
     row_scale_mode: str | None = None,
     gather_mode: str | None = None,
+    transpose_out: bool = False,
     backend: str = "auto",
 ) -> jax.Array:
   """Transposed grouped GEMM: `out[gi] = sum_{r in gi} A_r^T (s_r * B_r)`.
@@ -417,10 +424,13 @@ def tgmm(
       without `a_row_index`: XLA writes the rows as columns of a transposed,
       group-padded `[ka, m_pad]` copy, `group_columns`; the kernel's `a` tile
       is then K-major). Same numbers in every mode.
+    transpose_out: return `[g, n, ka]` (each group's `out[gi].T`, stored so by
+      the kernel) instead of `[g, ka, n]`.
     backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
 
   Returns:
-    `[g, ka, n]` in `out_dtype`; groups with no rows are zeros.
+    `[g, ka, n]` (`[g, n, ka]` with `transpose_out`) in `out_dtype`; groups
+    with no rows are zeros.
 
   Raises:
     ValueError, TypeError: an argument has the wrong shape or dtype (at trace
@@ -447,12 +457,13 @@ def tgmm(
   out_dtype = jnp.dtype(out_dtype)
   backend = resolve_backend(backend)
   if backend == "reference":
-    return tgmm_reference(
+    out = tgmm_reference(
         a, b, group_sizes, a_row_index=a_row_index, b_row_index=b_row_index,
         row_scale=row_scale, out_dtype=out_dtype,
     )
+    return jnp.swapaxes(out, 1, 2) if transpose_out else out
   op = _tgmm_fn(m, out_dtype, input_precision, backend, config, row_scale_mode,
-                gather_mode)
+                gather_mode, bool(transpose_out))
   return op(a, b, group_sizes, a_row_index, b_row_index, row_scale)
 
 
