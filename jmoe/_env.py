@@ -25,3 +25,19 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
 def env_flag(name: str, default: bool) -> bool:
   """`$name` as a switch: "0", "false" or "False" is off, any other value on."""
   return env_value(name, "1" if default else "0") not in ("0", "false", "False")
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+  """`$name` as an integer >= `minimum` (default `default`).
+
+  Raises:
+    ValueError: naming the variable, the range and the value found.
+  """
+  raw = env_value(name, str(default))
+  try:
+    value = int(raw)
+  except ValueError:
+    value = minimum - 1
+  if value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {raw!r}")
+  return value

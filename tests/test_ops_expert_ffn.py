@@ -218,6 +218,13 @@ class ExpertFfnTestBase:
     assert ffn_lib.dw_down_layout(16384, 8) == "columns"
     assert ffn_lib.dw_up_gather_mode(49152, 64) == "xla"
     assert ffn_lib.dw_down_layout(49152, 64) == "rows"
+    monkeypatch.setenv(gmm_lib.WGRAD_MIN_ROWS_ENV, "512")
+    assert ffn_lib.dw_up_gather_mode(49152, 64) == "xla_columns"
+    assert ffn_lib.dw_down_layout(49152, 64) == "columns"
+    monkeypatch.setenv(gmm_lib.WGRAD_MIN_ROWS_ENV, "many")
+    with pytest.raises(ValueError, match="JMOE_WGRAD_MIN_ROWS must be an integer"):
+      ffn_lib.dw_down_layout(16384, 8)
+    monkeypatch.delenv(gmm_lib.WGRAD_MIN_ROWS_ENV)
     monkeypatch.setenv(ffn_lib.DW_DOWN_ENV, "cols")
     with pytest.raises(ValueError, match="JMOE_DW_DOWN must be one of"):
       ffn_lib.dw_down_layout(16384, 8)

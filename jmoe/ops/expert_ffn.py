@@ -280,9 +280,6 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
   return d_up, d_down
 
 
-# Above this many rows per expert the weight gradients run on the 128x256 tile
-# with long K loops, where a K-major `a` tile pays for its transposed copy.
-_COLUMNS_MIN_ROWS_PER_GROUP = 1024
 DW_DOWN_ENV = "JMOE_DW_DOWN"
 DW_DOWN_LAYOUTS = ("rows", "columns")
 
@@ -295,7 +292,7 @@ def dw_up_gather_mode(rows: int, groups: int) -> str:
   more than the row gather; benchmarks/results/sweep_h100.md)."""
   from jmoe.ops.tgmm import GATHER_MODE_ENV, GATHER_MODES  # pylint: disable=import-outside-toplevel
 
-  long_groups = rows > _COLUMNS_MIN_ROWS_PER_GROUP * groups
+  long_groups = gmm_lib.long_weight_grad_groups(rows, groups)
   return env_choice(GATHER_MODE_ENV, GATHER_MODES,
                     "xla_columns" if long_groups else "xla")
 
@@ -306,7 +303,7 @@ def dw_down_layout(rows: int, groups: int) -> str:
   as K-major columns and a transposed store (the default above 1024 rows per
   group, like `dw_up_gather_mode`). Same numbers up to the order of float32
   additions inside one wgmma."""
-  long_groups = rows > _COLUMNS_MIN_ROWS_PER_GROUP * groups
+  long_groups = gmm_lib.long_weight_grad_groups(rows, groups)
   return env_choice(DW_DOWN_ENV, DW_DOWN_LAYOUTS, "columns" if long_groups else "rows")
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmoe._env import env_flag
+from jmoe._env import env_flag, env_int
 from jmoe.ops import align as align_lib
 
 AUTOTUNE_ENV = "JMOE_AUTOTUNE"
@@ -160,6 +160,17 @@ def dot_flags(dtype: Any, backend: str) -> dict[str, Any]:
   }
 
 
+WGRAD_MIN_ROWS_ENV = "JMOE_WGRAD_MIN_ROWS"
+
+
+def long_weight_grad_groups(rows: int, groups: int) -> bool:
+  """Whether `rows` contracted over `groups` groups count as long K loops for
+  the weight gradients: more than `JMOE_WGRAD_MIN_ROWS` (default 1024) rows
+  per group. Long: the 128x256 tgmm tile and (in `expert_ffn`) the K-major
+  column layout; short: the 128x128 tile with 4 warps, rows layout."""
+  return rows > env_int(WGRAD_MIN_ROWS_ENV, 1024) * groups
+
+
 def tgmm_config(backend: str, rows: int, groups: int):
   """The `TgmmConfig` for weight gradients: pinned when autotuning is off.
 
@@ -167,12 +178,12 @@ def tgmm_config(backend: str, rows: int, groups: int):
   (short K loops: the tile epilogue weighs more) a 128x128 tile with 4 warps
   is faster (H100, bf16: 1.35 vs 1.44 ms dW_up at 64 experts, 0.18 vs 0.20 ms
   on the small case), above it the 128x256 default (7.7 vs 8.1 ms Mixtral-like;
-  benchmarks/results/sweep_h100.md).
+  benchmarks/results/sweep_h100.md). The bound: `long_weight_grad_groups`.
   """
   if backend == "triton" and not autotune_enabled():
     from jmoe.ops.tgmm import TgmmConfig  # pylint: disable=import-outside-toplevel
 
-    if rows <= 1024 * groups:
+    if not long_weight_grad_groups(rows, groups):
       return TgmmConfig(64, 128, 128, 8, 4, 3)
     return TgmmConfig()
   return None
