@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from jmoe.kernels.activations import act_fwd_and_grad
+from jmoe.kernels.rounding import round_to
 
 
 @triton.jit
@@ -41,6 +42,7 @@ def act_bwd_epilogue(
     GATED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,  # interpreter: round bf16 to nearest even
 ):
   """The act_bwd epilogue of one `[BLOCK_M, BLOCK_N]` tile `g` (float32) of
   column block `block_n_index`: `dwp[r, block_n_index]` and `d_pre`."""
@@ -63,7 +65,7 @@ def act_bwd_epilogue(
     h = act * pre_u
   else:
     h = act
-  h = h.to(pre_ptr.dtype.element_ty).to(tl.float32)
+  h = round_to(h, pre_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
   g = tl.where(load_mask, g, 0.0)
   dwp = tl.sum(h * g, axis=1)
   # A column block past F (the second half of a SPLIT program) has no column.
@@ -72,11 +74,12 @@ def act_bwd_epilogue(
            mask=dwp_mask)
   w = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
   dh = g * w[:, None]
+  out_dtype = dpre_ptr.dtype.element_ty
   if GATED:
-    tl.store(dpre_ptrs, (dh * pre_u * dact).to(dpre_ptr.dtype.element_ty), mask=mask)
-    tl.store(dpre_ptrs + F, (dh * act).to(dpre_ptr.dtype.element_ty), mask=mask)
+    tl.store(dpre_ptrs, round_to(dh * pre_u * dact, out_dtype, EMULATE_RNE), mask=mask)
+    tl.store(dpre_ptrs + F, round_to(dh * act, out_dtype, EMULATE_RNE), mask=mask)
   else:
-    tl.store(dpre_ptrs, (dh * dact).to(dpre_ptr.dtype.element_ty), mask=mask)
+    tl.store(dpre_ptrs, round_to(dh * dact, out_dtype, EMULATE_RNE), mask=mask)
 
 
 @triton.jit
@@ -97,6 +100,7 @@ def _act_bwd_elementwise_kernel(
     GATED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,  # interpreter: round bf16 stores to nearest even
 ):
   """`act_bwd_epilogue` over a stored `g`. Grid `(cdiv(ROWS, BLOCK_M), DWP_COLS)`.
 
@@ -114,5 +118,5 @@ def _act_bwd_elementwise_kernel(
   expert = pid_m * 0  # every row counts (a tensor, as the GEMM's expert id)
   act_bwd_epilogue(
       g, pid_n, expert, row_start, ROWS, row_scale_ptr, pre_ptr, dpre_ptr, dwp_ptr,
-      F, DWP_COLS, ACTIVATION, GATED, BLOCK_M, BLOCK_N,
+      F, DWP_COLS, ACTIVATION, GATED, BLOCK_M, BLOCK_N, EMULATE_RNE,
   )

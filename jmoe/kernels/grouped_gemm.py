@@ -350,12 +350,13 @@ def _grouped_gemm_act_bwd_kernel(
   act_bwd_epilogue(
       g, pid_n * SPLIT_N, expert, row_start, row_end, row_scale_ptr, pre_ptr,
       dpre_ptr, dwp_ptr, F, DWP_COLS, ACTIVATION, GATED, BLOCK_M, BLOCK_N,
+      DOT_F32,
   )
   if SPLIT_N == 2:
     act_bwd_epilogue(
         g2, pid_n * SPLIT_N + 1, expert, row_start, row_end, row_scale_ptr,
         pre_ptr, dpre_ptr, dwp_ptr, F, DWP_COLS, ACTIVATION, GATED, BLOCK_M,
-        BLOCK_N,
+        BLOCK_N, DOT_F32,
     )
 
 

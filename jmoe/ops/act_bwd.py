@@ -103,6 +103,7 @@ def _act_bwd_two_pass(dy, down, al, w_sorted, pre, block_m, activation, backend)
       DWP_COLS=dwp_cols,
       ACTIVATION=GATE_ACTIVATION.get(activation, activation),
       GATED=is_gated(activation),
+      EMULATE_RNE=backend == "interpret",
       **blocks,
   )
 
