@@ -111,7 +111,11 @@ def main(argv=None) -> int:
   parser.add_argument("--cases", default="big,e64")
   parser.add_argument("--layouts", default="mn.mn,k.mn,mn.k,k.k",
                       help="A.B storage: mn (row-major) or k (transposed)")
+  parser.add_argument("--configs", default="",
+                      help="BLOCK_MxBLOCK_KxBLOCK_NxWARPSxSTAGES,... (default: CONFIGS)")
   args = parser.parse_args(argv)
+  configs = CONFIGS if not args.configs else tuple(
+      tuple(int(v) for v in c.split("x")) for c in args.configs.split(","))
   layouts = {tuple(part == "k" for part in lay.split(".")) for lay in args.layouts.split(",")}
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"triton {triton.__version__}", flush=True)
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
                      preferred_element_type=jnp.float32)
     print(f"## {name}: {g} groups x {mg} rows, ka={ka}, n={n}", flush=True)
     stored = {key: v for key, v in stored.items() if key in layouts}
-    for (ak, bk_), cfg in itertools.product(stored, CONFIGS):
+    for (ak, bk_), cfg in itertools.product(stored, configs):
       fn = jax.jit(lambda x, y, ak=ak, bk_=bk_, cfg=cfg: probe(x, y, g, mg, ka, n, ak, bk_, cfg))
       out = fn(*stored[(ak, bk_)])
       err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
