@@ -27,6 +27,9 @@ Backward (`custom_vjp`, every GEMM in Triton):
            (`JMOE_ACT_BWD=fused`: one GEMM with that epilogue.)
   dW_down  tgmm(h, dy, b_row_index=token, row_scale=w)   `jmoe.ops.tgmm`
   dW_up    tgmm(x, d_pre, a_row_index=token)
+           (above `JMOE_WGRAD_MIN_ROWS` rows per expert: `x`, and `dy` for
+           dW_down = (dy^T h)^T, as K-major columns of a transposed copy,
+           `dw_up_gather_mode` / `dw_down_layout`)
   dx       `_grouped_gemm_kernel`: d_pre @ up[e]^T per slot (`slot_rows_dtype`), then the
            combine kernel sums the k slots of each token and the partial
            <h, g> sums into d_weights.

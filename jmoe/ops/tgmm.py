@@ -18,7 +18,10 @@ and `tgmm(lhs, d_out, group_sizes)` is the `rhs` gradient of
 `jax.lax.ragged_dot(lhs, rhs, group_sizes)`.
 
 The kernel is `jmoe.kernels.tgmm._tgmm_kernel` (one program per output tile and
-group, float32 accumulation, no atomics: bit-identical repeats). Its oracle is
+group, float32 accumulation, no atomics: bit-identical repeats). With
+`gather_mode="xla_columns"` it reads `a` as the columns of a transposed,
+group-padded copy (`group_columns`, made by `jmoe.kernels.gather_columns`), and
+`transpose_out=True` returns `[g, n, ka]`. Its oracle is
 `tgmm_reference` below (`jax.lax.ragged_dot_general` with a ragged contracting
 dimension).
 """
