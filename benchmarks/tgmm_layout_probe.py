@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.gpu_kernels import time_fn
+from jmoe.kernels.swizzle import band_swizzle
 from jmoe.kernels.tgmm import stride_multiple
 from jmoe.ops._call import kernel_call
 
@@ -51,13 +52,7 @@ def _probe_kernel(
   KA = KA_Q * MULT
   N = N_Q * MULT
   M = MG * tl.num_programs(1)
-  num_pid_k = KA // BLOCK_K
-  num_pid_n = N // BLOCK_N
-  in_band = GROUP_SIZE * num_pid_n
-  first_k = (pid // in_band) * GROUP_SIZE
-  band_k = tl.minimum(num_pid_k - first_k, GROUP_SIZE)
-  pid_k = first_k + (pid % in_band) % band_k
-  pid_n = (pid % in_band) // band_k
+  pid_k, pid_n = band_swizzle(pid, KA // BLOCK_K, N // BLOCK_N, GROUP_SIZE)
   offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)

@@ -64,6 +64,16 @@ def _loss(fn, ct, x, ids, weights, kept, up, down):
   return jnp.sum(y.astype(jnp.float32) * ct), y
 
 
+def _outputs_and_grads(fn, *, args, ct) -> list[np.ndarray]:
+  """`[y, d_x, d_weights, d_up, d_down]` of `_loss(fn, ct, *args)` (jitted)."""
+  x, ids, weights, kept, up, down = args
+  vg = jax.value_and_grad(
+      lambda x, w, u, dn: _loss(fn, ct, x, ids, w, kept, u, dn), (0, 1, 2, 3),
+      has_aux=True)
+  (_, y), grads = jax.jit(vg)(x, weights, up, down)
+  return [np.asarray(a) for a in (y, *grads)]
+
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -151,12 +161,7 @@ class ExpertFfnTestBase:
     fn = functools.partial(self._ffn, activation="swiglu")
     ref = functools.partial(reference.expert_ffn, activation="swiglu")
 
-    def run(f):
-      vg = jax.value_and_grad(
-          lambda x, w, u, dn: _loss(f, ct, x, args[1], w, args[3], u, dn),
-          (0, 1, 2, 3), has_aux=True)
-      (_, y), grads = jax.jit(vg)(args[0], args[2], args[4], args[5])
-      return [y, *grads]
+    run = functools.partial(_outputs_and_grads, args=args, ct=ct)
 
     want = run(ref)
     names = ("y", "x", "weights", "up", "down")
@@ -190,12 +195,7 @@ class ExpertFfnTestBase:
     args = _inputs(rng, 29, 40, 24, 5, 3, "swiglu", BF16, 0.3)
     ct = helpers.normal(rng, (29, 40), np.float32)
 
-    def run(f):
-      vg = jax.value_and_grad(
-          lambda x, w, u, dn: _loss(f, ct, x, args[1], w, args[3], u, dn),
-          (0, 1, 2, 3), has_aux=True)
-      (_, y), grads = jax.jit(vg)(args[0], args[2], args[4], args[5])
-      return [np.asarray(a) for a in (y, *grads)]
+    run = functools.partial(_outputs_and_grads, args=args, ct=ct)
 
     fn = functools.partial(self._ffn, activation="swiglu")
     want = run(functools.partial(reference.expert_ffn, activation="swiglu"))

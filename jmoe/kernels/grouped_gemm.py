@@ -41,6 +41,7 @@ import triton.language as tl
 from jmoe.kernels.act_bwd import act_bwd_epilogue
 from jmoe.kernels.activations import act_fwd
 from jmoe.kernels.rounding import round_to
+from jmoe.kernels.swizzle import band_swizzle
 
 
 @triton.jit
@@ -52,14 +53,8 @@ def _tile_coords(
     GROUP_M: tl.constexpr,
 ):
   """(column block, group, row start, row end) of this program."""
-  pid = tl.program_id(0)
-  num_pid_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-  num_pid_in_group: tl.constexpr = GROUP_M * num_pid_n
-  group_id = pid // num_pid_in_group
-  first_m = group_id * GROUP_M
-  group_size_m = tl.minimum(NUM_TILES - first_m, GROUP_M)
-  pid_m = first_m + (pid % num_pid_in_group) % group_size_m
-  pid_n = (pid % num_pid_in_group) // group_size_m
+  pid_m, pid_n = band_swizzle(tl.program_id(0), NUM_TILES,
+                              (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
   expert = tl.load(tiles_ptr + pid_m)
   row_start = tl.load(tiles_ptr + NUM_TILES + pid_m)
   row_end = tl.load(tiles_ptr + 2 * NUM_TILES + pid_m)

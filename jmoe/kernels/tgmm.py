@@ -46,6 +46,8 @@ This file holds only `@triton.jit` code and its autotune configs (no `jax`).
 import triton
 import triton.language as tl
 
+from jmoe.kernels.swizzle import band_swizzle
+
 
 @triton.jit
 def _tgmm_kernel(
@@ -94,14 +96,8 @@ def _tgmm_kernel(
 
   # Swizzle the tiles of one group so that programs running together share
   # row bands of `a` (columns of `a`) and of `b` in L2.
-  num_pid_k = tl.cdiv(KA, BLOCK_K)
-  num_pid_n = tl.cdiv(N, BLOCK_N)
-  num_pid_in_band = GROUP_SIZE * num_pid_n
-  band = pid // num_pid_in_band
-  first_pid_k = band * GROUP_SIZE
-  band_k = tl.minimum(num_pid_k - first_pid_k, GROUP_SIZE)
-  pid_k = first_pid_k + (pid % num_pid_in_band) % band_k
-  pid_n = (pid % num_pid_in_band) // band_k
+  pid_k, pid_n = band_swizzle(pid, tl.cdiv(KA, BLOCK_K), tl.cdiv(N, BLOCK_N),
+                              GROUP_SIZE)
 
   start = tl.load(group_offsets_ptr + gi)
   end = tl.load(group_offsets_ptr + gi + 1)

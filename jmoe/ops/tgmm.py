@@ -194,7 +194,8 @@ def prescale_rows(a, a_row_index, row_scale) -> jax.Array:
   return scaled.astype(a.dtype)
 
 
-def _round_up(x: int, multiple: int) -> int:
+def _round_up(x, multiple: int):
+  """`x` (an int or an integer array) rounded up to a multiple of `multiple`."""
   return (x + multiple - 1) // multiple * multiple
 
 
@@ -212,7 +213,7 @@ def group_columns(a, a_row_index, offsets, m: int, backend: str = "reference"):
   g = offsets.shape[0] - 1
   align = COLUMN_ALIGN
   sizes = offsets[1:] - offsets[:-1]
-  spans = (sizes + align - 1) // align * align
+  spans = _round_up(sizes, align)
   col_offsets = jnp.concatenate(
       [jnp.zeros((1,), jnp.int32), jnp.cumsum(spans)[:-1].astype(jnp.int32)])
   m_pad = _round_up(m + g * (align - 1), align)
