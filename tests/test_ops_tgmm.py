@@ -39,6 +39,16 @@ SHAPES = (
     (130, 48, 33, 4, "one"),
     (130, 48, 33, 9, "zeros"),
 )
+# Shapes for the TMA kernel (ka and n multiples of 16), every split kind.
+TMA_SHAPES = (
+    (1, 16, 16, 1, "all"),
+    (37, 32, 16, 1, "under"),
+    (37, 48, 32, 4, "random"),
+    (130, 16, 48, 9, "zeros"),
+    (130, 48, 32, 4, "one"),
+)
+# (JMOE_TGMM_TMA_BOUNDED, JMOE_TGMM_TMA_STORE) of the TMA kernel.
+TMA_SWITCHES = (("0", "0"), ("1", "0"), ("1", "1"))
 # (a_row_index, b_row_index, row_scale) present?
 OPTIONS = ((False, False, False), (True, True, True))
 DTYPES = (np.float32, BF16)
@@ -257,6 +267,53 @@ class TgmmTestBase:
     a, b, sizes, kw = _inputs(rng, *shape, BF16, options)
     out = self._tgmm(a, b, sizes, gather_mode="xla_columns", **kw)
     helpers.assert_close(out, _oracle(a, b, sizes, **kw), BF16)
+
+  @pytest.mark.parametrize("shape", TMA_SHAPES, ids=str)
+  @pytest.mark.parametrize("options", OPTIONS, ids=str)
+  @pytest.mark.parametrize("switches", TMA_SWITCHES, ids=str)
+  @pytest.mark.parametrize("transpose", [False, True])
+  def test_tma_kernel(self, rng, monkeypatch, shape, options, switches, transpose):
+    # The persistent TMA kernel (jmoe.kernels.tgmm_tma) gives exactly the
+    # plain columns-mode kernel's numbers (same tiles, same steps; the rows it
+    # reads past a group's end meet zero columns of a), and the oracle's.
+    a, b, sizes, kw = _inputs(rng, *shape, BF16, options)
+    kw.pop("b_row_index", None)  # the TMA kernel reads b's rows in order
+    b = b[:shape[0]]
+    fn = functools.partial(self._tgmm, gather_mode="xla_columns",
+                           transpose_out=transpose, **kw)
+    plain = jax.jit(fn)(a, b, sizes)
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
+    for name, value in zip((tgmm_lib.TMA_BOUNDED_ENV, tgmm_lib.TMA_STORE_ENV), switches):
+      monkeypatch.setenv(name, value)
+    out = jax.jit(fn)(a, b, sizes)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    want = _oracle(a, b, sizes, **kw)
+    helpers.assert_close(out, np.swapaxes(want, 1, 2) if transpose else want, BF16)
+
+  def test_tma_bounded_reads_no_rows_past_the_groups(self, rng, monkeypatch):
+    # Rows of b past sum(group_sizes) hold inf: the bounded kernel never reads
+    # them (its per-tile descriptor ends at the group's last row).
+    m, ka, n, g = 130, 48, 32, 4
+    a, b, _, _ = _inputs(rng, m, ka, n, g, "under", BF16, OPTIONS[0])
+    sizes = np.array([30, 0, 41, 20], np.int32)  # 91 of 130 rows
+    b = np.asarray(b).copy()
+    b[91:] = np.inf
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
+    monkeypatch.setenv(tgmm_lib.TMA_BOUNDED_ENV, "1")
+    out = self._tgmm(a, b, sizes, gather_mode="xla_columns")
+    assert np.all(np.isfinite(np.asarray(out)))
+    helpers.assert_close(out, _oracle(a, b, sizes), BF16)
+
+  def test_tma_kernel_errors(self, rng, monkeypatch):
+    a, b, sizes, _ = _inputs(rng, 37, 48, 33, 4, "random", BF16, OPTIONS[0])
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
+    with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL=tma needs.*n=33"):
+      self._tgmm(a, b, sizes, gather_mode="xla_columns")
+    with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL=tma needs.*gather_mode='xla'"):
+      self._tgmm(a, b[:, :32], sizes, gather_mode="xla")
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL must be one of"):
+      self._tgmm(a, b, sizes, gather_mode="xla_columns")
 
   def test_gradients(self, rng):
     # The backward is `tgmm_vjp` (XLA); check it against finite differences of
@@ -489,6 +546,37 @@ class TestTgmmTriton(TgmmTestBase):
     again = fn(a, b, sizes)
     bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint32)
     assert bool(jnp.all(bits(out) == bits(again))), "repeat is not bit-identical"
+
+  @pytest.mark.parametrize("m,ka,n,g,transpose", [
+      (16384, 4096, 28672, 8, False),  # Mixtral-like dW_up
+      (16384, 4096, 14336, 8, True),  # Mixtral-like dW_down^T
+      (49152, 2048, 2816, 64, False),  # deepseek-like dW_up (skewed)
+      (49152, 2048, 1408, 64, True),  # deepseek-like dW_down^T: partial tiles
+  ])
+  @pytest.mark.parametrize("tma_store", ["0", "1"])
+  def test_tma_moe_shapes_bf16(self, monkeypatch, m, ka, n, g, transpose, tma_store):
+    rng = helpers.rng_for(f"tgmm-tma-{m}-{ka}-{n}-{g}")
+    ka_, kb = jax.random.split(jax.random.key(int(rng.integers(1 << 30))))
+    t = m // 2
+    a = jax.random.normal(ka_, (t, ka), jnp.bfloat16)
+    b = jax.random.normal(kb, (m, n), jnp.bfloat16)
+    index = jnp.asarray(rng.integers(0, t, m).astype(np.int32))
+    sizes = jnp.asarray(_skewed_sizes(rng, m, g))
+    fn = functools.partial(self._tgmm, config=TgmmConfig(), a_row_index=index,
+                           gather_mode="xla_columns", transpose_out=transpose,
+                           out_dtype=jnp.bfloat16)
+    plain = jax.jit(fn)(a, b, sizes)
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
+    monkeypatch.setenv(tgmm_lib.TMA_STORE_ENV, tma_store)
+    out = jax.jit(fn)(a, b, sizes)
+    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
+    assert bool(jnp.all(bits(out) == bits(plain))), "TMA and plain kernels differ"
+    expected = jax.jit(functools.partial(tgmm_reference, a_row_index=index))(a, b, sizes)
+    if transpose:
+      expected = jnp.swapaxes(expected, 1, 2)
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - expected))
+                / jnp.max(jnp.abs(expected)))
+    assert err <= 1e-2, f"relative error {err:.3e}"
 
   def test_float32_tf32(self, rng):
     a, b, sizes, kw = _inputs(rng, 1000, 600, 300, 8, "zeros", np.float32, OPTIONS[1])

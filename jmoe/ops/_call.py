@@ -34,6 +34,7 @@ def kernel_call(
     backend: str,
     name: str = "",
     zeroed_outputs: Sequence[int] | Callable[[dict[str, Any]], Sequence[int]] = (),
+    scratch_bytes_per_program: int = 0,
     **metaparams: Any,
 ) -> jax.Array | tuple[jax.Array, ...]:
   """Launches a Triton kernel on JAX arrays, like `jax_triton.triton_call`.
@@ -65,6 +66,12 @@ def kernel_call(
     zeroed_outputs: indices of outputs that must start at zero. With
       `"interpret"`, every other output starts poisoned (NaN, or a large
       integer), so unwritten elements show.
+    scratch_bytes_per_program: for kernels that build device-side TMA
+      descriptors (`tl.make_tensor_descriptor`): bytes of Triton's hidden
+      global-scratch argument per program (128 per descriptor). With
+      `"triton"` this needs a static `grid` and the jax-triton / jaxlib pair
+      of `jmoe.ops._hidden_scratch` (else a `RuntimeError`); the interpreter
+      needs no scratch.
     **metaparams: constexpr kernel parameters, and `triton_call` launch
       options (`num_warps`, `num_stages`, ...; ignored when interpreting).
 
@@ -99,6 +106,11 @@ def kernel_call(
     return full
 
   if backend == "triton":
+    extra_outputs = ()
+    if scratch_bytes_per_program:
+      from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
+
+      extra_outputs = (_hidden_scratch.prepare(kernel, grid, scratch_bytes_per_program),)
 
     def launch(*arrays):
       import jax_triton  # pylint: disable=import-outside-toplevel
@@ -112,17 +124,18 @@ def kernel_call(
         # with other metaparameters would find no config. Each launch gets
         # its own shallow copy (compiled kernels are cached by JITFunction).
         launched = copy.copy(kernel)
-      return tuple(
+      outs = tuple(
           jax_triton.triton_call(
               *merge(arrays),
               kernel=launched,
-              out_shape=out_shapes,
+              out_shape=out_shapes + extra_outputs,
               grid=grid,
               name=name,
               zeroed_outputs=zeroed_outputs,
               **metaparams,
           )
       )
+      return outs[:len(out_shapes)]
 
   else:
     from jmoe import interpret  # pylint: disable=import-outside-toplevel

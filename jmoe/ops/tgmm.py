@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe._backend import resolve_backend
-from jmoe._env import env_value
+from jmoe._env import env_choice, env_flag, env_value
 from jmoe.reference.tgmm import group_offsets, tgmm_vjp
 from jmoe.reference.tgmm import tgmm as reference_tgmm
 
@@ -70,6 +70,40 @@ ROW_SCALE_MODE_ENV = "JMOE_TGMM_ROW_SCALE_MODE"
 GATHER_MODES = ("xla", "kernel", "xla_columns")
 GATHER_MODE_ENV = "JMOE_TGMM_GATHER"
 COLUMN_ALIGN = 64
+
+# Which kernel runs `gather_mode="xla_columns"` on the GPU: "plain"
+# (`jmoe.kernels.tgmm`, cp.async loads, one program per tile) or "tma"
+# (`jmoe.kernels.tgmm_tma`: persistent, TMA loads; needs `ka` and `n`
+# multiples of 16, no `b_row_index`, and the hidden-scratch launch of
+# `jmoe.ops._hidden_scratch`). `JMOE_TGMM_TMA_FLATTEN`, `JMOE_TGMM_TMA_BOUNDED`
+# and `JMOE_TGMM_TMA_STORE` set its `FLATTEN`, `B_BOUNDED` and `TMA_STORE`
+# switches.
+TGMM_KERNELS = ("plain", "tma")
+TGMM_KERNEL_ENV = "JMOE_TGMM_KERNEL"
+TMA_FLATTEN_ENV = "JMOE_TGMM_TMA_FLATTEN"
+TMA_BOUNDED_ENV = "JMOE_TGMM_TMA_BOUNDED"
+TMA_STORE_ENV = "JMOE_TGMM_TMA_STORE"
+
+
+@dataclasses.dataclass(frozen=True)
+class TmaOptions:
+  """Switches of the TMA tgmm (`jmoe.kernels.tgmm_tma`)."""
+
+  flatten: bool = False
+  b_bounded: bool = True
+  tma_store: bool = False
+
+  @classmethod
+  def from_env(cls) -> TmaOptions:
+    return cls(env_flag(TMA_FLATTEN_ENV, cls.flatten),
+               env_flag(TMA_BOUNDED_ENV, cls.b_bounded),
+               env_flag(TMA_STORE_ENV, cls.tma_store))
+
+
+def tma_eligible(ka: int, n: int, has_b_index: bool, gather_mode: str) -> bool:
+  """Whether the TMA tgmm can run this call (see `TGMM_KERNELS`)."""
+  return (gather_mode == "xla_columns" and not has_b_index
+          and ka % 16 == 0 and n % 16 == 0)
 
 _SHAPES_DOC = (
     "tgmm(a [m, ka], b [m, n], group_sizes [g]; a_row_index [m] -> a [ma, ka], "
@@ -255,7 +289,7 @@ def _gather_columns(x, index, backend: str) -> jax.Array:
 def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
             out_dtype, input_precision, backend, config,
             row_scale_mode="kernel", gather_mode="kernel",
-            transpose_out=False) -> jax.Array:
+            transpose_out=False, tma=None) -> jax.Array:
   import triton  # pylint: disable=import-outside-toplevel
 
   from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
@@ -282,6 +316,9 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
       raise ValueError('gather_mode="xla_columns" needs row_scale_mode="prescale"')
     a, a_col_offsets = group_columns(a, a_row_index, offsets, m, backend)
     a_row_index = None
+    if tma is not None:
+      return _launch_tma(a, a_col_offsets, b, offsets, g, out_shape,
+                         input_precision, backend, config, tma, transpose_out)
   args = (
       a,
       b,
@@ -342,10 +379,57 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   )
 
 
+def _num_programs(backend: str) -> int:
+  """Programs of a persistent kernel: one per SM (3 when interpreting, so that
+  tests see programs walk several tiles)."""
+  if backend == "interpret":
+    return 3
+  return int(jax.devices("gpu")[0].core_count)
+
+
+def _launch_tma(a_t, a_col_offsets, b, offsets, g, out_shape, input_precision,
+                backend, config, tma: TmaOptions, transpose_out: bool) -> jax.Array:
+  """`jmoe.kernels.tgmm_tma` on `a_t [ka, m_pad]` (`group_columns`) and `b`."""
+  from jmoe.kernels import tgmm_tma as kernels  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+
+  ka, ma = a_t.shape
+  mb, n = b.shape
+  if backend == "interpret" and config is None:
+    config = TgmmConfig.get_interpret_default()
+  config = config or TgmmConfig()
+  if COLUMN_ALIGN % config.block_m:
+    raise ValueError(
+        f'gather_mode="xla_columns" needs config.block_m dividing {COLUMN_ALIGN}, '
+        f"got block_m={config.block_m}")
+  tiles = g * -(-ka // config.block_k) * -(-n // config.block_n)
+  programs = max(1, min(_num_programs(backend), tiles))
+  return kernel_call(
+      kernels._tgmm_tma_kernel,  # pylint: disable=protected-access
+      a_t, b, offsets, a_col_offsets, g, mb, ka // 16, n // 16, ma // 16,
+      out_shape=out_shape,
+      grid=(programs,),
+      backend=backend,
+      name="jmoe_tgmm_tma",
+      scratch_bytes_per_program=4 * 128,
+      OUT_TRANSPOSED=transpose_out,
+      B_BOUNDED=tma.b_bounded,
+      TMA_STORE=tma.tma_store,
+      DOT_F32=backend == "interpret",
+      INPUT_PRECISION=input_precision,
+      NUM_PROGRAMS=programs,
+      FLATTEN=tma.flatten,
+      num_warps=config.num_warps,
+      num_stages=config.num_stages,
+      **config.metaparams(),
+  )
+
+
 @functools.cache
 def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
              config: TgmmConfig | None, row_scale_mode: str = "kernel",
-             gather_mode: str = "kernel", transpose_out: bool = False):
+             gather_mode: str = "kernel", transpose_out: bool = False,
+             tma: TmaOptions | None = None):
   """The custom_vjp op for one static configuration."""
 
   def forward(a, b, group_sizes, a_row_index, b_row_index, row_scale):
@@ -353,7 +437,7 @@ def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
         a, b, group_sizes, a_row_index, b_row_index, row_scale, m=m,
         out_dtype=out_dtype, input_precision=input_precision, backend=backend,
         config=config, row_scale_mode=row_scale_mode, gather_mode=gather_mode,
-        transpose_out=transpose_out,
+        transpose_out=transpose_out, tma=tma,
     )
 
   @jax.custom_vjp
@@ -466,8 +550,17 @@ def tgmm(
         row_scale=row_scale, out_dtype=out_dtype,
     )
     return jnp.swapaxes(out, 1, 2) if transpose_out else out
+  tma = None
+  if env_choice(TGMM_KERNEL_ENV, TGMM_KERNELS, "plain") == "tma":
+    if not tma_eligible(a.shape[1], b.shape[1], b_row_index is not None, gather_mode):
+      raise ValueError(
+          f'{TGMM_KERNEL_ENV}=tma needs gather_mode="xla_columns", no b_row_index '
+          f"and ka, n multiples of 16; got gather_mode={gather_mode!r}, "
+          f"b_row_index {'set' if b_row_index is not None else 'None'}, "
+          f"ka={a.shape[1]}, n={b.shape[1]}")
+    tma = TmaOptions.from_env()
   op = _tgmm_fn(m, out_dtype, input_precision, backend, config, row_scale_mode,
-                gather_mode, bool(transpose_out))
+                gather_mode, bool(transpose_out), tma)
   return op(a, b, group_sizes, a_row_index, b_row_index, row_scale)
 
 
