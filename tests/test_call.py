@@ -317,3 +317,26 @@ def test_round_to_bf16_in_interpreter(rng, emulate):
     assert same.all(), np.flatnonzero(~same)[:10]
   else:
     assert not same.all()
+
+
+def test_hidden_scratch_guard(monkeypatch):
+  """The hidden-scratch launch runs only on the tested jax-triton / jaxlib pairs
+  and with a static grid; its extra output holds grid x bytes (rounded to 128)."""
+  import triton  # pylint: disable=import-outside-toplevel
+  from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
+
+  @triton.jit
+  def _kernel(x_ptr):
+    tl.store(x_ptr, 0)
+
+  monkeypatch.setattr(_hidden_scratch, "supported", lambda: False)
+  with pytest.raises(RuntimeError, match="hidden scratch.*installed"):
+    _hidden_scratch.prepare(_kernel, (4,), 384)
+  monkeypatch.setattr(_hidden_scratch, "supported", lambda: True)
+  # The jax-triton patch itself needs a CUDA jaxlib (GPU tests exercise it).
+  monkeypatch.setattr(_hidden_scratch, "_install", lambda: None)
+  with pytest.raises(ValueError, match="static grid"):
+    _hidden_scratch.prepare(_kernel, lambda meta: (4,), 384)
+  shape = _hidden_scratch.prepare(_kernel, (3, 2), 300)
+  assert shape.shape == (6 * 384,) and shape.dtype == jnp.uint8
+  assert _kernel in _hidden_scratch._SCRATCH_KERNELS  # pylint: disable=protected-access

@@ -229,6 +229,40 @@ class ExpertFfnTestBase:
     with pytest.raises(ValueError, match="JMOE_DW_DOWN must be one of"):
       ffn_lib.dw_down_layout(16384, 8)
 
+  def test_weight_grads_tma_kernel(self, rng, monkeypatch):
+    # Where d, f are multiples of 16 the weight gradients take the persistent
+    # TMA tgmm (JMOE_TGMM_KERNEL "auto") and the columns layout at every size;
+    # the same numbers as the plain kernel in that layout (bit for bit under
+    # the interpreter, where both run the same tile config), within the bf16
+    # bound of the reference on every output.
+    from jmoe.ops.tgmm import GATHER_MODE_ENV, TGMM_KERNEL_ENV  # pylint: disable=import-outside-toplevel
+
+    for name in (GATHER_MODE_ENV, ffn_lib.DW_DOWN_ENV, TGMM_KERNEL_ENV):
+      monkeypatch.delenv(name, raising=False)
+    args = _inputs(rng, 29, 48, 32, 5, 3, "swiglu", BF16, 0.3)
+    ct = helpers.normal(rng, (29, 48), np.float32)
+    run = functools.partial(_outputs_and_grads, args=args, ct=ct)
+    fn = functools.partial(self._ffn, activation="swiglu")
+    assert ffn_lib.weight_grad_tma(self.BACKEND, 48, 32, 64)
+    assert not ffn_lib.weight_grad_tma(self.BACKEND, 40, 24, 48)
+    assert ffn_lib.dw_up_gather_mode(87, 3, tma=True) == "xla_columns"
+    assert ffn_lib.dw_down_layout(87, 3, tma=True) == "columns"
+    tma_outs = run(fn)
+    monkeypatch.setenv(TGMM_KERNEL_ENV, "plain")
+    assert not ffn_lib.weight_grad_tma(self.BACKEND, 48, 32, 64)
+    monkeypatch.setenv(GATHER_MODE_ENV, "xla_columns")
+    monkeypatch.setenv(ffn_lib.DW_DOWN_ENV, "columns")
+    plain_outs = run(fn)
+    want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
+    for t, p, w, name in zip(tma_outs, plain_outs, want,
+                             ("y", "x", "weights", "up", "down")):
+      helpers.assert_close(t, w, BF16, kind="fwd" if name == "y" else "grad",
+                           err_msg=f"tma: {name}")
+      if self.BACKEND == "interpret":
+        np.testing.assert_array_equal(t, p, err_msg=name)
+      else:
+        helpers.assert_close(t, p, BF16, kind="grad", err_msg=f"vs plain: {name}")
+
   @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
   def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):
     # JMOE_ROUTER_SCALE: router weights applied in the up GEMM's epilogue (the

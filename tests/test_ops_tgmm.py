@@ -281,6 +281,7 @@ class TgmmTestBase:
     b = b[:shape[0]]
     fn = functools.partial(self._tgmm, gather_mode="xla_columns",
                            transpose_out=transpose, **kw)
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
     plain = jax.jit(fn)(a, b, sizes)
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
     for name, value in zip((tgmm_lib.TMA_BOUNDED_ENV, tgmm_lib.TMA_STORE_ENV), switches):
@@ -314,6 +315,18 @@ class TgmmTestBase:
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL must be one of"):
       self._tgmm(a, b, sizes, gather_mode="xla_columns")
+
+  def test_tma_kernel_choice(self, monkeypatch):
+    # "auto" (the default) picks the TMA kernel exactly where it applies.
+    monkeypatch.delenv(tgmm_lib.TGMM_KERNEL_ENV, raising=False)
+    choice = functools.partial(tgmm_lib.tgmm_kernel, self.BACKEND)
+    assert choice(48, 32, False, "xla_columns") == "tma"
+    assert choice(48, 33, False, "xla_columns") == "plain"
+    assert choice(40, 32, False, "xla_columns") == "plain"
+    assert choice(48, 32, True, "xla_columns") == "plain"
+    assert choice(48, 32, False, "xla") == "plain"
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
+    assert choice(48, 32, False, "xla_columns") == "plain"
 
   def test_gradients(self, rng):
     # The backward is `tgmm_vjp` (XLA); check it against finite differences of
@@ -565,6 +578,7 @@ class TestTgmmTriton(TgmmTestBase):
     fn = functools.partial(self._tgmm, config=TgmmConfig(), a_row_index=index,
                            gather_mode="xla_columns", transpose_out=transpose,
                            out_dtype=jnp.bfloat16)
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
     plain = jax.jit(fn)(a, b, sizes)
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
     monkeypatch.setenv(tgmm_lib.TMA_STORE_ENV, tma_store)

@@ -262,8 +262,9 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
   from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
 
   rows, groups = h.shape[0], al.group_sizes.shape[0]
-  config = gmm_lib.tgmm_config(backend, rows, groups)
-  if dw_down_layout(rows, groups) == "columns":
+  tma = weight_grad_tma(backend, x.shape[1], h.shape[1], d_pre.shape[1])
+  config = gmm_lib.tgmm_config(backend, rows, groups, tma=tma)
+  if dw_down_layout(rows, groups, tma) == "columns":
     # dW_down[e]^T = dy_e^T h_e: the gathered dy rows become K-major columns
     # and the kernel stores each tile transposed, into [e, f, d].
     d_down = tgmm(
@@ -278,7 +279,8 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
     )
   d_up = tgmm(
       x, d_pre, al.group_sizes, a_row_index=al.token, out_dtype=up_dtype,
-      backend=backend, config=config, gather_mode=dw_up_gather_mode(rows, groups),
+      backend=backend, config=config,
+      gather_mode=dw_up_gather_mode(rows, groups, tma),
   )
   return d_up, d_down
 
@@ -287,27 +289,41 @@ DW_DOWN_ENV = "JMOE_DW_DOWN"
 DW_DOWN_LAYOUTS = ("rows", "columns")
 
 
-def dw_up_gather_mode(rows: int, groups: int) -> str:
+def weight_grad_tma(backend: str, d: int, f: int, pf: int) -> bool:
+  """Whether the weight gradients take the persistent TMA tgmm
+  (`jmoe.ops.tgmm.tgmm_kernel` "auto" or "tma" for both columns-layout calls):
+  then both use the columns layout at every size (H100, session 6: 1.10-1.24x
+  over the best plain layout at 64 experts, Mixtral-like and small)."""
+  from jmoe.ops import tgmm as tgmm_lib  # pylint: disable=import-outside-toplevel
+
+  return all(
+      tgmm_lib.tgmm_kernel(backend, d, n, False, "xla_columns") == "tma"
+      for n in (f, pf)
+  )
+
+
+def dw_up_gather_mode(rows: int, groups: int, tma: bool = False) -> str:
   """How dW_up's `tgmm` reads the token rows of `x` (`jmoe.ops.tgmm.GATHER_MODES`):
-  `JMOE_TGMM_GATHER` if set; else `"xla_columns"` above 1024 rows per group
-  (the K-major `x` tile made the Mixtral-like dW_up 13 % faster on the H100),
-  `"xla"` at or below (64 experts: no gain, and the transposed copy costs
-  more than the row gather; benchmarks/results/sweep_h100.md)."""
+  `JMOE_TGMM_GATHER` if set; else `"xla_columns"` with the TMA tgmm or above
+  1024 rows per group (the K-major `x` tile made the plain Mixtral-like dW_up
+  13 % faster on the H100), `"xla"` otherwise (64 experts, plain kernel: no
+  gain, and the transposed copy costs more than the row gather;
+  benchmarks/results/sweep_h100.md)."""
   from jmoe.ops.tgmm import GATHER_MODE_ENV, GATHER_MODES  # pylint: disable=import-outside-toplevel
 
-  long_groups = gmm_lib.long_weight_grad_groups(rows, groups)
-  return env_choice(GATHER_MODE_ENV, GATHER_MODES,
-                    "xla_columns" if long_groups else "xla")
+  columns = tma or gmm_lib.long_weight_grad_groups(rows, groups)
+  return env_choice(GATHER_MODE_ENV, GATHER_MODES, "xla_columns" if columns else "xla")
 
 
-def dw_down_layout(rows: int, groups: int) -> str:
+def dw_down_layout(rows: int, groups: int, tma: bool = False) -> str:
   """How dW_down is formed (`JMOE_DW_DOWN` if set): `"rows"`, `tgmm(h, dy)`
   with `dy` gathered in the kernel, or `"columns"`, `tgmm(dy, h)` with `dy`
-  as K-major columns and a transposed store (the default above 1024 rows per
-  group, like `dw_up_gather_mode`). Same numbers up to the order of float32
-  additions inside one wgmma."""
-  long_groups = gmm_lib.long_weight_grad_groups(rows, groups)
-  return env_choice(DW_DOWN_ENV, DW_DOWN_LAYOUTS, "columns" if long_groups else "rows")
+  as K-major columns and a transposed store (the default with the TMA tgmm or
+  above 1024 rows per group, like `dw_up_gather_mode`). Same numbers up to
+  the order of float32 additions inside one wgmma and where the router weight
+  rounds (on `dy` instead of `h` when `h` is unscaled)."""
+  columns = tma or gmm_lib.long_weight_grad_groups(rows, groups)
+  return env_choice(DW_DOWN_ENV, DW_DOWN_LAYOUTS, "columns" if columns else "rows")
 
 
 def dx_stage(d_pre, up, al, block_m, backend):

@@ -171,8 +171,12 @@ def long_weight_grad_groups(rows: int, groups: int) -> bool:
   return rows > env_int(WGRAD_MIN_ROWS_ENV, 1024) * groups
 
 
-def tgmm_config(backend: str, rows: int, groups: int):
+def tgmm_config(backend: str, rows: int, groups: int, tma: bool = False):
   """The `TgmmConfig` for weight gradients: pinned when autotuning is off.
+
+  With `tma` (the persistent TMA tgmm, which does not autotune) the 128x256
+  tile at every size (H100, session 6: faster than 128x128 and 256x128 at
+  64 experts, Mixtral-like and small).
 
   `rows` contracted over `groups` groups: at 1024 rows per group or fewer
   (short K loops: the tile epilogue weighs more) a 128x128 tile with 4 warps
@@ -180,10 +184,10 @@ def tgmm_config(backend: str, rows: int, groups: int):
   on the small case), above it the 128x256 default (7.7 vs 8.1 ms Mixtral-like;
   benchmarks/results/sweep_h100.md). The bound: `long_weight_grad_groups`.
   """
-  if backend == "triton" and not autotune_enabled():
+  if backend == "triton" and (tma or not autotune_enabled()):
     from jmoe.ops.tgmm import TgmmConfig  # pylint: disable=import-outside-toplevel
 
-    if not long_weight_grad_groups(rows, groups):
+    if not tma and not long_weight_grad_groups(rows, groups):
       return TgmmConfig(64, 128, 128, 8, 4, 3)
     return TgmmConfig()
   return None

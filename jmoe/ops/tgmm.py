@@ -21,7 +21,8 @@ The kernel is `jmoe.kernels.tgmm._tgmm_kernel` (one program per output tile and
 group, float32 accumulation, no atomics: bit-identical repeats). With
 `gather_mode="xla_columns"` it reads `a` as the columns of a transposed,
 group-padded copy (`group_columns`, made by `jmoe.kernels.gather_columns`), and
-`transpose_out=True` returns `[g, n, ka]`. Its oracle is
+`transpose_out=True` returns `[g, n, ka]`; that layout runs on the persistent
+TMA kernel `jmoe.kernels.tgmm_tma` where it applies (`tgmm_kernel`). Its oracle is
 `tgmm_reference` below (`jax.lax.ragged_dot_general` with a ragged contracting
 dimension).
 """
@@ -71,14 +72,17 @@ GATHER_MODES = ("xla", "kernel", "xla_columns")
 GATHER_MODE_ENV = "JMOE_TGMM_GATHER"
 COLUMN_ALIGN = 64
 
-# Which kernel runs `gather_mode="xla_columns"` on the GPU: "plain"
-# (`jmoe.kernels.tgmm`, cp.async loads, one program per tile) or "tma"
-# (`jmoe.kernels.tgmm_tma`: persistent, TMA loads; needs `ka` and `n`
-# multiples of 16, no `b_row_index`, and the hidden-scratch launch of
-# `jmoe.ops._hidden_scratch`). `JMOE_TGMM_TMA_FLATTEN`, `JMOE_TGMM_TMA_BOUNDED`
-# and `JMOE_TGMM_TMA_STORE` set its `FLATTEN`, `B_BOUNDED` and `TMA_STORE`
-# switches.
-TGMM_KERNELS = ("plain", "tma")
+# Which kernel runs `gather_mode="xla_columns"` (`JMOE_TGMM_KERNEL`): "tma"
+# (`jmoe.kernels.tgmm_tma`: persistent, TMA loads and store; needs `ka` and `n`
+# multiples of 16, no `b_row_index`, and on the GPU the hidden-scratch launch
+# of `jmoe.ops._hidden_scratch`), "plain" (`jmoe.kernels.tgmm`, cp.async
+# loads, one program per tile), or "auto" (default): "tma" where it applies,
+# else "plain". The MoE weight gradients on the H100, both layouts' copies
+# included (benchmarks/results/sweep_h100.md, session 6): Mixtral-like 11.80 ->
+# 9.49 ms, 64 experts 2.38 -> 2.16 ms (against the row layout), small 0.35 ->
+# 0.30 ms. `JMOE_TGMM_TMA_FLATTEN`, `JMOE_TGMM_TMA_BOUNDED` and
+# `JMOE_TGMM_TMA_STORE` set its `FLATTEN`, `B_BOUNDED` and `TMA_STORE` switches.
+TGMM_KERNELS = ("auto", "plain", "tma")
 TGMM_KERNEL_ENV = "JMOE_TGMM_KERNEL"
 TMA_FLATTEN_ENV = "JMOE_TGMM_TMA_FLATTEN"
 TMA_BOUNDED_ENV = "JMOE_TGMM_TMA_BOUNDED"
@@ -89,9 +93,9 @@ TMA_STORE_ENV = "JMOE_TGMM_TMA_STORE"
 class TmaOptions:
   """Switches of the TMA tgmm (`jmoe.kernels.tgmm_tma`)."""
 
-  flatten: bool = False
-  b_bounded: bool = True
-  tma_store: bool = False
+  flatten: bool = False  # measured equal (H100, session 6)
+  b_bounded: bool = True  # no reads past a group; <= 2 % slower
+  tma_store: bool = True  # 3-4 % faster than st.global
 
   @classmethod
   def from_env(cls) -> TmaOptions:
@@ -104,6 +108,33 @@ def tma_eligible(ka: int, n: int, has_b_index: bool, gather_mode: str) -> bool:
   """Whether the TMA tgmm can run this call (see `TGMM_KERNELS`)."""
   return (gather_mode == "xla_columns" and not has_b_index
           and ka % 16 == 0 and n % 16 == 0)
+
+
+def tma_available(backend: str) -> bool:
+  """Whether `backend` can launch the TMA tgmm (the interpreter always can; the
+  GPU with the jax-triton / jaxlib pairs of `jmoe.ops._hidden_scratch`)."""
+  from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
+
+  return backend == "interpret" or (backend == "triton" and _hidden_scratch.supported())
+
+
+def tgmm_kernel(backend: str, ka: int, n: int, has_b_index: bool,
+                gather_mode: str) -> str:
+  """`"tma"` or `"plain"`: the kernel `tgmm` launches (see `TGMM_KERNELS`).
+
+  Raises:
+    ValueError: `JMOE_TGMM_KERNEL=tma` for a call the TMA kernel cannot run.
+  """
+  choice = env_choice(TGMM_KERNEL_ENV, TGMM_KERNELS, "auto")
+  eligible = tma_eligible(ka, n, has_b_index, gather_mode)
+  if choice == "tma" and not eligible:
+    raise ValueError(
+        f'{TGMM_KERNEL_ENV}=tma needs gather_mode="xla_columns", no b_row_index '
+        f"and ka, n multiples of 16; got gather_mode={gather_mode!r}, "
+        f"b_row_index {'set' if has_b_index else 'None'}, ka={ka}, n={n}")
+  if choice == "auto":
+    return "tma" if eligible and tma_available(backend) else "plain"
+  return choice
 
 _SHAPES_DOC = (
     "tgmm(a [m, ka], b [m, n], group_sizes [g]; a_row_index [m] -> a [ma, ka], "
@@ -511,7 +542,8 @@ def tgmm(
       `"kernel"` (the kernel gathers them); or `"xla_columns"` (with or
       without `a_row_index`: XLA writes the rows as columns of a transposed,
       group-padded `[ka, m_pad]` copy, `group_columns`; the kernel's `a` tile
-      is then K-major). Same numbers in every mode.
+      is then K-major, and where `tgmm_kernel` allows, the persistent TMA
+      kernel runs). Same numbers in every mode.
     transpose_out: return `[g, n, ka]` (each group's `out[gi].T`, stored so by
       the kernel) instead of `[g, ka, n]`.
     backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
@@ -551,13 +583,8 @@ def tgmm(
     )
     return jnp.swapaxes(out, 1, 2) if transpose_out else out
   tma = None
-  if env_choice(TGMM_KERNEL_ENV, TGMM_KERNELS, "plain") == "tma":
-    if not tma_eligible(a.shape[1], b.shape[1], b_row_index is not None, gather_mode):
-      raise ValueError(
-          f'{TGMM_KERNEL_ENV}=tma needs gather_mode="xla_columns", no b_row_index '
-          f"and ka, n multiples of 16; got gather_mode={gather_mode!r}, "
-          f"b_row_index {'set' if b_row_index is not None else 'None'}, "
-          f"ka={a.shape[1]}, n={b.shape[1]}")
+  if tgmm_kernel(backend, a.shape[1], b.shape[1], b_row_index is not None,
+                 gather_mode) == "tma":
     tma = TmaOptions.from_env()
   op = _tgmm_fn(m, out_dtype, input_precision, backend, config, row_scale_mode,
                 gather_mode, bool(transpose_out), tma)
