@@ -243,13 +243,14 @@ class ExpertFfnTestBase:
     ct = helpers.normal(rng, (29, 48), np.float32)
     run = functools.partial(_outputs_and_grads, args=args, ct=ct)
     fn = functools.partial(self._ffn, activation="swiglu")
-    assert ffn_lib.weight_grad_tma(self.BACKEND, 48, 32, 64)
-    assert not ffn_lib.weight_grad_tma(self.BACKEND, 40, 24, 48)
+    assert ffn_lib.weight_grad_tma(self.BACKEND, BF16, 48, 32, 64)
+    assert not ffn_lib.weight_grad_tma(self.BACKEND, BF16, 40, 24, 48)
+    assert not ffn_lib.weight_grad_tma(self.BACKEND, np.float32, 48, 32, 64)
     assert ffn_lib.dw_up_gather_mode(87, 3, tma=True) == "xla_columns"
     assert ffn_lib.dw_down_layout(87, 3, tma=True) == "columns"
     tma_outs = run(fn)
     monkeypatch.setenv(TGMM_KERNEL_ENV, "plain")
-    assert not ffn_lib.weight_grad_tma(self.BACKEND, 48, 32, 64)
+    assert not ffn_lib.weight_grad_tma(self.BACKEND, BF16, 48, 32, 64)
     monkeypatch.setenv(GATHER_MODE_ENV, "xla_columns")
     monkeypatch.setenv(ffn_lib.DW_DOWN_ENV, "columns")
     plain_outs = run(fn)

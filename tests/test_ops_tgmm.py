@@ -310,6 +310,9 @@ class TgmmTestBase:
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
     with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL=tma needs.*n=33"):
       self._tgmm(a, b, sizes, gather_mode="xla_columns")
+    with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL=tma needs.*dtype float32"):
+      self._tgmm(np.asarray(a, np.float32), np.asarray(b[:, :32], np.float32), sizes,
+                 gather_mode="xla_columns")
     with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL=tma needs.*gather_mode='xla'"):
       self._tgmm(a, b[:, :32], sizes, gather_mode="xla")
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "fast")
@@ -319,12 +322,14 @@ class TgmmTestBase:
   def test_tma_kernel_choice(self, monkeypatch):
     # "auto" (the default) picks the TMA kernel exactly where it applies.
     monkeypatch.delenv(tgmm_lib.TGMM_KERNEL_ENV, raising=False)
-    choice = functools.partial(tgmm_lib.tgmm_kernel, self.BACKEND)
+    choice = functools.partial(tgmm_lib.tgmm_kernel, self.BACKEND, BF16)
     assert choice(48, 32, False, "xla_columns") == "tma"
     assert choice(48, 33, False, "xla_columns") == "plain"
     assert choice(40, 32, False, "xla_columns") == "plain"
     assert choice(48, 32, True, "xla_columns") == "plain"
     assert choice(48, 32, False, "xla") == "plain"
+    assert tgmm_lib.tgmm_kernel(self.BACKEND, np.float32, 48, 32, False,
+                                "xla_columns") == "plain"
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
     assert choice(48, 32, False, "xla_columns") == "plain"
 

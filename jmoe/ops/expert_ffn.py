@@ -262,7 +262,7 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
   from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
 
   rows, groups = h.shape[0], al.group_sizes.shape[0]
-  tma = weight_grad_tma(backend, x.shape[1], h.shape[1], d_pre.shape[1])
+  tma = weight_grad_tma(backend, x.dtype, x.shape[1], h.shape[1], d_pre.shape[1])
   config = gmm_lib.tgmm_config(backend, rows, groups, tma=tma)
   if dw_down_layout(rows, groups, tma) == "columns":
     # dW_down[e]^T = dy_e^T h_e: the gathered dy rows become K-major columns
@@ -289,7 +289,7 @@ DW_DOWN_ENV = "JMOE_DW_DOWN"
 DW_DOWN_LAYOUTS = ("rows", "columns")
 
 
-def weight_grad_tma(backend: str, d: int, f: int, pf: int) -> bool:
+def weight_grad_tma(backend: str, dtype: Any, d: int, f: int, pf: int) -> bool:
   """Whether the weight gradients take the persistent TMA tgmm
   (`jmoe.ops.tgmm.tgmm_kernel` "auto" or "tma" for both columns-layout calls):
   then both use the columns layout at every size (H100, session 6: 1.10-1.24x
@@ -297,7 +297,7 @@ def weight_grad_tma(backend: str, d: int, f: int, pf: int) -> bool:
   from jmoe.ops import tgmm as tgmm_lib  # pylint: disable=import-outside-toplevel
 
   return all(
-      tgmm_lib.tgmm_kernel(backend, d, n, False, "xla_columns") == "tma"
+      tgmm_lib.tgmm_kernel(backend, dtype, d, n, False, "xla_columns") == "tma"
       for n in (f, pf)
   )
 

@@ -104,9 +104,12 @@ class TmaOptions:
                env_flag(TMA_STORE_ENV, cls.tma_store))
 
 
-def tma_eligible(ka: int, n: int, has_b_index: bool, gather_mode: str) -> bool:
-  """Whether the TMA tgmm can run this call (see `TGMM_KERNELS`)."""
-  return (gather_mode == "xla_columns" and not has_b_index
+def tma_eligible(dtype: Any, ka: int, n: int, has_b_index: bool,
+                 gather_mode: str) -> bool:
+  """Whether the TMA tgmm can run this call (see `TGMM_KERNELS`): 16-bit
+  operands (its one tile config is sized for them)."""
+  return (_is_dtype(dtype, (jnp.bfloat16, jnp.float16))
+          and gather_mode == "xla_columns" and not has_b_index
           and ka % 16 == 0 and n % 16 == 0)
 
 
@@ -118,7 +121,7 @@ def tma_available(backend: str) -> bool:
   return backend == "interpret" or (backend == "triton" and _hidden_scratch.supported())
 
 
-def tgmm_kernel(backend: str, ka: int, n: int, has_b_index: bool,
+def tgmm_kernel(backend: str, dtype: Any, ka: int, n: int, has_b_index: bool,
                 gather_mode: str) -> str:
   """`"tma"` or `"plain"`: the kernel `tgmm` launches (see `TGMM_KERNELS`).
 
@@ -126,11 +129,12 @@ def tgmm_kernel(backend: str, ka: int, n: int, has_b_index: bool,
     ValueError: `JMOE_TGMM_KERNEL=tma` for a call the TMA kernel cannot run.
   """
   choice = env_choice(TGMM_KERNEL_ENV, TGMM_KERNELS, "auto")
-  eligible = tma_eligible(ka, n, has_b_index, gather_mode)
+  eligible = tma_eligible(dtype, ka, n, has_b_index, gather_mode)
   if choice == "tma" and not eligible:
     raise ValueError(
-        f'{TGMM_KERNEL_ENV}=tma needs gather_mode="xla_columns", no b_row_index '
-        f"and ka, n multiples of 16; got gather_mode={gather_mode!r}, "
+        f'{TGMM_KERNEL_ENV}=tma needs bfloat16 / float16 operands, '
+        'gather_mode="xla_columns", no b_row_index and ka, n multiples of 16; '
+        f"got dtype {np.dtype(dtype).name}, gather_mode={gather_mode!r}, "
         f"b_row_index {'set' if has_b_index else 'None'}, ka={ka}, n={n}")
   if choice == "auto":
     return "tma" if eligible and tma_available(backend) else "plain"
@@ -583,7 +587,7 @@ def tgmm(
     )
     return jnp.swapaxes(out, 1, 2) if transpose_out else out
   tma = None
-  if tgmm_kernel(backend, a.shape[1], b.shape[1], b_row_index is not None,
+  if tgmm_kernel(backend, a.dtype, a.shape[1], b.shape[1], b_row_index is not None,
                  gather_mode) == "tma":
     tma = TmaOptions.from_env()
   op = _tgmm_fn(m, out_dtype, input_precision, backend, config, row_scale_mode,
