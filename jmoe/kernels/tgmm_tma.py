@@ -24,6 +24,8 @@ mask arithmetic of cp.async). Here:
   inf / NaN there. `B_BOUNDED` gives each tile a descriptor that ends at the
   group's last row instead (TMA then reads zeros past it: no cross-group
   reads at all) at the cost of one descriptor write per tile.
+- `TMA_STORE` stores the tile through a 3-D `[g, KA, N]` descriptor (`[g, N, KA]`
+  with `OUT_TRANSPOSED`), which clips partial tiles; else a masked st.global.
 
 Device-side descriptors live in Triton's hidden global-scratch argument; the
 jax-triton launch fills it through `jmoe.ops._call.kernel_call(...,
