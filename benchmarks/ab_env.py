@@ -16,13 +16,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
 import jax
 
 from benchmarks.gpu_kernels import CASES, ffn_programs, time_fn
+from jmoe._env import env_overrides
 
 
 def main(argv=None) -> dict:
@@ -37,22 +37,15 @@ def main(argv=None) -> dict:
   t, d, f, e, top_k, _, _ = CASES[args.case]
   forward, loss, ffn_args = ffn_programs(args.case, args.backend)
 
-  saved = os.environ.get(args.var)
   fns = {}
-  try:
-    for value in args.values.split(","):
-      os.environ[args.var] = value
+  for value in args.values.split(","):
+    with env_overrides({args.var: value}):
       # A fresh function per value, so each is traced with its value set.
       fwd = jax.jit(lambda *a: forward(*a))  # pylint: disable=unnecessary-lambda
       fb = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))
       jax.block_until_ready(fwd(*ffn_args))
       jax.block_until_ready(fb(*ffn_args))
       fns[value] = {"fwd": fwd, "fwd+bwd": fb}
-  finally:
-    if saved is None:
-      os.environ.pop(args.var, None)
-    else:
-      os.environ[args.var] = saved
   times = {(v, m): [] for v in fns for m in ("fwd", "fwd+bwd")}
   for r in range(args.rounds):
     order = list(fns) if r % 2 == 0 else list(reversed(fns))

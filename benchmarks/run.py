@@ -52,6 +52,7 @@ from benchmarks import memory as memory_lib  # noqa: E402
 from benchmarks import stage_profile as profile_lib  # noqa: E402
 from benchmarks import report as report_lib  # noqa: E402
 from benchmarks import timing as timing_lib  # noqa: E402
+from jmoe._env import env_overrides  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EINSUM_IMPLS = ("ref-einsum", "ref-einsum-bf16")
@@ -331,18 +332,10 @@ class Runner:
       step, _ = impls_lib.make_step(forward, row["mode"])
       args = (x, params) if row["mode"] == "fwd" else (x, params, dy)
       todo.append((key, row, (step, args)))
-    saved = os.environ.get("JMOE_AUTOTUNE")
-    if pinned:
-      os.environ["JMOE_AUTOTUNE"] = "0"  # read by jmoe.ops when tracing
-    try:
+    # JMOE_AUTOTUNE is read by jmoe.ops when tracing.
+    with env_overrides({"JMOE_AUTOTUNE": "0"} if pinned else {}):
       results = timing_lib.compile_all([job for _, _, job in todo],
                                        self.args.compile_workers)
-    finally:
-      if pinned:
-        if saved is None:
-          os.environ.pop("JMOE_AUTOTUNE", None)
-        else:
-          os.environ["JMOE_AUTOTUNE"] = saved
     for (key, row, _), (compiled, seconds) in zip(todo, results):
       row["compile_s"] = seconds
       out[(row["impl"], row["mode"])] = compiled

@@ -25,13 +25,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks.gpu_kernels import CASES, make_inputs, time_fn
+from jmoe._env import env_overrides
 from jmoe.ops import expert_ffn as ffn
 from jmoe.ops import grouped_matmul as gmm
 from jmoe.ops.grouped_matmul import GemmConfig
@@ -217,19 +217,13 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   rows: list = []
-  saved = os.environ.get(gmm.AUTOTUNE_ENV)
-  os.environ[gmm.AUTOTUNE_ENV] = "0"  # every launch takes the pinned (swept) config
-  try:
+  # Every launch takes the pinned (swept) config.
+  with env_overrides({gmm.AUTOTUNE_ENV: "0"}):
     for name in args.cases.split(","):
       sweep_case(name, args.reps, rows, args.backend, args.stages.split(","))
       if args.json:
         with open(args.json, "w") as fh:
           json.dump(rows, fh, indent=1)
-  finally:
-    if saved is None:
-      del os.environ[gmm.AUTOTUNE_ENV]
-    else:
-      os.environ[gmm.AUTOTUNE_ENV] = saved
   return 0
 
 

@@ -17,8 +17,6 @@ Usage (GPU, jax-triton installed)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ import numpy as np
 import triton
 
 from benchmarks.gpu_kernels import CASES, make_inputs, time_fn
+from jmoe._env import env_overrides
 from jmoe.ops.tgmm import TgmmConfig, tgmm
 
 _ROWS = TgmmConfig(64, 128, 128, 8, 4, 3)
@@ -52,20 +51,6 @@ VARIANTS = {  # label: (env, config); "rows": the row layout of both gradients
     "tma 128x128w4": ({"JMOE_TGMM_KERNEL": "tma", "JMOE_TGMM_TMA_BOUNDED": "0"},
                       TgmmConfig(64, 128, 128, 8, 4, 3)),
 }
-
-
-@contextlib.contextmanager
-def env(values):
-  old = {k: os.environ.get(k) for k in values}
-  os.environ.update(values)
-  try:
-    yield
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
 
 
 def routed(t, d, f, e, top_k):
@@ -117,7 +102,7 @@ def main(argv=None) -> int:
       envs, config = VARIANTS[label]
       fn = jax.jit(lambda *a, config=config, rows=label.startswith("rows"):
                    weight_grads(*a, config, rows))
-      with env(envs):
+      with env_overrides(envs):
         out = jax.block_until_ready(fn(*inputs))
       if base is None:
         base = out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 
 
 def env_value(name: str, default: str) -> str:
@@ -41,3 +43,20 @@ def env_int(name: str, default: int, minimum: int = 0) -> int:
   if value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {raw!r}")
   return value
+
+
+@contextlib.contextmanager
+def env_overrides(values: Mapping[str, str]) -> Iterator[None]:
+  """Sets the environment variables in `values` for the `with` block, then
+  restores each one (unset again if it was unset). jmoe reads its switches
+  when an op is traced, so trace inside the block."""
+  saved = {name: os.environ.get(name) for name in values}
+  os.environ.update(values)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value

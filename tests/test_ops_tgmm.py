@@ -315,6 +315,11 @@ class TgmmTestBase:
                  gather_mode="xla_columns")
     with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL=tma needs.*gather_mode='xla'"):
       self._tgmm(a, b[:, :32], sizes, gather_mode="xla")
+    for kernel in ("plain", "tma"):  # the columns layout's step must divide 64
+      monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, kernel)
+      with pytest.raises(ValueError, match="block_m dividing 64, got block_m=48"):
+        self._tgmm(a, b[:, :32], sizes, gather_mode="xla_columns",
+                    config=TgmmConfig(48, 16, 16, 2, 4, 1))
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL must be one of"):
       self._tgmm(a, b, sizes, gather_mode="xla_columns")

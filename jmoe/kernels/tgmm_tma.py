@@ -43,7 +43,7 @@ from jmoe.kernels.swizzle import band_swizzle
 @triton.jit
 def _tgmm_tma_kernel(
     # Inputs.
-    a_ptr,  # [KA, MA] bfloat16 / float16 / float32: group rows as columns
+    a_ptr,  # [KA, MA] bfloat16 / float16: group rows as columns
     b_ptr,  # [MB, N] same dtype, row-major
     group_offsets_ptr,  # [g + 1] int32, non-decreasing, offsets[0] == 0
     a_col_offsets_ptr,  # [g] int32, first column of group gi in a

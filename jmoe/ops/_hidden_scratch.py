@@ -15,7 +15,7 @@ part of the compiled signature, lands in the `global_scratch` slot.
 registered kernel is compiled without the last (extra) argument while
 jax-triton still passes its buffer. Both depend on jax-triton's lowering and
 jaxlib's parameter order, so they are enabled only for the pairs in
-`SUPPORTED` (tested on the H100: `tests/test_ops_tgmm_tma.py -m gpu`);
+`SUPPORTED` (tested on the H100: `tests/test_ops_tgmm.py -m gpu -k tma`);
 anything else raises instead of launching.
 """
 

@@ -337,6 +337,8 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   if g == 0 or ka == 0 or n == 0 or m == 0:
     return jnp.zeros(out_shape.shape, out_dtype)
 
+  if backend == "interpret" and config is None:
+    config = TgmmConfig.get_interpret_default()
   if row_scale is not None and row_scale_mode == "prescale":
     a = prescale_rows(a, a_row_index, row_scale)
     a_row_index = row_scale = None
@@ -349,6 +351,10 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   if gather_mode == "xla_columns":
     if row_scale is not None:
       raise ValueError('gather_mode="xla_columns" needs row_scale_mode="prescale"')
+    if config is not None and COLUMN_ALIGN % config.block_m:
+      raise ValueError(
+          f'gather_mode="xla_columns" needs config.block_m dividing {COLUMN_ALIGN}, '
+          f"got block_m={config.block_m}")
     a, a_col_offsets = group_columns(a, a_row_index, offsets, m, backend)
     a_row_index = None
     if tma is not None:
@@ -383,12 +389,6 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   def grid(meta):
     return (triton.cdiv(ka, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), g)
 
-  if backend == "interpret" and config is None:
-    config = TgmmConfig.get_interpret_default()
-  if a_col_offsets is not None and config is not None and COLUMN_ALIGN % config.block_m:
-    raise ValueError(
-        f'gather_mode="xla_columns" needs config.block_m dividing {COLUMN_ALIGN}, '
-        f"got block_m={config.block_m}")
   if config is None:
     if a.dtype == jnp.float32:
       kernel = kernels.tgmm_kernel_autotuned_f32
@@ -424,19 +424,14 @@ def _num_programs(backend: str) -> int:
 
 def _launch_tma(a_t, a_col_offsets, b, offsets, g, out_shape, input_precision,
                 backend, config, tma: TmaOptions, transpose_out: bool) -> jax.Array:
-  """`jmoe.kernels.tgmm_tma` on `a_t [ka, m_pad]` (`group_columns`) and `b`."""
+  """`jmoe.kernels.tgmm_tma` on `a_t [ka, m_pad]` (`group_columns`) and `b`;
+  `config` already checked by `_launch` (block_m divides `COLUMN_ALIGN`)."""
   from jmoe.kernels import tgmm_tma as kernels  # pylint: disable=import-outside-toplevel
   from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
 
   ka, ma = a_t.shape
   mb, n = b.shape
-  if backend == "interpret" and config is None:
-    config = TgmmConfig.get_interpret_default()
-  config = config or TgmmConfig()
-  if COLUMN_ALIGN % config.block_m:
-    raise ValueError(
-        f'gather_mode="xla_columns" needs config.block_m dividing {COLUMN_ALIGN}, '
-        f"got block_m={config.block_m}")
+  config = config or TgmmConfig()  # None: the GPU default (it does not autotune)
   tiles = g * -(-ka // config.block_k) * -(-n // config.block_n)
   programs = max(1, min(_num_programs(backend), tiles))
   return kernel_call(
