@@ -320,14 +320,15 @@ def test_round_to_bf16_in_interpreter(rng, emulate):
 
 
 def test_hidden_scratch_guard(monkeypatch):
-  """The hidden-scratch launch runs only on the tested jax-triton / jaxlib pairs
-  and with a static grid; its extra output holds grid x bytes (rounded to 128)."""
+  """The hidden-scratch launch runs only on the tested jax-triton / jaxlib pairs;
+  a callable grid needs `max_programs`; its extra output holds programs x bytes
+  (rounded to 128); a compiled kernel needing more scratch than given raises."""
   import triton  # pylint: disable=import-outside-toplevel
   from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
 
   @triton.jit
-  def _kernel(x_ptr):
-    tl.store(x_ptr, 0)
+  def _kernel(x_ptr, n, BLOCK: tl.constexpr):
+    tl.store(x_ptr + n, BLOCK)
 
   monkeypatch.setattr(_hidden_scratch, "supported", lambda: False)
   with pytest.raises(RuntimeError, match="hidden scratch.*installed"):
@@ -335,8 +336,21 @@ def test_hidden_scratch_guard(monkeypatch):
   monkeypatch.setattr(_hidden_scratch, "supported", lambda: True)
   # The jax-triton patch itself needs a CUDA jaxlib (GPU tests exercise it).
   monkeypatch.setattr(_hidden_scratch, "_install", lambda: None)
-  with pytest.raises(ValueError, match="static grid"):
+  with pytest.raises(ValueError, match="max_programs"):
     _hidden_scratch.prepare(_kernel, lambda meta: (4,), 384)
   shape = _hidden_scratch.prepare(_kernel, (3, 2), 300)
   assert shape.shape == (6 * 384,) and shape.dtype == jnp.uint8
-  assert _kernel in _hidden_scratch._SCRATCH_KERNELS  # pylint: disable=protected-access
+  shape = _hidden_scratch.prepare(_kernel, lambda meta: (4,), 128, max_programs=10)
+  assert shape.shape == (10 * 128,)
+  # The kernel's budget is the largest any launch gave.
+  assert _hidden_scratch._SCRATCH_KERNELS[_kernel] == 384  # pylint: disable=protected-access
+  assert _hidden_scratch._num_parameters(_kernel) == 2  # pylint: disable=protected-access
+
+  compiling = _hidden_scratch._COMPILING  # pylint: disable=protected-access
+  monkeypatch.setattr(compiling, "budget", 256, raising=False)
+  _hidden_scratch._check_scratch_size({"global_scratch_size": 256})  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="needs 384 bytes.*more than the 256"):
+    _hidden_scratch._check_scratch_size(  # pylint: disable=protected-access
+        {"name": "k", "global_scratch_size": 384})
+  monkeypatch.setattr(compiling, "budget", None)
+  _hidden_scratch._check_scratch_size({"global_scratch_size": 4096})  # pylint: disable=protected-access

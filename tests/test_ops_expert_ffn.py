@@ -264,6 +264,39 @@ class ExpertFfnTestBase:
       else:
         helpers.assert_close(t, p, BF16, kind="grad", err_msg=f"vs plain: {name}")
 
+  @pytest.mark.parametrize("act_bwd", ["two_pass", "fused"])
+  def test_gemm_tma_modes(self, rng, monkeypatch, act_bwd):
+    # JMOE_GEMM_TMA: the grouped GEMMs load weight tiles by TMA ("auto" also
+    # the down / dx GEMMs' contiguous rows; "weights" not those; "off" none).
+    # d = 40 leaves a K tail of the up GEMM and a partial column block of the
+    # down GEMM, f = 24 the same for the backward. All three give the same
+    # numbers (bit for bit under the interpreter), within the bf16 bound of
+    # the reference on every output.
+    from jmoe.ops.act_bwd import ACT_BWD_ENV  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setenv(ACT_BWD_ENV, act_bwd)
+    args = _inputs(rng, 37, 40, 24, 5, 3, "swiglu", BF16, 0.3)
+    ct = helpers.normal(rng, (37, 40), np.float32)
+    run = functools.partial(_outputs_and_grads, args=args, ct=ct)
+    fn = functools.partial(self._ffn, activation="swiglu")
+    outs = {}
+    for mode in gmm_lib.GEMM_TMA_MODES:
+      monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, mode)
+      flags = gmm_lib.tma_flags("plain", self.BACKEND, BF16, (960, 24, 1), 37, 24)
+      assert flags == {"B_TMA": mode != "off", "A_TMA": mode == "auto",
+                       "ROWS_A": 37 if mode == "auto" else 0}, mode
+      outs[mode] = run(fn)
+    want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
+    names = ("y", "x", "weights", "up", "down")
+    for mode in ("auto", "weights"):
+      for got, off, w, name in zip(outs[mode], outs["off"], want, names):
+        helpers.assert_close(got, w, BF16, kind="fwd" if name == "y" else "grad",
+                             err_msg=f"{mode}: {name}")
+        if self.BACKEND == "interpret":
+          np.testing.assert_array_equal(got, off, err_msg=f"{mode}: {name}")
+        else:
+          helpers.assert_close(got, off, BF16, kind="grad", err_msg=f"{mode} vs off: {name}")
+
   @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
   def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):
     # JMOE_ROUTER_SCALE: router weights applied in the up GEMM's epilogue (the

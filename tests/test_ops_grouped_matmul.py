@@ -94,6 +94,62 @@ class GroupedMatmulTestBase:
       assert got.dtype == dtype, name
       helpers.assert_close(got, ref, dtype, kind="grad", err_msg=f"d_{name}")
 
+  @pytest.mark.parametrize("m,k,n,g,kind", [(37, 40, 24, 4, "zeros"), (50, 48, 72, 5, "under"),
+                                             (70, 16, 40, 1, "all"), (29, 56, 8, 3, "one")])
+  def test_tma_modes(self, rng, monkeypatch, m, k, n, g, kind):
+    # bf16 with k, n multiples of 8: the weights by TMA ("auto" and "weights"),
+    # lhs rows too ("auto": the forward and d_lhs have no row gather), against
+    # cp.async loads ("off"): K tails, partial column blocks, a last tile past
+    # m. Same numbers (bit for bit under the interpreter), rows past the
+    # groups zero, within the bf16 bound of the float32 ragged_dot.
+    lhs = helpers.normal(rng, (m, k), BF16)
+    rhs = helpers.normal(rng, (g, k, n), BF16)
+    sizes = _group_sizes(rng, m, g, kind)
+    d_out = helpers.normal(rng, (m, n), BF16)
+
+    def run():
+      out, vjp = jax.vjp(lambda a, b: self._gmm(a, b, sizes), lhs, rhs)
+      return [np.asarray(v.astype(jnp.float32)) for v in (out, *vjp(d_out))]
+
+    outs = {}
+    for mode in gmm_lib.GEMM_TMA_MODES:
+      monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, mode)
+      outs[mode] = run()
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    expected, vjp = jax.vjp(lambda a, b: _ragged_dot_f32(a, b, sizes), f32(lhs), f32(rhs))
+    want = (expected, *vjp(f32(d_out)))
+    total = int(np.sum(sizes))
+    for mode in ("auto", "weights"):
+      assert np.all(outs[mode][0][total:] == 0), mode
+      for got, off, w, name in zip(outs[mode], outs["off"], want, ("out", "lhs", "rhs")):
+        helpers.assert_close(got, w, BF16, kind="fwd" if name == "out" else "grad",
+                             err_msg=f"{mode}: {name}")
+        if self.BACKEND == "interpret":
+          np.testing.assert_array_equal(got, off, err_msg=f"{mode}: {name}")
+        else:
+          helpers.assert_close(got, off, BF16, kind="grad", err_msg=f"{mode} vs off: {name}")
+
+  def test_tma_flags(self, monkeypatch):
+    # TMA only for 16-bit operands whose strides are multiples of 16 bytes; an
+    # unknown JMOE_GEMM_TMA value is an error naming the variable.
+    monkeypatch.delenv(gmm_lib.GEMM_TMA_ENV, raising=False)
+    flags = functools.partial(gmm_lib.tma_flags, backend=self.BACKEND)
+    assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
+        "B_TMA": True, "A_TMA": True, "ROWS_A": 9}
+    assert flags("plain", dtype=BF16, strides_b=(64, 1, 8), a_rows=None, stride_am=8) == {
+        "B_TMA": True, "A_TMA": False, "ROWS_A": 0}
+    assert flags("act", dtype=np.float16, strides_b=(64, 8, 1), a_rows=None,
+                 stride_am=8) == {"B_TMA": True}
+    assert not flags("act", dtype=np.float32, strides_b=(64, 8, 1), a_rows=None,
+                     stride_am=8)["B_TMA"]
+    assert not flags("act", dtype=BF16, strides_b=(63, 7, 1), a_rows=None,
+                     stride_am=8)["B_TMA"]
+    assert not flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9,
+                     stride_am=12)["A_TMA"]
+    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "on")
+    with pytest.raises(ValueError, match="JMOE_GEMM_TMA must be one of"):
+      flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8)
+
   @pytest.mark.parametrize("use_jit", [False, True])
   def test_every_element_written(self, rng, use_jit):
     # Under "interpret" outputs start as NaN: an unwritten row stays NaN. Rows

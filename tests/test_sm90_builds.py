@@ -18,10 +18,13 @@ constexpr):
   dx       `_grouped_gemm_kernel`, up weights read transposed, bf16 per-slot
            rows (`dx_stage`)
 
-The PTX must feed `wgmma` from 16-byte `cp.async` copies with no 2-byte global
-loads, shared memory must fit the H100's 227 KB, and `cuobjdump -res-usage`
-must show no stack (no register spills). Skipped where the host cannot build
-for sm_90.
+The TMA switches are those `gmm_lib.tma_flags` gives on the GPU (weights by
+TMA everywhere; `a` too for down and dx, whose rows are not gathered). The PTX
+must feed `wgmma` from TMA tile loads (`cp.async.bulk.tensor`) and 16-byte
+`cp.async` copies only, with no 2-byte global loads; Triton's global scratch
+must fit what the launch provides (128 bytes per descriptor); shared memory
+must fit the H100's 227 KB, and `cuobjdump -res-usage` must show no stack (no
+register spills). Skipped where the host cannot build for sm_90.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def _launch(case_name: str, stage: str):
   assert gmm_lib.block_m_for(tk, e, "triton") == BLOCK_M
   num_tiles = align_lib.num_tiles(tk, e, BLOCK_M)
   dot = {"DOT_F32": False, "INPUT_PRECISION": "ieee"}
+  tma = functools.partial(gmm_lib.tma_flags, backend="triton", dtype="bfloat16")
   plain_sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "tiles_ptr": "*i32",
                "row_index_ptr": "*i32", "row_scale_ptr": "*fp32", "c_ptr": "*fp32"}
   if stage == "up":
@@ -119,25 +123,29 @@ def _launch(case_name: str, stage: str):
            "pre_ptr": "*bf16"}
     const = dict(F=f, K=d, NUM_TILES=num_tiles, STRIDE_XM=d, STRIDE_WG=d * pf,
                  STRIDE_WK=pf, STRIDE_WN=1, ACTIVATION="silu", GATED=True,
-                 STORE_PRE=True, SCALE_H=True, GATHER_A=True, **dot)
+                 STORE_PRE=True, SCALE_H=True, GATHER_A=True, **dot,
+                 **tma("act", strides_b=(d * pf, pf, 1), a_rows=None, stride_am=d))
     return kernels._grouped_gemm_act_kernel, sig, const, cfg, "act"
   if stage == "down":
     cfg = gmm_lib.default_config("plain", BLOCK_M, d, f, "triton")
     const = dict(N=d, K=f, NUM_TILES=num_tiles, STRIDE_AM=f, STRIDE_AK=1,
                  STRIDE_BG=f * d, STRIDE_BK=d, STRIDE_BN=1, STRIDE_CM=d,
-                 GATHER_A=False, SCALE_ROWS=False, **dot)
+                 GATHER_A=False, SCALE_ROWS=False, **dot,
+                 **tma("plain", strides_b=(f * d, d, 1), a_rows=tk, stride_am=f))
     return kernels._grouped_gemm_kernel, {**plain_sig, "c_ptr": "*bf16"}, const, cfg, "plain"
   if stage == "dx":
     cfg = gmm_lib.default_config("plain", BLOCK_M, d, pf, "triton")
     const = dict(N=d, K=pf, NUM_TILES=num_tiles, STRIDE_AM=pf, STRIDE_AK=1,
                  STRIDE_BG=d * pf, STRIDE_BK=1, STRIDE_BN=pf, STRIDE_CM=d,
-                 GATHER_A=False, SCALE_ROWS=False, **dot)
+                 GATHER_A=False, SCALE_ROWS=False, **dot,
+                 **tma("plain", strides_b=(d * pf, 1, pf), a_rows=tk, stride_am=pf))
     return kernels._grouped_gemm_kernel, {**plain_sig, "c_ptr": "*bf16"}, const, cfg, "plain"
   if stage == "act_bwd_g":
     cfg = gmm_lib.default_config("plain", BLOCK_M, f, d, "triton")
     const = dict(N=f, K=d, NUM_TILES=num_tiles, STRIDE_AM=d, STRIDE_AK=1,
                  STRIDE_BG=f * d, STRIDE_BK=1, STRIDE_BN=d, STRIDE_CM=f,
-                 GATHER_A=True, SCALE_ROWS=False, **dot)
+                 GATHER_A=True, SCALE_ROWS=False, **dot,
+                 **tma("plain", strides_b=(f * d, 1, d), a_rows=None, stride_am=d))
     return kernels._grouped_gemm_kernel, {**plain_sig, "c_ptr": "*bf16"}, const, cfg, "plain"
   assert stage == "act_bwd"
   cfg = gmm_lib.default_config("act_bwd", BLOCK_M, f, d, "triton", gated=True)
@@ -146,7 +154,8 @@ def _launch(case_name: str, stage: str):
          "dpre_ptr": "*bf16", "dwp_ptr": "*fp32"}
   const = dict(F=f, K=d, NUM_TILES=num_tiles, STRIDE_DYM=d, STRIDE_WG=f * d,
                STRIDE_WK=1, STRIDE_WN=d, DWP_COLS=-(-f // cfg.block_n),
-               ACTIVATION="silu", GATED=True, **dot)
+               ACTIVATION="silu", GATED=True, **dot,
+               **tma("act_bwd", strides_b=(f * d, 1, d), a_rows=None, stride_am=d))
   return kernels._grouped_gemm_act_bwd_kernel, sig, const, cfg, "act_bwd"
 
 
@@ -179,7 +188,8 @@ def _build(case_name: str, stage: str) -> dict:
                          text=True, check=True).stdout
   res = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
   return {"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared,
-          "res": res, "cfg": cfg}
+          "res": res, "cfg": cfg, "const": const,
+          "scratch": compiled.metadata.global_scratch_size}
 
 
 @pytest.fixture
@@ -196,14 +206,23 @@ def sm90_build(monkeypatch):
 
 @pytest.mark.parametrize("case,stage", _params())
 def test_sm90_default_build_ptx(sm90_build, case, stage):
-  """wgmma fed by 16-byte cp.async tile copies, no 2-byte global loads, and
-  shared memory within the H100's 227 KB."""
+  """wgmma fed by TMA tile loads (weights; `a` where it is not gathered) and
+  16-byte cp.async copies (gathered `a` rows), no 2-byte global loads, the
+  global scratch within 128 bytes per descriptor, and shared memory within the
+  H100's 227 KB."""
   b = sm90_build(case, stage)
-  ptx = b["ptx"]
+  ptx, const = b["ptx"], b["const"]
+  assert const["B_TMA"], "the GPU default loads the weights by TMA"
   assert "wgmma.mma_async" in ptx, f"no wgmma ({b['cfg']})"
+  assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx, "no TMA loads"
   copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)",
                       ptx)
-  assert copies and set(copies) == {"0x10"}, f"cp.async sizes {set(copies)}"
+  if const.get("A_TMA"):
+    assert not copies, f"cp.async copies {set(copies)} with both operands by TMA"
+  else:
+    assert copies and set(copies) == {"0x10"}, f"cp.async sizes {set(copies)}"
+  descriptors = int(const["B_TMA"]) + int(const.get("A_TMA", False))
+  assert 0 < b["scratch"] <= 128 * descriptors, f"{b['scratch']} B global scratch"
   assert not re.search(r"ld\.global(\.\w+)*\.b16", ptx), "2-byte global loads"
   assert "st.local" not in ptx
   assert b["shared"] <= H100_SHARED, f"{b['shared']} bytes of shared memory"

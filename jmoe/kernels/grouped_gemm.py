@@ -33,6 +33,12 @@ Three entry points share `_tile_coords` and `_mainloop`:
 
 Dot operands are upcast to float32 when `DOT_F32` (Triton's interpreter gets
 bf16/fp16 `tl.dot` wrong); accumulation is always float32.
+
+`B_TMA` (all three) loads the weight tiles by TMA (`tl.make_tensor_descriptor`,
+one descriptor per program), `A_TMA` (the plain kernel, `a` not gathered) the
+`a` tiles too; the launch then passes Triton's hidden scratch argument
+(`jmoe.ops._hidden_scratch`). Without them every load is a `cp.async` through
+pointers.
 """
 
 import triton
@@ -86,6 +92,7 @@ def _mainloop(
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    B_TMA: tl.constexpr,
 ):
   """float32 tile(s) `a[rows] @ B[expert][:, cols]` (and a second tile).
 
@@ -95,16 +102,27 @@ def _mainloop(
   Rows past `row_end` are clamped to a valid row (their results are never
   stored) and columns past N wrap around, so loads need no M/N masks. A zero
   tile (`expert < 0`) runs no K iterations and returns zeros.
+
+  `B_TMA`: `B[expert]` tiles come by TMA through a descriptor of this
+  program's expert (`_b_descriptor`), which zero-fills the K tail and the
+  columns past the end instead of wrapping.
   """
+  tl.static_assert(not (B_TMA and GATED and STRIDE_BK == 1))
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  offs_k = tl.arange(0, BLOCK_K)
+  if B_TMA:
+    b_desc = _b_descriptor(b_ptr, expert, N + UP_OFFSET, K, STRIDE_BG, STRIDE_BK,
+                           STRIDE_BN, BLOCK_N, BLOCK_K)
+  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  num_k = tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)
   offs_m = row_start + tl.arange(0, BLOCK_M)
   rows = tl.where(offs_m < row_end, offs_m, row_start)
   if GATHER_A:
     a_rows = tl.load(row_index_ptr + rows)
   else:
     a_rows = rows
-  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   b_cols = offs_n % N
-  offs_k = tl.arange(0, BLOCK_K)
   a_ptrs = (
       a_ptr
       + a_rows.to(tl.int64)[:, None] * STRIDE_AM
@@ -123,23 +141,27 @@ def _mainloop(
         + offs_k[:, None] * STRIDE_BK
         + ((offs_n + BLOCK_N) % N)[None, :] * STRIDE_BN
     )
-  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-  acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-  num_k = tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)
   for kk in range(0, num_k):
+    k0 = kk * BLOCK_K
     if K % BLOCK_K == 0:
       a = tl.load(a_ptrs)
+    else:
+      k_mask = offs_k < K - k0
+      a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+    if B_TMA:
+      b = _b_tile(b_desc, k0, pid_n * BLOCK_N, STRIDE_BK)
+    elif K % BLOCK_K == 0:
       b = tl.load(b_ptrs)
     else:
-      k_mask = offs_k < K - kk * BLOCK_K
-      a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
       b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
     if DOT_F32:
       a = a.to(tl.float32)
       b = b.to(tl.float32)
     acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if GATED:
-      if K % BLOCK_K == 0:
+      if B_TMA:
+        bu = _b_tile(b_desc, k0, pid_n * BLOCK_N + UP_OFFSET, STRIDE_BK)
+      elif K % BLOCK_K == 0:
         bu = tl.load(b_ptrs + UP_OFFSET * STRIDE_BN)
       else:
         bu = tl.load(b_ptrs + UP_OFFSET * STRIDE_BN, mask=k_mask[:, None], other=0.0)
@@ -147,7 +169,9 @@ def _mainloop(
         bu = bu.to(tl.float32)
       acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
     if SPLIT:
-      if K % BLOCK_K == 0:
+      if B_TMA:
+        b2 = _b_tile(b_desc, k0, (pid_n + 1) * BLOCK_N, STRIDE_BK)
+      elif K % BLOCK_K == 0:
         b2 = tl.load(b2_ptrs)
       else:
         b2 = tl.load(b2_ptrs, mask=k_mask[:, None], other=0.0)
@@ -158,6 +182,79 @@ def _mainloop(
     a_ptrs += BLOCK_K * STRIDE_AK
     b_ptrs += BLOCK_K * STRIDE_BK
   return acc, acc_up
+
+
+@triton.jit
+def _mainloop_tma(
+    a_ptr,
+    b_ptr,
+    expert,
+    row_start,
+    pid_n,
+    ROWS_A: tl.constexpr,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    STRIDE_AM: tl.constexpr,
+    STRIDE_BG: tl.constexpr,
+    STRIDE_BK: tl.constexpr,
+    STRIDE_BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+  """`_mainloop` of the plain kernel with both operands by TMA (`A_TMA`).
+
+  `a [ROWS_A, K]` is contiguous (no row gather): the tile holds rows
+  `row_start ... + BLOCK_M`; rows past the tile's end read the next rows (their
+  results are never stored), rows past `ROWS_A` and the K tail read zeros.
+  """
+  a_desc = tl.make_tensor_descriptor(
+      a_ptr, shape=[ROWS_A, K], strides=[STRIDE_AM, 1],
+      block_shape=[BLOCK_M, BLOCK_K])
+  b_desc = _b_descriptor(b_ptr, expert, N, K, STRIDE_BG, STRIDE_BK, STRIDE_BN,
+                         BLOCK_N, BLOCK_K)
+  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  n0 = pid_n * BLOCK_N
+  for kk in range(0, tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)):
+    a = a_desc.load([row_start, kk * BLOCK_K])
+    b = _b_tile(b_desc, kk * BLOCK_K, n0, STRIDE_BK)
+    if DOT_F32:
+      a = a.to(tl.float32)
+      b = b.to(tl.float32)
+    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+  return acc
+
+
+@triton.jit
+def _b_descriptor(b_ptr, expert, COLS: tl.constexpr, K: tl.constexpr,
+                  STRIDE_BG: tl.constexpr, STRIDE_BK: tl.constexpr,
+                  STRIDE_BN: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+  """TMA descriptor of `B[expert]` (expert < 0: expert 0, never read): `[K, COLS]`
+  row-major, or `[COLS, K]` when read transposed (`STRIDE_BK == 1`)."""
+  base = b_ptr + tl.maximum(expert, 0).to(tl.int64) * STRIDE_BG
+  if STRIDE_BK == 1:
+    desc = tl.make_tensor_descriptor(
+        base, shape=[COLS, K], strides=[STRIDE_BN, 1],
+        block_shape=[BLOCK_N, BLOCK_K])
+  else:
+    desc = tl.make_tensor_descriptor(
+        base, shape=[K, COLS], strides=[STRIDE_BK, 1],
+        block_shape=[BLOCK_K, BLOCK_N])
+  return desc
+
+
+@triton.jit
+def _b_tile(b_desc, k0, n0, STRIDE_BK: tl.constexpr):
+  """The `[BLOCK_K, BLOCK_N]` tile of `B` at `(k0, n0)` from `_mainloop`'s
+  descriptor (stored `[N, K]`, read transposed, when `STRIDE_BK == 1`)."""
+  if STRIDE_BK == 1:
+    tile = tl.trans(b_desc.load([n0, k0]))
+  else:
+    tile = b_desc.load([k0, n0])
+  return tile
 
 
 @triton.jit
@@ -185,6 +282,9 @@ def _grouped_gemm_kernel(
     SCALE_ROWS: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    B_TMA: tl.constexpr,
+    A_TMA: tl.constexpr,
+    ROWS_A: tl.constexpr,  # rows of a (A_TMA)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -196,12 +296,20 @@ def _grouped_gemm_kernel(
   )
   if row_start >= row_end:
     return
-  acc, _ = _mainloop(
-      a_ptr, b_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
-      N, K, STRIDE_AM, STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, 0,
-      BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
-      False,
-  )
+  tl.static_assert(not A_TMA or (B_TMA and not GATHER_A and STRIDE_AK == 1))
+  if A_TMA:
+    acc = _mainloop_tma(
+        a_ptr, b_ptr, expert, row_start, pid_n, ROWS_A, N, K, STRIDE_AM,
+        STRIDE_BG, STRIDE_BK, STRIDE_BN, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32,
+        INPUT_PRECISION,
+    )
+  else:
+    acc, _ = _mainloop(
+        a_ptr, b_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
+        N, K, STRIDE_AM, STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, 0,
+        BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
+        False, B_TMA,
+    )
   offs_m = row_start + tl.arange(0, BLOCK_M)
   mask_m = offs_m < row_end
   if SCALE_ROWS:
@@ -241,6 +349,7 @@ def _grouped_gemm_act_kernel(
     GATHER_A: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    B_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -258,7 +367,7 @@ def _grouped_gemm_act_kernel(
       x_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
       F, K, STRIDE_XM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, F,
       BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
-      False,
+      False, B_TMA,
   )
   if GATED:
     h = act_fwd(gate, ACTIVATION) * up
@@ -310,6 +419,7 @@ def _grouped_gemm_act_bwd_kernel(
     GATED: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    B_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -340,7 +450,7 @@ def _grouped_gemm_act_bwd_kernel(
       dy_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n * SPLIT_N,
       F, K, STRIDE_DYM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, 0,
       BLOCK_M, BLOCK_N, BLOCK_K, True, False, DOT_F32, INPUT_PRECISION,
-      SPLIT_N == 2,
+      SPLIT_N == 2, B_TMA,
   )
   act_bwd_epilogue(
       g, pid_n * SPLIT_N, expert, row_start, row_end, row_scale_ptr, pre_ptr,

@@ -35,6 +35,7 @@ def kernel_call(
     name: str = "",
     zeroed_outputs: Sequence[int] | Callable[[dict[str, Any]], Sequence[int]] = (),
     scratch_bytes_per_program: int = 0,
+    scratch_programs: int | None = None,
     **metaparams: Any,
 ) -> jax.Array | tuple[jax.Array, ...]:
   """Launches a Triton kernel on JAX arrays, like `jax_triton.triton_call`.
@@ -69,9 +70,11 @@ def kernel_call(
     scratch_bytes_per_program: for kernels that build device-side TMA
       descriptors (`tl.make_tensor_descriptor`): bytes of Triton's hidden
       global-scratch argument per program (128 per descriptor). With
-      `"triton"` this needs a static `grid` and the jax-triton / jaxlib pair
-      of `jmoe.ops._hidden_scratch` (else a `RuntimeError`); the interpreter
+      `"triton"` this needs the jax-triton / jaxlib pair of
+      `jmoe.ops._hidden_scratch` (else a `RuntimeError`); the interpreter
       needs no scratch.
+    scratch_programs: with `scratch_bytes_per_program` and a callable `grid`:
+      the most programs any configuration launches (sizes the scratch).
     **metaparams: constexpr kernel parameters, and `triton_call` launch
       options (`num_warps`, `num_stages`, ...; ignored when interpreting).
 
@@ -110,7 +113,8 @@ def kernel_call(
     if scratch_bytes_per_program:
       from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
 
-      extra_outputs = (_hidden_scratch.prepare(kernel, grid, scratch_bytes_per_program),)
+      extra_outputs = (_hidden_scratch.prepare(
+          kernel, grid, scratch_bytes_per_program, scratch_programs),)
 
     def launch(*arrays):
       import jax_triton  # pylint: disable=import-outside-toplevel

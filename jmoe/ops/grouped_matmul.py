@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmoe._env import env_flag, env_int
+from jmoe._env import env_choice, env_flag, env_int
 from jmoe.ops import align as align_lib
 
 AUTOTUNE_ENV = "JMOE_AUTOTUNE"
@@ -193,6 +193,61 @@ def tgmm_config(backend: str, rows: int, groups: int, tma: bool = False):
   return None
 
 
+# Loads of the grouped GEMMs (`B_TMA`, `A_TMA` of `jmoe.kernels.grouped_gemm`):
+# "auto" loads the weight tiles by TMA wherever `tma_flags` allows, and the
+# `a` tiles too where `a` is not gathered; "weights" only the weight tiles;
+# "off" every tile by cp.async through pointers.
+GEMM_TMA_MODES = ("auto", "weights", "off")
+GEMM_TMA_ENV = "JMOE_GEMM_TMA"
+
+
+def _tma_strides_ok(dtype: Any, strides: tuple[int, ...]) -> bool:
+  """16-bit operands whose last stride is 1 and whose other strides are
+  multiples of 16 bytes (TMA's rule; XLA buffers start 16-byte aligned)."""
+  if not any(np.dtype(dtype) == np.dtype(d) for d in (jnp.bfloat16, jnp.float16)):
+    return False
+  return strides[-1] == 1 and all(s * 2 % 16 == 0 for s in strides[:-1])
+
+
+def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, int],
+              a_rows: int | None, stride_am: int) -> dict[str, Any]:
+  """The TMA switches of one grouped GEMM launch (see `GEMM_TMA_MODES`).
+
+  Args:
+    kind: one of `KINDS` (only `"plain"` has `A_TMA` / `ROWS_A`).
+    backend: `"triton"` (needs the jax-triton / jaxlib pair of
+      `jmoe.ops._hidden_scratch`, else no TMA) or `"interpret"`.
+    dtype: the operands' dtype (TMA here: bfloat16 / float16).
+    strides_b: `(group, k, n)` element strides of the weights; one of the last
+      two must be 1.
+    a_rows: rows of a contiguous `a`, or None when its rows are gathered.
+    stride_am: row stride of `a`.
+  """
+  from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
+
+  mode = env_choice(GEMM_TMA_ENV, GEMM_TMA_MODES, "auto")
+  available = backend == "interpret" or (
+      backend == "triton" and _hidden_scratch.supported())
+  sg, sk, sn = strides_b
+  b_tma = (mode != "off" and available
+           and (_tma_strides_ok(dtype, (sg, sk, sn)) or _tma_strides_ok(dtype, (sg, sn, sk))))
+  flags: dict[str, Any] = {"B_TMA": b_tma}
+  if kind == "plain":
+    a_tma = (b_tma and mode == "auto" and a_rows is not None
+             and _tma_strides_ok(dtype, (stride_am, 1)))
+    flags.update(A_TMA=a_tma, ROWS_A=a_rows if a_tma else 0)
+  return flags
+
+
+def _max_programs(kernel: Any, tiles: dict[str, Any], n: int, num_tiles: int) -> int:
+  """The most programs a launch of `kernel` (autotuned: any of its configs) has."""
+  import triton  # pylint: disable=import-outside-toplevel
+
+  configs = [c.kwargs for c in getattr(kernel, "configs", ())] or [tiles]
+  return max(num_tiles * triton.cdiv(n, c["BLOCK_N"] * c.get("SPLIT_N", 1))
+             for c in configs)
+
+
 def _kernel_for(kind: str, autotune: bool, gated: bool):
   from jmoe.kernels import grouped_gemm as kernels  # pylint: disable=import-outside-toplevel
 
@@ -230,6 +285,9 @@ def gemm_call(
 ):
   """Launches one grouped GEMM kernel of `kind` with tiles for `(n, k)`.
 
+  With `flags` from `tma_flags` that load by TMA, the launch carries Triton's
+  hidden scratch (128 bytes per descriptor and program) on the GPU.
+
   Args:
     kind: `"plain"`, `"act"` or `"act_bwd"` (see `jmoe.kernels.grouped_gemm`).
     *args: the kernel's array inputs (outputs follow from `out_shape`).
@@ -257,6 +315,11 @@ def gemm_call(
   def grid(meta):
     return (num_tiles * triton.cdiv(n, meta["BLOCK_N"] * meta.get("SPLIT_N", 1)),)
 
+  descriptors = int(flags.get("B_TMA", False)) + int(flags.get("A_TMA", False))
+  scratch = {}
+  if descriptors and backend == "triton":
+    scratch = {"scratch_bytes_per_program": 128 * descriptors,
+               "scratch_programs": _max_programs(kernel, tiles, n, num_tiles)}
   return kernel_call(
       kernel,
       *args,
@@ -265,6 +328,7 @@ def gemm_call(
       backend=backend,
       name=name,
       zeroed_outputs=zeroed_outputs,
+      **scratch,
       **flags,
       **tiles,
   )
@@ -330,6 +394,8 @@ def grouped_gemm(
       GATHER_A=row_index is not None,
       SCALE_ROWS=row_scale is not None,
       **dot_flags(a.dtype, backend),
+      **tma_flags("plain", backend, a.dtype, strides_b,
+                  None if row_index is not None else a.shape[0], a.shape[1]),
   )
 
 
