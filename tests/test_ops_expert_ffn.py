@@ -266,12 +266,13 @@ class ExpertFfnTestBase:
 
   @pytest.mark.parametrize("act_bwd", ["two_pass", "fused"])
   def test_gemm_tma_modes(self, rng, monkeypatch, act_bwd):
-    # JMOE_GEMM_TMA: the grouped GEMMs load weight tiles by TMA ("auto" also
-    # the down / dx GEMMs' contiguous rows; "weights" not those; "off" none).
-    # d = 40 leaves a K tail of the up GEMM and a partial column block of the
-    # down GEMM, f = 24 the same for the backward. All three give the same
-    # numbers (bit for bit under the interpreter), within the bf16 bound of
-    # the reference on every output.
+    # JMOE_GEMM_TMA: the grouped GEMMs load weight tiles (and the down / dx
+    # GEMMs' contiguous rows) by TMA, with one program per SM ("persistent")
+    # or per work item ("tiles"), or every tile by cp.async ("off"). d = 40
+    # leaves a K tail of the up GEMM and a partial column block of the down
+    # GEMM, f = 24 the same for the backward. All three give the same numbers
+    # (bit for bit under the interpreter), within the bf16 bound of the
+    # reference on every output.
     from jmoe.ops.act_bwd import ACT_BWD_ENV  # pylint: disable=import-outside-toplevel
 
     monkeypatch.setenv(ACT_BWD_ENV, act_bwd)
@@ -282,13 +283,13 @@ class ExpertFfnTestBase:
     outs = {}
     for mode in gmm_lib.GEMM_TMA_MODES:
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, mode)
-      flags = gmm_lib.tma_flags("plain", self.BACKEND, BF16, (960, 24, 1), 37, 24)
-      assert flags == {"B_TMA": mode != "off", "A_TMA": mode == "auto",
-                       "ROWS_A": 37 if mode == "auto" else 0}, mode
+      flags = gmm_lib.tma_flags("plain", self.BACKEND, BF16, (960, 24, 1), 5, 37, 24)
+      assert flags["B_TMA"] == flags["A_TMA"] == (mode != "off"), mode
+      assert flags["PERSISTENT"] == (mode == "persistent"), mode
       outs[mode] = run(fn)
     want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
     names = ("y", "x", "weights", "up", "down")
-    for mode in ("auto", "weights"):
+    for mode in ("persistent", "tiles"):
       for got, off, w, name in zip(outs[mode], outs["off"], want, names):
         helpers.assert_close(got, w, BF16, kind="fwd" if name == "y" else "grad",
                              err_msg=f"{mode}: {name}")

@@ -97,11 +97,12 @@ class GroupedMatmulTestBase:
   @pytest.mark.parametrize("m,k,n,g,kind", [(37, 40, 24, 4, "zeros"), (50, 48, 72, 5, "under"),
                                              (70, 16, 40, 1, "all"), (29, 56, 8, 3, "one")])
   def test_tma_modes(self, rng, monkeypatch, m, k, n, g, kind):
-    # bf16 with k, n multiples of 8: the weights by TMA ("auto" and "weights"),
-    # lhs rows too ("auto": the forward and d_lhs have no row gather), against
-    # cp.async loads ("off"): K tails, partial column blocks, a last tile past
-    # m. Same numbers (bit for bit under the interpreter), rows past the
-    # groups zero, within the bf16 bound of the float32 ragged_dot.
+    # bf16 with k, n multiples of 8: both operands by TMA (the forward and
+    # d_lhs have no row gather), one program per SM ("persistent") or per work
+    # item ("tiles"), against cp.async loads ("off"): K tails, partial column
+    # blocks, a last tile past m. Same numbers (bit for bit under the
+    # interpreter), rows past the groups zero, within the bf16 bound of the
+    # float32 ragged_dot.
     lhs = helpers.normal(rng, (m, k), BF16)
     rhs = helpers.normal(rng, (g, k, n), BF16)
     sizes = _group_sizes(rng, m, g, kind)
@@ -119,7 +120,7 @@ class GroupedMatmulTestBase:
     expected, vjp = jax.vjp(lambda a, b: _ragged_dot_f32(a, b, sizes), f32(lhs), f32(rhs))
     want = (expected, *vjp(f32(d_out)))
     total = int(np.sum(sizes))
-    for mode in ("auto", "weights"):
+    for mode in ("persistent", "tiles"):
       assert np.all(outs[mode][0][total:] == 0), mode
       for got, off, w, name in zip(outs[mode], outs["off"], want, ("out", "lhs", "rhs")):
         helpers.assert_close(got, w, BF16, kind="fwd" if name == "out" else "grad",
@@ -132,20 +133,30 @@ class GroupedMatmulTestBase:
   def test_tma_flags(self, monkeypatch):
     # TMA only for 16-bit operands whose strides are multiples of 16 bytes; an
     # unknown JMOE_GEMM_TMA value is an error naming the variable.
+    from jmoe.ops._call import persistent_programs  # pylint: disable=import-outside-toplevel
+
     monkeypatch.delenv(gmm_lib.GEMM_TMA_ENV, raising=False)
-    flags = functools.partial(gmm_lib.tma_flags, backend=self.BACKEND)
+    flags = functools.partial(gmm_lib.tma_flags, backend=self.BACKEND, num_groups=5)
+    sms = persistent_programs(self.BACKEND)
     assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
-        "B_TMA": True, "A_TMA": True, "ROWS_A": 9}
+        "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": True, "ROWS_A": 9,
+        "PERSISTENT": True, "NUM_PROGRAMS": sms}
     assert flags("plain", dtype=BF16, strides_b=(64, 1, 8), a_rows=None, stride_am=8) == {
-        "B_TMA": True, "A_TMA": False, "ROWS_A": 0}
-    assert flags("act", dtype=np.float16, strides_b=(64, 8, 1), a_rows=None,
-                 stride_am=8) == {"B_TMA": True}
-    assert not flags("act", dtype=np.float32, strides_b=(64, 8, 1), a_rows=None,
-                     stride_am=8)["B_TMA"]
-    assert not flags("act", dtype=BF16, strides_b=(63, 7, 1), a_rows=None,
-                     stride_am=8)["B_TMA"]
+        "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": False, "ROWS_A": 0,
+        "PERSISTENT": True, "NUM_PROGRAMS": sms}
+    assert flags("act_bwd", dtype=np.float16, strides_b=(64, 1, 8), a_rows=None,
+                 stride_am=8) == {"B_TMA": True, "NUM_GROUPS": 5}
+    off = {"B_TMA": False, "NUM_GROUPS": 0, "PERSISTENT": False, "NUM_PROGRAMS": 0}
+    assert flags("act", dtype=np.float32, strides_b=(64, 8, 1), a_rows=None,
+                 stride_am=8) == off
+    assert flags("act", dtype=BF16, strides_b=(63, 7, 1), a_rows=None, stride_am=8) == off
     assert not flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9,
                      stride_am=12)["A_TMA"]
+    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "tiles")
+    assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == {
+        "B_TMA": True, "NUM_GROUPS": 5, "PERSISTENT": False, "NUM_PROGRAMS": 0}
+    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "off")
+    assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == off
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "on")
     with pytest.raises(ValueError, match="JMOE_GEMM_TMA must be one of"):
       flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8)

@@ -15,8 +15,10 @@ weight matrix `B[g] = b[g, :, :]` (strides `STRIDE_BG, STRIDE_BK, STRIDE_BN`;
 a transposed weight is just other strides). With `GATHER_A`, row `r` of the
 output reads row `row_index[r]` of `a` inside the GEMM (no gathered copy).
 
-The launch grid is `NUM_TILES * cdiv(N, BLOCK_N)` programs, mapped to
-(tile, column block) with a GROUP_M swizzle for L2 reuse of `a` rows.
+Work items are (row tile, column block) pairs, `NUM_TILES * cdiv(N, BLOCK_N)`
+of them, ordered with a GROUP_M swizzle for L2 reuse of `a` rows. One
+program per item, or (`PERSISTENT`) `NUM_PROGRAMS` programs that each walk
+the items `pid, pid + NUM_PROGRAMS, ...`.
 
 Three entry points share `_tile_coords` and `_mainloop`:
 - `_grouped_gemm_kernel`: `c[r] = s_r * (a[row(r)] @ B[g])` (`SCALE_ROWS`).
@@ -34,10 +36,13 @@ Three entry points share `_tile_coords` and `_mainloop`:
 Dot operands are upcast to float32 when `DOT_F32` (Triton's interpreter gets
 bf16/fp16 `tl.dot` wrong); accumulation is always float32.
 
-`B_TMA` (all three) loads the weight tiles by TMA (`tl.make_tensor_descriptor`,
-one descriptor per program), `A_TMA` (the plain kernel, `a` not gathered) the
-`a` tiles too; the launch then passes Triton's hidden scratch argument
-(`jmoe.ops._hidden_scratch`). Without them every load is a `cp.async` through
+`B_TMA` (all three) loads the weight tiles by TMA through one 3-D descriptor
+`[NUM_GROUPS, K, cols]` (`[NUM_GROUPS, cols, K]` read transposed), so a tile
+never reads another group's weights and the K tail reads zeros; `A_TMA` (the
+plain kernel, `a` not gathered) loads the `a` tiles by TMA too. The
+descriptors are built on the device once per program (`_descriptors`), in
+Triton's hidden scratch argument (`jmoe.ops._hidden_scratch`): that is what
+`PERSISTENT` amortises. Without them every load is a `cp.async` through
 pointers.
 """
 
@@ -52,15 +57,15 @@ from jmoe.kernels.swizzle import band_swizzle
 
 @triton.jit
 def _tile_coords(
+    item,
     tiles_ptr,
     NUM_TILES: tl.constexpr,
     N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-  """(column block, group, row start, row end) of this program."""
-  pid_m, pid_n = band_swizzle(tl.program_id(0), NUM_TILES,
-                              (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
+  """(column block, group, row start, row end) of work item `item`."""
+  pid_m, pid_n = band_swizzle(item, NUM_TILES, (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
   expert = tl.load(tiles_ptr + pid_m)
   row_start = tl.load(tiles_ptr + NUM_TILES + pid_m)
   row_end = tl.load(tiles_ptr + 2 * NUM_TILES + pid_m)
@@ -68,9 +73,62 @@ def _tile_coords(
 
 
 @triton.jit
+def _descriptors(
+    a_ptr,
+    b_ptr,
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
+    ROWS_A: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    COLS: tl.constexpr,
+    K: tl.constexpr,
+    STRIDE_AM: tl.constexpr,
+    STRIDE_BG: tl.constexpr,
+    STRIDE_BK: tl.constexpr,
+    STRIDE_BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+  """`(a, b)`: TMA descriptors where `A_TMA` / `B_TMA`, else the pointers.
+
+  `a [ROWS_A, K]` row-major; `b` as `[NUM_GROUPS, K, COLS]`, or
+  `[NUM_GROUPS, COLS, K]` when read transposed (`STRIDE_BK == 1`).
+  """
+  a = a_ptr
+  b = b_ptr
+  if A_TMA:
+    a = tl.make_tensor_descriptor(
+        a_ptr, shape=[ROWS_A, K], strides=[STRIDE_AM, 1],
+        block_shape=[BLOCK_M, BLOCK_K])
+  if B_TMA:
+    if STRIDE_BK == 1:
+      b = tl.make_tensor_descriptor(
+          b_ptr, shape=[NUM_GROUPS, COLS, K], strides=[STRIDE_BG, STRIDE_BN, 1],
+          block_shape=[1, BLOCK_N, BLOCK_K])
+    else:
+      b = tl.make_tensor_descriptor(
+          b_ptr, shape=[NUM_GROUPS, K, COLS], strides=[STRIDE_BG, STRIDE_BK, 1],
+          block_shape=[1, BLOCK_K, BLOCK_N])
+  return a, b
+
+
+@triton.jit
+def _b_tile(b_desc, expert, k0, n0, STRIDE_BK: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+  """The `[BLOCK_K, BLOCK_N]` tile of `B[expert]` at `(k0, n0)` by TMA."""
+  if STRIDE_BK == 1:
+    tile = tl.trans(b_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+  else:
+    tile = b_desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+  return tile
+
+
+@triton.jit
 def _mainloop(
     a_ptr,
     b_ptr,
+    b_desc,
     row_index_ptr,
     expert,
     row_start,
@@ -103,19 +161,11 @@ def _mainloop(
   stored) and columns past N wrap around, so loads need no M/N masks. A zero
   tile (`expert < 0`) runs no K iterations and returns zeros.
 
-  `B_TMA`: `B[expert]` tiles come by TMA through a descriptor of this
-  program's expert (`_b_descriptor`), which zero-fills the K tail and the
-  columns past the end instead of wrapping.
+  `B_TMA`: the `B` tiles come from `b_desc` (`_b_tile`), which zero-fills the
+  K tail and the columns past the group's end instead of wrapping.
   """
-  tl.static_assert(not (B_TMA and GATED and STRIDE_BK == 1))
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   offs_k = tl.arange(0, BLOCK_K)
-  if B_TMA:
-    b_desc = _b_descriptor(b_ptr, expert, N + UP_OFFSET, K, STRIDE_BG, STRIDE_BK,
-                           STRIDE_BN, BLOCK_N, BLOCK_K)
-  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-  acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-  num_k = tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)
   offs_m = row_start + tl.arange(0, BLOCK_M)
   rows = tl.where(offs_m < row_end, offs_m, row_start)
   if GATHER_A:
@@ -141,6 +191,10 @@ def _mainloop(
         + offs_k[:, None] * STRIDE_BK
         + ((offs_n + BLOCK_N) % N)[None, :] * STRIDE_BN
     )
+  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  n0 = pid_n * BLOCK_N
+  num_k = tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)
   for kk in range(0, num_k):
     k0 = kk * BLOCK_K
     if K % BLOCK_K == 0:
@@ -149,7 +203,7 @@ def _mainloop(
       k_mask = offs_k < K - k0
       a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
     if B_TMA:
-      b = _b_tile(b_desc, k0, pid_n * BLOCK_N, STRIDE_BK)
+      b = _b_tile(b_desc, expert, k0, n0, STRIDE_BK, BLOCK_N, BLOCK_K)
     elif K % BLOCK_K == 0:
       b = tl.load(b_ptrs)
     else:
@@ -160,7 +214,7 @@ def _mainloop(
     acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if GATED:
       if B_TMA:
-        bu = _b_tile(b_desc, k0, pid_n * BLOCK_N + UP_OFFSET, STRIDE_BK)
+        bu = _b_tile(b_desc, expert, k0, n0 + UP_OFFSET, STRIDE_BK, BLOCK_N, BLOCK_K)
       elif K % BLOCK_K == 0:
         bu = tl.load(b_ptrs + UP_OFFSET * STRIDE_BN)
       else:
@@ -170,7 +224,7 @@ def _mainloop(
       acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
     if SPLIT:
       if B_TMA:
-        b2 = _b_tile(b_desc, k0, (pid_n + 1) * BLOCK_N, STRIDE_BK)
+        b2 = _b_tile(b_desc, expert, k0, n0 + BLOCK_N, STRIDE_BK, BLOCK_N, BLOCK_K)
       elif K % BLOCK_K == 0:
         b2 = tl.load(b2_ptrs)
       else:
@@ -186,18 +240,13 @@ def _mainloop(
 
 @triton.jit
 def _mainloop_tma(
-    a_ptr,
-    b_ptr,
+    a_desc,
+    b_desc,
     expert,
     row_start,
     pid_n,
-    ROWS_A: tl.constexpr,
-    N: tl.constexpr,
     K: tl.constexpr,
-    STRIDE_AM: tl.constexpr,
-    STRIDE_BG: tl.constexpr,
     STRIDE_BK: tl.constexpr,
-    STRIDE_BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -206,20 +255,15 @@ def _mainloop_tma(
 ):
   """`_mainloop` of the plain kernel with both operands by TMA (`A_TMA`).
 
-  `a [ROWS_A, K]` is contiguous (no row gather): the tile holds rows
-  `row_start ... + BLOCK_M`; rows past the tile's end read the next rows (their
-  results are never stored), rows past `ROWS_A` and the K tail read zeros.
+  `a` is contiguous (no row gather): the tile holds rows `row_start ... +
+  BLOCK_M`; rows past the tile's end read the next rows (their results are
+  never stored), rows past `ROWS_A` and the K tail read zeros.
   """
-  a_desc = tl.make_tensor_descriptor(
-      a_ptr, shape=[ROWS_A, K], strides=[STRIDE_AM, 1],
-      block_shape=[BLOCK_M, BLOCK_K])
-  b_desc = _b_descriptor(b_ptr, expert, N, K, STRIDE_BG, STRIDE_BK, STRIDE_BN,
-                         BLOCK_N, BLOCK_K)
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   n0 = pid_n * BLOCK_N
   for kk in range(0, tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)):
     a = a_desc.load([row_start, kk * BLOCK_K])
-    b = _b_tile(b_desc, kk * BLOCK_K, n0, STRIDE_BK)
+    b = _b_tile(b_desc, expert, kk * BLOCK_K, n0, STRIDE_BK, BLOCK_N, BLOCK_K)
     if DOT_F32:
       a = a.to(tl.float32)
       b = b.to(tl.float32)
@@ -228,33 +272,42 @@ def _mainloop_tma(
 
 
 @triton.jit
-def _b_descriptor(b_ptr, expert, COLS: tl.constexpr, K: tl.constexpr,
-                  STRIDE_BG: tl.constexpr, STRIDE_BK: tl.constexpr,
-                  STRIDE_BN: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-  """TMA descriptor of `B[expert]` (expert < 0: expert 0, never read): `[K, COLS]`
-  row-major, or `[COLS, K]` when read transposed (`STRIDE_BK == 1`)."""
-  base = b_ptr + tl.maximum(expert, 0).to(tl.int64) * STRIDE_BG
-  if STRIDE_BK == 1:
-    desc = tl.make_tensor_descriptor(
-        base, shape=[COLS, K], strides=[STRIDE_BN, 1],
-        block_shape=[BLOCK_N, BLOCK_K])
-  else:
-    desc = tl.make_tensor_descriptor(
-        base, shape=[K, COLS], strides=[STRIDE_BK, 1],
-        block_shape=[BLOCK_K, BLOCK_N])
-  return desc
-
-
-@triton.jit
-def _b_tile(b_desc, k0, n0, STRIDE_BK: tl.constexpr):
-  """The `[BLOCK_K, BLOCK_N]` tile of `B` at `(k0, n0)` from `_mainloop`'s
-  descriptor (stored `[N, K]`, read transposed, when `STRIDE_BK == 1`)."""
-  if STRIDE_BK == 1:
-    tile = tl.trans(b_desc.load([n0, k0]))
-  else:
-    tile = b_desc.load([k0, n0])
-  return tile
+def _plain_item(
+    item, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
+    c_ptr, N: tl.constexpr, K: tl.constexpr, NUM_TILES: tl.constexpr,
+    STRIDE_AM: tl.constexpr, STRIDE_AK: tl.constexpr, STRIDE_BG: tl.constexpr,
+    STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr, STRIDE_CM: tl.constexpr,
+    GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, B_TMA: tl.constexpr, A_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+  """One work item of `_grouped_gemm_kernel`."""
+  pid_n, expert, row_start, row_end = _tile_coords(
+      item, tiles_ptr, NUM_TILES, N, BLOCK_N, GROUP_M)
+  if row_start < row_end:
+    if A_TMA:
+      acc = _mainloop_tma(
+          a_desc, b_desc, expert, row_start, pid_n, K, STRIDE_BK, BLOCK_M,
+          BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION,
+      )
+    else:
+      acc, _ = _mainloop(
+          a_ptr, b_ptr, b_desc, row_index_ptr, expert, row_start, row_end, pid_n,
+          N, K, STRIDE_AM, STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, 0,
+          BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
+          False, B_TMA,
+      )
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    if SCALE_ROWS:
+      s = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
+      acc = acc * s[:, None]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_CM + offs_n[None, :]
+    mask = mask_m[:, None] & (offs_n < N)[None, :]
+    # DOT_F32 marks the interpreter: round bf16 rows to nearest even there too.
+    tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
 
 @triton.jit
@@ -285,41 +338,78 @@ def _grouped_gemm_kernel(
     B_TMA: tl.constexpr,
     A_TMA: tl.constexpr,
     ROWS_A: tl.constexpr,  # rows of a (A_TMA)
+    NUM_GROUPS: tl.constexpr,  # G (B_TMA)
+    PERSISTENT: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,  # programs launched (PERSISTENT)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
   """`c[r, :] = row_scale[r] * a[row_index[r], :] @ b[group(r)]`; zero tiles write 0."""
-  pid_n, expert, row_start, row_end = _tile_coords(
-      tiles_ptr, NUM_TILES, N, BLOCK_N, GROUP_M
-  )
-  if row_start >= row_end:
-    return
   tl.static_assert(not A_TMA or (B_TMA and not GATHER_A and STRIDE_AK == 1))
-  if A_TMA:
-    acc = _mainloop_tma(
-        a_ptr, b_ptr, expert, row_start, pid_n, ROWS_A, N, K, STRIDE_AM,
-        STRIDE_BG, STRIDE_BK, STRIDE_BN, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32,
-        INPUT_PRECISION,
-    )
+  a_desc, b_desc = _descriptors(
+      a_ptr, b_ptr, A_TMA, B_TMA, ROWS_A, NUM_GROUPS, N, K, STRIDE_AM, STRIDE_BG,
+      STRIDE_BK, STRIDE_BN, BLOCK_M, BLOCK_N, BLOCK_K)
+  if PERSISTENT:
+    items = NUM_TILES * tl.cdiv(N, BLOCK_N)
+    for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=False):
+      _plain_item(
+          item, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr,
+          row_scale_ptr, c_ptr, N, K, NUM_TILES, STRIDE_AM, STRIDE_AK, STRIDE_BG,
+          STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS, DOT_F32,
+          INPUT_PRECISION, B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
   else:
-    acc, _ = _mainloop(
-        a_ptr, b_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
-        N, K, STRIDE_AM, STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, 0,
-        BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
+    _plain_item(
+        tl.program_id(0), a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr,
+        row_scale_ptr, c_ptr, N, K, NUM_TILES, STRIDE_AM, STRIDE_AK, STRIDE_BG,
+        STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS, DOT_F32,
+        INPUT_PRECISION, B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _act_item(
+    item, x_ptr, w_ptr, w_desc, tiles_ptr, row_index_ptr, row_scale_ptr, h_ptr,
+    pre_ptr, F: tl.constexpr, K: tl.constexpr, NUM_TILES: tl.constexpr,
+    STRIDE_XM: tl.constexpr, STRIDE_WG: tl.constexpr, STRIDE_WK: tl.constexpr,
+    STRIDE_WN: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    STORE_PRE: tl.constexpr, SCALE_H: tl.constexpr, GATHER_A: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, B_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+  """One work item of `_grouped_gemm_act_kernel`."""
+  pid_n, expert, row_start, row_end = _tile_coords(
+      item, tiles_ptr, NUM_TILES, F, BLOCK_N, GROUP_M)
+  if row_start < row_end:
+    gate, up = _mainloop(
+        x_ptr, w_ptr, w_desc, row_index_ptr, expert, row_start, row_end, pid_n,
+        F, K, STRIDE_XM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, F,
+        BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
         False, B_TMA,
     )
-  offs_m = row_start + tl.arange(0, BLOCK_M)
-  mask_m = offs_m < row_end
-  if SCALE_ROWS:
-    s = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
-    acc = acc * s[:, None]
-  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-  c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_CM + offs_n[None, :]
-  mask = mask_m[:, None] & (offs_n < N)[None, :]
-  # DOT_F32 marks the interpreter: round bf16 rows to nearest even there too.
-  tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty, DOT_F32), mask=mask)
+    if GATED:
+      h = act_fwd(gate, ACTIVATION) * up
+    else:
+      h = act_fwd(gate, ACTIVATION)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < row_end)[:, None] & (offs_n < F)[None, :]
+    if SCALE_H:
+      scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < row_end, other=0.0)
+      h = h * scale[:, None]
+    rows64 = offs_m.to(tl.int64)[:, None]
+    h_ptrs = h_ptr + rows64 * F + offs_n[None, :]
+    # DOT_F32 marks the interpreter: round to nearest even there as on the GPU.
+    tl.store(h_ptrs, round_to(h, h_ptr.dtype.element_ty, DOT_F32), mask=mask)
+    if STORE_PRE:
+      if GATED:
+        pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
+        tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
+        tl.store(pre_ptrs + F, round_to(up, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
+      else:
+        pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
+        tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
 
 @triton.jit
@@ -350,6 +440,9 @@ def _grouped_gemm_act_kernel(
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     B_TMA: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,  # G (B_TMA)
+    PERSISTENT: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,  # programs launched (PERSISTENT)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -358,39 +451,24 @@ def _grouped_gemm_act_kernel(
   """`h = act(x[row] @ w[g][:, :F]) (* x[row] @ w[g][:, F:] if GATED)`, times
   `row_scale[row]` in float32 before the one rounding to h's dtype if SCALE_H;
   the pre-activation is stored unscaled."""
-  pid_n, expert, row_start, row_end = _tile_coords(
-      tiles_ptr, NUM_TILES, F, BLOCK_N, GROUP_M
-  )
-  if row_start >= row_end:
-    return
-  gate, up = _mainloop(
-      x_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n,
-      F, K, STRIDE_XM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, F,
-      BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
-      False, B_TMA,
-  )
-  if GATED:
-    h = act_fwd(gate, ACTIVATION) * up
+  tl.static_assert(not (B_TMA and STRIDE_WK == 1))  # no transposed gated weights
+  _, w_desc = _descriptors(
+      x_ptr, w_ptr, False, B_TMA, 0, NUM_GROUPS, F * (1 + GATED), K, STRIDE_XM,
+      STRIDE_WG, STRIDE_WK, STRIDE_WN, BLOCK_M, BLOCK_N, BLOCK_K)
+  if PERSISTENT:
+    items = NUM_TILES * tl.cdiv(F, BLOCK_N)
+    for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=False):
+      _act_item(
+          item, x_ptr, w_ptr, w_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
+          h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG, STRIDE_WK,
+          STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A, DOT_F32,
+          INPUT_PRECISION, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
   else:
-    h = act_fwd(gate, ACTIVATION)
-  offs_m = row_start + tl.arange(0, BLOCK_M)
-  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-  mask = (offs_m < row_end)[:, None] & (offs_n < F)[None, :]
-  if SCALE_H:
-    scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < row_end, other=0.0)
-    h = h * scale[:, None]
-  rows64 = offs_m.to(tl.int64)[:, None]
-  h_ptrs = h_ptr + rows64 * F + offs_n[None, :]
-  # DOT_F32 marks the interpreter: round to nearest even there as on the GPU.
-  tl.store(h_ptrs, round_to(h, h_ptr.dtype.element_ty, DOT_F32), mask=mask)
-  if STORE_PRE:
-    if GATED:
-      pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
-      tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
-      tl.store(pre_ptrs + F, round_to(up, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
-    else:
-      pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
-      tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
+    _act_item(
+        tl.program_id(0), x_ptr, w_ptr, w_desc, tiles_ptr, row_index_ptr,
+        row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG,
+        STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A,
+        DOT_F32, INPUT_PRECISION, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit
@@ -420,6 +498,7 @@ def _grouped_gemm_act_bwd_kernel(
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     B_TMA: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,  # G (B_TMA)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -442,13 +521,16 @@ def _grouped_gemm_act_bwd_kernel(
   """
   tl.static_assert((SPLIT_N == 1) | (SPLIT_N == 2))
   pid_n, expert, row_start, row_end = _tile_coords(
-      tiles_ptr, NUM_TILES, F, BLOCK_N * SPLIT_N, GROUP_M
+      tl.program_id(0), tiles_ptr, NUM_TILES, F, BLOCK_N * SPLIT_N, GROUP_M
   )
   if row_start >= row_end:
     return
+  _, w_desc = _descriptors(
+      dy_ptr, w_ptr, False, B_TMA, 0, NUM_GROUPS, F, K, STRIDE_DYM, STRIDE_WG,
+      STRIDE_WK, STRIDE_WN, BLOCK_M, BLOCK_N, BLOCK_K)
   g, g2 = _mainloop(
-      dy_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n * SPLIT_N,
-      F, K, STRIDE_DYM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, 0,
+      dy_ptr, w_ptr, w_desc, row_index_ptr, expert, row_start, row_end,
+      pid_n * SPLIT_N, F, K, STRIDE_DYM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, 0,
       BLOCK_M, BLOCK_N, BLOCK_K, True, False, DOT_F32, INPUT_PRECISION,
       SPLIT_N == 2, B_TMA,
   )

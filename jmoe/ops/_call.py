@@ -22,6 +22,14 @@ KERNEL_BACKENDS = ("triton", "interpret")
 _Scalar = (bool, int, float, np.float32)
 
 
+def persistent_programs(backend: str) -> int:
+  """Programs of a persistent kernel: one per SM of the first GPU (3 when
+  interpreting, so that tests see programs walk several work items)."""
+  if backend == "interpret":
+    return 3
+  return int(jax.devices("gpu")[0].core_count)
+
+
 def _is_scalar(arg: Any) -> bool:
   return isinstance(arg, _Scalar)
 

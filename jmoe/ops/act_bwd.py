@@ -156,5 +156,5 @@ def _act_bwd_fused(dy, down, al, w_sorted, pre, block_m, activation, backend):
       ACTIVATION=GATE_ACTIVATION.get(activation, activation),
       GATED=gated,
       **gmm_lib.dot_flags(pre.dtype, backend),
-      **gmm_lib.tma_flags("act_bwd", backend, pre.dtype, (f * d, 1, d), None, d),
+      **gmm_lib.tma_flags("act_bwd", backend, pre.dtype, (f * d, 1, d), e, None, d),
   )

@@ -229,7 +229,7 @@ def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
       SCALE_H=row_scale is not None,
       GATHER_A=True,
       **gmm_lib.dot_flags(x.dtype, backend),
-      **gmm_lib.tma_flags("act", backend, x.dtype, (d * pf, pf, 1), None, d),
+      **gmm_lib.tma_flags("act", backend, x.dtype, (d * pf, pf, 1), up.shape[0], None, d),
   )
 
 

@@ -193,11 +193,15 @@ def tgmm_config(backend: str, rows: int, groups: int, tma: bool = False):
   return None
 
 
-# Loads of the grouped GEMMs (`B_TMA`, `A_TMA` of `jmoe.kernels.grouped_gemm`):
-# "auto" loads the weight tiles by TMA wherever `tma_flags` allows, and the
-# `a` tiles too where `a` is not gathered; "weights" only the weight tiles;
-# "off" every tile by cp.async through pointers.
-GEMM_TMA_MODES = ("auto", "weights", "off")
+# Loads and schedule of the grouped GEMMs (`B_TMA`, `A_TMA`, `PERSISTENT` of
+# `jmoe.kernels.grouped_gemm`), where `tma_flags` allows TMA (16-bit operands,
+# strides multiples of 16 bytes; on the GPU the jax-triton / jaxlib pairs of
+# `jmoe.ops._hidden_scratch`): "persistent": weight tiles (and `a` tiles
+# where `a` is not gathered) by TMA, one program per SM walking the work items
+# (the plain and act kernels; act_bwd as "tiles"); "tiles": the same loads,
+# one program per work item (each builds its descriptors); "off": every tile
+# by cp.async through pointers, one program per work item.
+GEMM_TMA_MODES = ("persistent", "tiles", "off")
 GEMM_TMA_ENV = "JMOE_GEMM_TMA"
 
 
@@ -210,32 +214,38 @@ def _tma_strides_ok(dtype: Any, strides: tuple[int, ...]) -> bool:
 
 
 def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, int],
-              a_rows: int | None, stride_am: int) -> dict[str, Any]:
-  """The TMA switches of one grouped GEMM launch (see `GEMM_TMA_MODES`).
+              num_groups: int, a_rows: int | None, stride_am: int) -> dict[str, Any]:
+  """The TMA and schedule constexprs of one grouped GEMM launch (`GEMM_TMA_MODES`).
 
   Args:
-    kind: one of `KINDS` (only `"plain"` has `A_TMA` / `ROWS_A`).
+    kind: one of `KINDS` (only `"plain"` has `A_TMA` / `ROWS_A`; act_bwd has
+      no `PERSISTENT`).
     backend: `"triton"` (needs the jax-triton / jaxlib pair of
       `jmoe.ops._hidden_scratch`, else no TMA) or `"interpret"`.
     dtype: the operands' dtype (TMA here: bfloat16 / float16).
     strides_b: `(group, k, n)` element strides of the weights; one of the last
       two must be 1.
+    num_groups: groups (experts) of the weights.
     a_rows: rows of a contiguous `a`, or None when its rows are gathered.
     stride_am: row stride of `a`.
   """
   from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import persistent_programs  # pylint: disable=import-outside-toplevel
 
-  mode = env_choice(GEMM_TMA_ENV, GEMM_TMA_MODES, "auto")
+  mode = env_choice(GEMM_TMA_ENV, GEMM_TMA_MODES, "persistent")
   available = backend == "interpret" or (
       backend == "triton" and _hidden_scratch.supported())
   sg, sk, sn = strides_b
   b_tma = (mode != "off" and available
            and (_tma_strides_ok(dtype, (sg, sk, sn)) or _tma_strides_ok(dtype, (sg, sn, sk))))
-  flags: dict[str, Any] = {"B_TMA": b_tma}
+  flags: dict[str, Any] = {"B_TMA": b_tma, "NUM_GROUPS": num_groups if b_tma else 0}
   if kind == "plain":
-    a_tma = (b_tma and mode == "auto" and a_rows is not None
-             and _tma_strides_ok(dtype, (stride_am, 1)))
+    a_tma = b_tma and a_rows is not None and _tma_strides_ok(dtype, (stride_am, 1))
     flags.update(A_TMA=a_tma, ROWS_A=a_rows if a_tma else 0)
+  if kind != "act_bwd":
+    persistent = b_tma and mode == "persistent"
+    flags.update(PERSISTENT=persistent,
+                 NUM_PROGRAMS=persistent_programs(backend) if persistent else 0)
   return flags
 
 
@@ -320,6 +330,8 @@ def gemm_call(
   if descriptors and backend == "triton":
     scratch = {"scratch_bytes_per_program": 128 * descriptors,
                "scratch_programs": _max_programs(kernel, tiles, n, num_tiles)}
+  if flags.get("PERSISTENT"):
+    grid = (flags["NUM_PROGRAMS"],)  # sizes the scratch (a static grid)
   return kernel_call(
       kernel,
       *args,
@@ -394,7 +406,7 @@ def grouped_gemm(
       GATHER_A=row_index is not None,
       SCALE_ROWS=row_scale is not None,
       **dot_flags(a.dtype, backend),
-      **tma_flags("plain", backend, a.dtype, strides_b,
+      **tma_flags("plain", backend, a.dtype, strides_b, b.shape[0],
                   None if row_index is not None else a.shape[0], a.shape[1]),
   )
 

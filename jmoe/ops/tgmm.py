@@ -414,26 +414,18 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   )
 
 
-def _num_programs(backend: str) -> int:
-  """Programs of a persistent kernel: one per SM (3 when interpreting, so that
-  tests see programs walk several tiles)."""
-  if backend == "interpret":
-    return 3
-  return int(jax.devices("gpu")[0].core_count)
-
-
 def _launch_tma(a_t, a_col_offsets, b, offsets, g, out_shape, input_precision,
                 backend, config, tma: TmaOptions, transpose_out: bool) -> jax.Array:
   """`jmoe.kernels.tgmm_tma` on `a_t [ka, m_pad]` (`group_columns`) and `b`;
   `config` already checked by `_launch` (block_m divides `COLUMN_ALIGN`)."""
   from jmoe.kernels import tgmm_tma as kernels  # pylint: disable=import-outside-toplevel
-  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import kernel_call, persistent_programs  # pylint: disable=import-outside-toplevel
 
   ka, ma = a_t.shape
   mb, n = b.shape
   config = config or TgmmConfig()  # None: the GPU default (it does not autotune)
   tiles = g * -(-ka // config.block_k) * -(-n // config.block_n)
-  programs = max(1, min(_num_programs(backend), tiles))
+  programs = max(1, min(persistent_programs(backend), tiles))
   return kernel_call(
       kernels._tgmm_tma_kernel,  # pylint: disable=protected-access
       a_t, b, offsets, a_col_offsets, g, mb, ka // 16, n // 16, ma // 16,
