@@ -268,7 +268,8 @@ class ExpertFfnTestBase:
   def test_gemm_tma_modes(self, rng, monkeypatch, act_bwd):
     # JMOE_GEMM_TMA: the grouped GEMMs load weight tiles (and the down / dx
     # GEMMs' contiguous rows) by TMA, with one program per SM ("persistent")
-    # or per work item ("tiles"), or every tile by cp.async ("off"). d = 40
+    # or per work item ("tiles"), or every tile by cp.async ("off"); "auto"
+    # mixes them per kernel. d = 40
     # leaves a K tail of the up GEMM and a partial column block of the down
     # GEMM, f = 24 the same for the backward. All three give the same numbers
     # (bit for bit under the interpreter), within the bf16 bound of the
@@ -285,11 +286,11 @@ class ExpertFfnTestBase:
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, mode)
       flags = gmm_lib.tma_flags("plain", self.BACKEND, BF16, (960, 24, 1), 5, 37, 24)
       assert flags["B_TMA"] == flags["A_TMA"] == (mode != "off"), mode
-      assert flags["PERSISTENT"] == (mode == "persistent"), mode
+      assert flags["PERSISTENT"] == (mode in ("auto", "persistent")), mode
       outs[mode] = run(fn)
     want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
     names = ("y", "x", "weights", "up", "down")
-    for mode in ("persistent", "tiles"):
+    for mode in ("auto", "persistent", "tiles"):
       for got, off, w, name in zip(outs[mode], outs["off"], want, names):
         helpers.assert_close(got, w, BF16, kind="fwd" if name == "y" else "grad",
                              err_msg=f"{mode}: {name}")

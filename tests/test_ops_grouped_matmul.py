@@ -120,7 +120,7 @@ class GroupedMatmulTestBase:
     expected, vjp = jax.vjp(lambda a, b: _ragged_dot_f32(a, b, sizes), f32(lhs), f32(rhs))
     want = (expected, *vjp(f32(d_out)))
     total = int(np.sum(sizes))
-    for mode in ("persistent", "tiles"):
+    for mode in ("auto", "persistent", "tiles"):
       assert np.all(outs[mode][0][total:] == 0), mode
       for got, off, w, name in zip(outs[mode], outs["off"], want, ("out", "lhs", "rhs")):
         helpers.assert_close(got, w, BF16, kind="fwd" if name == "out" else "grad",
@@ -144,9 +144,16 @@ class GroupedMatmulTestBase:
     assert flags("plain", dtype=BF16, strides_b=(64, 1, 8), a_rows=None, stride_am=8) == {
         "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": False, "ROWS_A": 0,
         "PERSISTENT": True, "NUM_PROGRAMS": sms}
+    off = {"B_TMA": False, "NUM_GROUPS": 0, "PERSISTENT": False, "NUM_PROGRAMS": 0}
+    # "auto": the act and act_bwd kernels by cp.async (measured faster).
+    assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == off
+    assert flags("act_bwd", dtype=BF16, strides_b=(64, 1, 8), a_rows=None,
+                 stride_am=8) == {"B_TMA": False, "NUM_GROUPS": 0}
+    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "persistent")
     assert flags("act_bwd", dtype=np.float16, strides_b=(64, 1, 8), a_rows=None,
                  stride_am=8) == {"B_TMA": True, "NUM_GROUPS": 5}
-    off = {"B_TMA": False, "NUM_GROUPS": 0, "PERSISTENT": False, "NUM_PROGRAMS": 0}
+    assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == {
+        "B_TMA": True, "NUM_GROUPS": 5, "PERSISTENT": True, "NUM_PROGRAMS": sms}
     assert flags("act", dtype=np.float32, strides_b=(64, 8, 1), a_rows=None,
                  stride_am=8) == off
     assert flags("act", dtype=BF16, strides_b=(63, 7, 1), a_rows=None, stride_am=8) == off

@@ -196,13 +196,23 @@ def tgmm_config(backend: str, rows: int, groups: int, tma: bool = False):
 # Loads and schedule of the grouped GEMMs (`B_TMA`, `A_TMA`, `PERSISTENT` of
 # `jmoe.kernels.grouped_gemm`), where `tma_flags` allows TMA (16-bit operands,
 # strides multiples of 16 bytes; on the GPU the jax-triton / jaxlib pairs of
-# `jmoe.ops._hidden_scratch`): "persistent": weight tiles (and `a` tiles
-# where `a` is not gathered) by TMA, one program per SM walking the work items
-# (the plain and act kernels; act_bwd as "tiles"); "tiles": the same loads,
-# one program per work item (each builds its descriptors); "off": every tile
-# by cp.async through pointers, one program per work item.
-GEMM_TMA_MODES = ("persistent", "tiles", "off")
+# `jmoe.ops._hidden_scratch`):
+#   "persistent": weight tiles (and `a` tiles where `a` is not gathered) by
+#     TMA, one program per SM walking the work items (act_bwd: as "tiles");
+#   "tiles": the same loads, one program per work item (each builds its
+#     descriptors);
+#   "off": every tile by cp.async through pointers, one program per item;
+#   "auto" (default): "persistent" for the plain kernel (down, dh, dx and
+#     `grouped_matmul`), "off" for the act and act_bwd kernels.
+# Measured on the H100 (benchmarks/results/sweep_h100.md, session 7; traced
+# kernel time, bf16 SwiGLU, Mixtral-like / 64 experts / small): the plain
+# GEMMs persistent 11.17 -> 10.82, 2.03 -> 1.89, 0.312 -> 0.304 ms (fwd+bwd,
+# three launches); the up (act) kernel persistent 5.46 -> 5.75, 0.97 -> 1.01,
+# 0.160 -> 0.167 ms (slower: its rows are gathered by cp.async anyway);
+# "tiles" slower than "off" for both (one descriptor build per program).
+GEMM_TMA_MODES = ("auto", "persistent", "tiles", "off")
 GEMM_TMA_ENV = "JMOE_GEMM_TMA"
+_AUTO_MODE = {"plain": "persistent", "act": "off", "act_bwd": "off"}
 
 
 def _tma_strides_ok(dtype: Any, strides: tuple[int, ...]) -> bool:
@@ -232,7 +242,9 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
   from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
   from jmoe.ops._call import persistent_programs  # pylint: disable=import-outside-toplevel
 
-  mode = env_choice(GEMM_TMA_ENV, GEMM_TMA_MODES, "persistent")
+  mode = env_choice(GEMM_TMA_ENV, GEMM_TMA_MODES, "auto")
+  if mode == "auto":
+    mode = _AUTO_MODE[kind]
   available = backend == "interpret" or (
       backend == "triton" and _hidden_scratch.supported())
   sg, sk, sn = strides_b
