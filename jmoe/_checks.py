@@ -16,8 +16,15 @@ from jmoe.reference.activations import ACTIVATIONS, is_gated
 from jmoe.reference.routing import DROP_POLICIES
 
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+# Operand dtypes of the TMA kernels (tiles sized for 2-byte elements).
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 MAX_TOP_K = 8
 MAX_EXPERTS = 256
+
+
+def is_dtype(dtype, dtypes) -> bool:
+  """Whether `dtype` (anything `np.dtype` takes) is one of `dtypes`."""
+  return any(np.dtype(dtype) == np.dtype(d) for d in dtypes)
 
 
 def check_float_array(name: str, x, ndim: int | None = None, shape_doc: str = "") -> None:

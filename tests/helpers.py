@@ -142,6 +142,21 @@ def assert_equal(actual, expected, err_msg: str = "") -> None:
     )
 
 
+def assert_variant_matches(got, baseline, want, dtype, backend: str, names,
+                           err_msg: str = "") -> None:
+  """Outputs of a kernel variant `got` (forward first, then gradients): within
+  the `dtype` bound of the reference `want`, and equal to the `baseline`
+  variant's bit for bit under the interpreter (both run the same tile config
+  there), within the gradient bound on the GPU."""
+  for g, b, w, name in zip(got, baseline, want, names):
+    msg = f"{err_msg}{name}"
+    assert_close(g, w, dtype, kind="fwd" if name == names[0] else "grad", err_msg=msg)
+    if backend == "interpret":
+      np.testing.assert_array_equal(g, b, err_msg=msg)
+    else:
+      assert_close(g, b, dtype, kind="grad", err_msg=f"{msg} vs baseline")
+
+
 # ----------------------------------------------------------------------------
 # Random inputs.
 # ----------------------------------------------------------------------------

@@ -255,14 +255,8 @@ class ExpertFfnTestBase:
     monkeypatch.setenv(ffn_lib.DW_DOWN_ENV, "columns")
     plain_outs = run(fn)
     want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
-    for t, p, w, name in zip(tma_outs, plain_outs, want,
-                             ("y", "x", "weights", "up", "down")):
-      helpers.assert_close(t, w, BF16, kind="fwd" if name == "y" else "grad",
-                           err_msg=f"tma: {name}")
-      if self.BACKEND == "interpret":
-        np.testing.assert_array_equal(t, p, err_msg=name)
-      else:
-        helpers.assert_close(t, p, BF16, kind="grad", err_msg=f"vs plain: {name}")
+    helpers.assert_variant_matches(tma_outs, plain_outs, want, BF16, self.BACKEND,
+                                   ("y", "x", "weights", "up", "down"), "tma: ")
 
   @pytest.mark.parametrize("act_bwd", ["two_pass", "fused"])
   def test_gemm_tma_modes(self, rng, monkeypatch, act_bwd):
@@ -289,15 +283,9 @@ class ExpertFfnTestBase:
       assert flags["PERSISTENT"] == (mode in ("auto", "persistent")), mode
       outs[mode] = run(fn)
     want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
-    names = ("y", "x", "weights", "up", "down")
     for mode in ("auto", "persistent", "tiles"):
-      for got, off, w, name in zip(outs[mode], outs["off"], want, names):
-        helpers.assert_close(got, w, BF16, kind="fwd" if name == "y" else "grad",
-                             err_msg=f"{mode}: {name}")
-        if self.BACKEND == "interpret":
-          np.testing.assert_array_equal(got, off, err_msg=f"{mode}: {name}")
-        else:
-          helpers.assert_close(got, off, BF16, kind="grad", err_msg=f"{mode} vs off: {name}")
+      helpers.assert_variant_matches(outs[mode], outs["off"], want, BF16, self.BACKEND,
+                                     ("y", "x", "weights", "up", "down"), f"{mode}: ")
 
   @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
   def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):

@@ -122,13 +122,8 @@ class GroupedMatmulTestBase:
     total = int(np.sum(sizes))
     for mode in ("auto", "persistent", "tiles"):
       assert np.all(outs[mode][0][total:] == 0), mode
-      for got, off, w, name in zip(outs[mode], outs["off"], want, ("out", "lhs", "rhs")):
-        helpers.assert_close(got, w, BF16, kind="fwd" if name == "out" else "grad",
-                             err_msg=f"{mode}: {name}")
-        if self.BACKEND == "interpret":
-          np.testing.assert_array_equal(got, off, err_msg=f"{mode}: {name}")
-        else:
-          helpers.assert_close(got, off, BF16, kind="grad", err_msg=f"{mode} vs off: {name}")
+      helpers.assert_variant_matches(outs[mode], outs["off"], want, BF16, self.BACKEND,
+                                     ("out", "lhs", "rhs"), f"{mode}: ")
 
   def test_tma_flags(self, monkeypatch):
     # TMA only for 16-bit operands whose strides are multiples of 16 bytes; an

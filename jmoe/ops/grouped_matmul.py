@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe._checks import HALF_DTYPES, is_dtype
 from jmoe._env import env_choice, env_flag, env_int
 from jmoe.ops import align as align_lib
 
@@ -218,7 +219,7 @@ _AUTO_MODE = {"plain": "persistent", "act": "off", "act_bwd": "off"}
 def _tma_strides_ok(dtype: Any, strides: tuple[int, ...]) -> bool:
   """16-bit operands whose last stride is 1 and whose other strides are
   multiples of 16 bytes (TMA's rule; XLA buffers start 16-byte aligned)."""
-  if not any(np.dtype(dtype) == np.dtype(d) for d in (jnp.bfloat16, jnp.float16)):
+  if not is_dtype(dtype, HALF_DTYPES):
     return False
   return strides[-1] == 1 and all(s * 2 % 16 == 0 for s in strides[:-1])
 
@@ -337,13 +338,14 @@ def gemm_call(
   def grid(meta):
     return (num_tiles * triton.cdiv(n, meta["BLOCK_N"] * meta.get("SPLIT_N", 1)),)
 
+  if flags.get("PERSISTENT"):
+    grid = (flags["NUM_PROGRAMS"],)
   descriptors = int(flags.get("B_TMA", False)) + int(flags.get("A_TMA", False))
   scratch = {}
   if descriptors and backend == "triton":
-    scratch = {"scratch_bytes_per_program": 128 * descriptors,
-               "scratch_programs": _max_programs(kernel, tiles, n, num_tiles)}
-  if flags.get("PERSISTENT"):
-    grid = (flags["NUM_PROGRAMS"],)  # sizes the scratch (a static grid)
+    scratch = {"scratch_bytes_per_program": 128 * descriptors}
+    if callable(grid):  # a static grid sizes the scratch itself
+      scratch["scratch_programs"] = _max_programs(kernel, tiles, n, num_tiles)
   return kernel_call(
       kernel,
       *args,
@@ -446,9 +448,7 @@ def _check(lhs, rhs, group_sizes, preferred_element_type) -> None:
   for name, x in (("lhs", lhs), ("rhs", rhs)):
     if not any(x.dtype == d for d in _DTYPES):
       raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-  if preferred_element_type is not None and not any(
-      np.dtype(preferred_element_type) == np.dtype(d) for d in _DTYPES
-  ):
+  if preferred_element_type is not None and not is_dtype(preferred_element_type, _DTYPES):
     raise TypeError(
         "preferred_element_type must be None, float32, bfloat16 or float16, got "
         f"{preferred_element_type!r}"

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe._backend import resolve_backend
+from jmoe._checks import HALF_DTYPES, is_dtype
 from jmoe._env import env_choice, env_flag, env_value
 from jmoe.reference.tgmm import group_offsets, tgmm_vjp
 from jmoe.reference.tgmm import tgmm as reference_tgmm
@@ -108,7 +109,7 @@ def tma_eligible(dtype: Any, ka: int, n: int, has_b_index: bool,
                  gather_mode: str) -> bool:
   """Whether the TMA tgmm can run this call (see `TGMM_KERNELS`): 16-bit
   operands (its one tile config is sized for them)."""
-  return (_is_dtype(dtype, (jnp.bfloat16, jnp.float16))
+  return (is_dtype(dtype, HALF_DTYPES)
           and gather_mode == "xla_columns" and not has_b_index
           and ka % 16 == 0 and n % 16 == 0)
 
@@ -188,10 +189,6 @@ class TgmmConfig:
 # ----------------------------------------------------------------------------
 
 
-def _is_dtype(x, dtypes) -> bool:
-  return any(np.dtype(x) == np.dtype(d) for d in dtypes)
-
-
 def _check_array(name: str, x, ndim: int, shape_doc: str) -> None:
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array {shape_doc}, got {type(x).__name__}")
@@ -205,7 +202,7 @@ def _check_args(a, b, group_sizes, a_row_index, b_row_index, row_scale,
   _check_array("a", a, 2, "[m, ka] (or [ma, ka] with a_row_index)")
   _check_array("b", b, 2, "[m, n] (or [mb, n] with b_row_index)")
   for name, x in (("a", a), ("b", b)):
-    if not _is_dtype(x.dtype, OPERAND_DTYPES):
+    if not is_dtype(x.dtype, OPERAND_DTYPES):
       raise TypeError(
           f"{name} must be float32, bfloat16 or float16, got dtype {x.dtype}"
       )
@@ -244,7 +241,7 @@ def _check_args(a, b, group_sizes, a_row_index, b_row_index, row_scale,
       )
     if not jnp.issubdtype(row_scale.dtype, jnp.floating):
       raise TypeError(f"row_scale must be float32 [m], got dtype {row_scale.dtype}")
-  if not _is_dtype(out_dtype, OUT_DTYPES):
+  if not is_dtype(out_dtype, OUT_DTYPES):
     raise TypeError(
         f"out_dtype must be float32, bfloat16 or float16, got {out_dtype!r}"
     )
