@@ -212,6 +212,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
   lines += _speedup_section(results)
   lines += _utilisation_section(results)
   lines += _memory_section(results)
+  lines += _power_section(results)
   lines += _profile_section(results)
   if plots:
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -276,6 +277,31 @@ def _memory_section(results) -> list[str]:
       ["case", "impl", "compiled plan peak", "of which temporaries",
        "fresh-process peak"],
       rows), ""]
+
+
+def _power_section(results) -> list[str]:
+  rows = []
+  for r in _ok(results["results"]):
+    e = r.get("energy") or {}
+    c = e.get("clocks")
+    if not c:
+      continue
+    rows.append([r["case"], r["mode"], r["impl"], fmt(e.get("mean_power_w"), ".0f"),
+                 fmt(c.get("mean_sm_mhz"), ".0f"),
+                 f"{fmt(c.get('min_sm_mhz'), '.0f')}-{fmt(c.get('max_sm_mhz'), '.0f')}",
+                 fmt(100 * c.get("power_cap_share", float("nan")), ".0f"),
+                 fmt(100 * c.get("thermal_share", float("nan")), ".0f")])
+  if not rows:
+    return []
+  limit = (results["meta"].get("nvml") or {}).get("power_limit_w")
+  return ["## Power and SM clock (energy loops)", "", _md_table(
+      ["case", "mode", "impl", "mean W", "mean SM MHz", "SM MHz range",
+       "power-capped %", "thermal %"], rows), "",
+      f"Sampled with the energy loops (NVML, every 5 ms); board power limit "
+      f"{fmt(limit, '.0f')} W. `power-capped %`: share of samples in which the "
+      "driver gives the power cap (software power cap or power brake) as a reason "
+      "for the SM clock. Where it is near 100 %, time per call follows energy per "
+      "call: the clock drops until the board draws its limit.", ""]
 
 
 def _profile_section(results) -> list[str]:

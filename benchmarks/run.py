@@ -142,12 +142,14 @@ def environment(argv: list[str], preset: str) -> dict[str, Any]:
       "cpu_count": os.cpu_count(),
       "python": platform.python_version(),
       "versions": {d: v for d in dists if (v := _version(d)) is not None},
-      # A copy without .git (the device machine's) can name it in JMOE_GIT_COMMIT.
-      "git_commit": _git("rev-parse", "HEAD") or os.environ.get("JMOE_GIT_COMMIT"),
+      # A copy without .git, or with a stale one (the device machine's), names
+      # its commit in JMOE_GIT_COMMIT.
+      "git_commit": os.environ.get("JMOE_GIT_COMMIT") or _git("rev-parse", "HEAD"),
       "git_dirty": None if status is None else bool(status),
       "jmoe_backend": impls_lib.jmoe_backend(),
-      "env": {k: os.environ[k] for k in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS",
-                                         "JMOE_BACKEND") if k in os.environ},
+      "env": {k: v for k, v in os.environ.items()
+              if k.startswith("JMOE_") or k in ("XLA_PYTHON_CLIENT_PREALLOCATE",
+                                                "XLA_FLAGS")},
   }
 
 

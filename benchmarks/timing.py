@@ -10,7 +10,8 @@ the median per-call time.
 Energy (`measure_energy`): a separate loop of back-to-back calls lasting at
 least `duration_s`, while a thread samples the board power through NVML
 (`pynvml`, package `nvidia-ml-py`) every `POWER_PERIOD_S`: the instantaneous
-power field where the driver has it, else the 1 s-average power. Energy per
+power field where the driver has it, else the 1 s-average power, with the SM
+clock and the driver's clock-event reasons (power cap, thermal). Energy per
 call is the mean sampled power times the loop time divided by the calls
 (whole-board energy, idle power included). The NVML total-energy counter's
 difference is kept as a cross-check: on the H100 it moved in ~200 J steps over
@@ -155,8 +156,9 @@ def measure_energy(fn: Callable[..., Any], *args, call_s: float,
 
   Returns:
     `{"energy_j_per_call", "source", "mean_power_w", "power_samples",
-    "counter_j_per_call", "calls", "loop_s"}` (energy = mean sampled power x loop
-    time / calls), or None without NVML.
+    "counter_j_per_call", "calls", "loop_s", "clocks"}` (energy = mean sampled
+    power x loop time / calls; `clocks` from `PowerSampler.clocks`), or None
+    without NVML.
   """
   sampler = PowerSampler()
   if not sampler.available:
@@ -177,7 +179,7 @@ def measure_energy(fn: Callable[..., Any], *args, call_s: float,
           "mean_power_w": sampler.mean_w, "power_samples": len(sampler.readings_w),
           "counter_j_per_call": (None if sampler.energy_j is None
                                  else sampler.energy_j / calls),
-          "calls": calls, "loop_s": loop_s}
+          "calls": calls, "loop_s": loop_s, "clocks": sampler.clocks()}
 
 
 def _nvml():
@@ -211,6 +213,9 @@ def nvml_info() -> dict[str, Any] | None:
 # NVML field of the instantaneous board power (mW, ~50 Hz refresh on Hopper);
 # nvmlDeviceGetPowerUsage is a trailing 1 s average on Ampere and newer.
 NVML_FI_DEV_POWER_INSTANT = 186
+NVML_CLOCK_SM = 1
+# Bits of nvmlDeviceGetCurrentClocksEventReasons (nvml.h, clocksEventReasons).
+CLOCK_REASONS = {"power_cap": 0x4 | 0x80, "thermal": 0x20 | 0x40, "hw_slowdown": 0x8}
 
 
 class PowerSampler:
@@ -222,11 +227,15 @@ class PowerSampler:
   their mean (None without NVML or samples) and `energy_j` the NVML
   total-energy counter's difference (None if unsupported; the counter moves in
   steps of ~100 ms, so it is only a cross-check for loops of a few seconds).
+  `sm_mhz` and `reasons` hold the SM clock and clock-event bits sampled with
+  each reading (where the driver reports them); `clocks()` summarises them.
   """
 
   def __init__(self, period_s: float = POWER_PERIOD_S):
     self.period_s = period_s
     self.readings_w: list[float] = []
+    self.sm_mhz: list[int] = []
+    self.reasons: list[int] = []
     self.energy_j: float | None = None
     self.source: str | None = None
     self._nvml = _nvml()
@@ -271,6 +280,29 @@ class PowerSampler:
     except self._nvml.NVMLError:
       return None
 
+  def _clock_sample(self) -> None:
+    nvml, handle = self._nvml, self._handle
+    try:
+      self.sm_mhz.append(nvml.nvmlDeviceGetClockInfo(handle, NVML_CLOCK_SM))
+      reasons = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or (
+          nvml.nvmlDeviceGetCurrentClocksThrottleReasons)
+      self.reasons.append(int(reasons(handle)))
+    except Exception:  # noqa: BLE001  (old driver or binding: no clock data)
+      pass
+
+  def clocks(self) -> dict[str, float] | None:
+    """Mean / min / max SM clock (MHz) over the samples and the share of
+    samples with each `CLOCK_REASONS` bit set, or None without clock samples."""
+    if not self.sm_mhz:
+      return None
+    out: dict[str, float] = {"mean_sm_mhz": statistics.fmean(self.sm_mhz),
+                             "min_sm_mhz": min(self.sm_mhz),
+                             "max_sm_mhz": max(self.sm_mhz)}
+    for name, bits in CLOCK_REASONS.items():
+      out[f"{name}_share"] = (sum(1 for r in self.reasons if r & bits) / len(self.reasons)
+                              if self.reasons else float("nan"))
+    return out
+
   def _energy_mj(self):
     try:
       return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
@@ -283,6 +315,7 @@ class PowerSampler:
       if watts is None:
         return
       self.readings_w.append(watts)
+      self._clock_sample()
       self._stop.wait(self.period_s)
 
   def __enter__(self):

@@ -166,6 +166,14 @@ class _FakeNvml:
     self.energy_mj += 1000
     return self.energy_mj
 
+  def nvmlDeviceGetClockInfo(self, handle, clock):  # noqa: N802
+    assert clock == 1  # NVML_CLOCK_SM
+    self.clock_reads = getattr(self, "clock_reads", 0) + 1
+    return 1400 if self.clock_reads % 2 else 1600
+
+  def nvmlDeviceGetCurrentClocksEventReasons(self, handle):  # noqa: N802
+    return 0x4 if self.clock_reads % 2 else 0x0  # power cap on odd samples
+
 
 def test_measure_energy_integrates_sampled_power(monkeypatch):
   monkeypatch.setattr(timing, "_nvml", _FakeNvml)
@@ -175,6 +183,28 @@ def test_measure_energy_integrates_sampled_power(monkeypatch):
   assert out["mean_power_w"] == pytest.approx(250.0)
   assert out["energy_j_per_call"] == pytest.approx(250.0 * out["loop_s"] / out["calls"])
   assert out["calls"] == 50 and out["counter_j_per_call"] == pytest.approx(1 / 50)
+  clocks, n = out["clocks"], out["power_samples"]
+  assert clocks["min_sm_mhz"] == 1400 and clocks["max_sm_mhz"] == (1600 if n > 1 else 1400)
+  assert clocks["power_cap_share"] == pytest.approx(((n + 1) // 2) / n)
+  assert clocks["thermal_share"] == 0
+
+
+def test_power_probe_measures_each_program(monkeypatch):
+  """`benchmarks.power_probe` times the dense matmul and each value x mode
+  (tiny case, interpreter); without NVML the power columns are NaN."""
+  from benchmarks import power_probe  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(timing, "_nvml", lambda: None)
+  result = power_probe.main(["--case", "tiny", "--var", "JMOE_ROUTER_SCALE",
+                             "--values", "up;down", "--rounds", "1", "--seconds", "0.01",
+                             "--idle-s", "0", "--cool-s", "0.01", "--dense-n", "64",
+                             "--backend", "interpret"])
+  assert list(result) == ["dense 64^3"] + [
+      f"JMOE_ROUTER_SCALE={v} {m}" for v in ("up", "down") for m in ("fwd", "fwd+bwd")]
+  for row in result.values():
+    assert row["ms"] > 0 and row["TFLOP/s"] > 0 and np.isnan(row["W"])
+  with pytest.raises(ValueError, match="--modes"):
+    power_probe.main(["--case", "tiny", "--modes", "bwd", "--dense-n", "0"])
 
 
 def test_compile_all_returns_programs_and_errors_in_order():

@@ -10,6 +10,7 @@ float64 numpy loop `oracle.ragged_dot`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -116,11 +117,15 @@ class GroupedMatmulTestBase:
     for mode in gmm_lib.GEMM_TMA_MODES:
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, mode)
       outs[mode] = run()
+    # Persistent with the item and K loops kept apart (JMOE_GEMM_FLATTEN=0).
+    monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
+    outs["nested"] = run()
+    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "auto")
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     expected, vjp = jax.vjp(lambda a, b: _ragged_dot_f32(a, b, sizes), f32(lhs), f32(rhs))
     want = (expected, *vjp(f32(d_out)))
     total = int(np.sum(sizes))
-    for mode in ("auto", "persistent", "tiles"):
+    for mode in ("auto", "persistent", "tiles", "nested"):
       assert np.all(outs[mode][0][total:] == 0), mode
       helpers.assert_variant_matches(outs[mode], outs["off"], want, BF16, self.BACKEND,
                                      ("out", "lhs", "rhs"), f"{mode}: ")
@@ -133,12 +138,17 @@ class GroupedMatmulTestBase:
     monkeypatch.delenv(gmm_lib.GEMM_TMA_ENV, raising=False)
     flags = functools.partial(gmm_lib.tma_flags, backend=self.BACKEND, num_groups=5)
     sms = persistent_programs(self.BACKEND)
+    monkeypatch.delenv(gmm_lib.GEMM_FLATTEN_ENV, raising=False)
     assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
         "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": True, "ROWS_A": 9,
-        "PERSISTENT": True, "NUM_PROGRAMS": sms}
+        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": True}
     assert flags("plain", dtype=BF16, strides_b=(64, 1, 8), a_rows=None, stride_am=8) == {
         "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": False, "ROWS_A": 0,
-        "PERSISTENT": True, "NUM_PROGRAMS": sms}
+        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": False}
+    monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
+    assert not flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9,
+                     stride_am=8)["FLATTEN"]
+    monkeypatch.delenv(gmm_lib.GEMM_FLATTEN_ENV)
     off = {"B_TMA": False, "NUM_GROUPS": 0, "PERSISTENT": False, "NUM_PROGRAMS": 0}
     # "auto": the act and act_bwd kernels by cp.async (measured faster).
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == off
@@ -159,9 +169,41 @@ class GroupedMatmulTestBase:
         "B_TMA": True, "NUM_GROUPS": 5, "PERSISTENT": False, "NUM_PROGRAMS": 0}
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "off")
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == off
-    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "on")
-    with pytest.raises(ValueError, match="JMOE_GEMM_TMA must be one of"):
-      flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8)
+    # Per-kind modes: the named kinds change, the others keep "auto".
+    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "act=tiles+act_bwd=tiles")
+    assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == {
+        "B_TMA": True, "NUM_GROUPS": 5, "PERSISTENT": False, "NUM_PROGRAMS": 0}
+    assert flags("act_bwd", dtype=BF16, strides_b=(64, 1, 8), a_rows=None,
+                 stride_am=8) == {"B_TMA": True, "NUM_GROUPS": 5}
+    assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8)[
+        "PERSISTENT"]
+    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "plain=off")
+    assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
+        **off, "A_TMA": False, "ROWS_A": 0, "FLATTEN": False}
+    for bad in ("on", "act=auto", "up=tiles", "act=tiles,plain=off"):
+      monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, bad)
+      with pytest.raises(ValueError, match="JMOE_GEMM_TMA must be one of"):
+        flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8)
+
+  def test_config_overrides(self, monkeypatch):
+    # JMOE_GEMM_CONFIG replaces fields of one kind's pinned GPU config; the
+    # interpreter's config stays; malformed values are errors naming the variable.
+    monkeypatch.setenv(gmm_lib.GEMM_CONFIG_ENV, "act:block_k=64,num_stages=3+plain:group_m=16")
+    base = functools.partial(gmm_lib._pinned_config, block_m=128, n=1408,
+                             backend="triton", gated=True)
+    cfg = functools.partial(gmm_lib.default_config, block_m=128, n=1408, k=2048,
+                            backend="triton", gated=True)
+    assert cfg("act") == dataclasses.replace(base("act"), block_k=64, num_stages=3)
+    assert cfg("plain") == dataclasses.replace(base("plain"), group_m=16)
+    assert cfg("act_bwd") == base("act_bwd")
+    assert gmm_lib.default_config("act", 16, 40, 40, "interpret") == gmm_lib.INTERPRET_CONFIG
+    for bad in ("act", "act:", "up:block_k=64", "act:block_m=64", "act:block_k=0",
+                "act:block_k=x", "act:block_k=64=1"):
+      monkeypatch.setenv(gmm_lib.GEMM_CONFIG_ENV, bad)
+      with pytest.raises(ValueError, match="JMOE_GEMM_CONFIG must be items"):
+        gmm_lib.config_overrides("act")
+    monkeypatch.setenv(gmm_lib.GEMM_CONFIG_ENV, "")
+    assert cfg("act") == base("act")
 
   @pytest.mark.parametrize("use_jit", [False, True])
   def test_every_element_written(self, rng, use_jit):

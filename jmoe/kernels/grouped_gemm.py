@@ -60,16 +60,32 @@ def _tile_coords(
     item,
     tiles_ptr,
     NUM_TILES: tl.constexpr,
+    num_pid_m,
     N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-  """(column block, group, row start, row end) of work item `item`."""
-  pid_m, pid_n = band_swizzle(item, NUM_TILES, (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
+  """(column block, group, row start, row end) of work item `item` of the
+  first `num_pid_m` tiles (`NUM_TILES`, or the active ones: `_active_tiles`)."""
+  pid_m, pid_n = band_swizzle(item, num_pid_m, (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
   expert = tl.load(tiles_ptr + pid_m)
   row_start = tl.load(tiles_ptr + NUM_TILES + pid_m)
   row_end = tl.load(tiles_ptr + 2 * NUM_TILES + pid_m)
   return pid_n, expert, row_start, row_end
+
+
+@triton.jit
+def _active_tiles(tiles_ptr, NUM_TILES: tl.constexpr):
+  """Entries of the tile schedule that are not idle (`start < end`); the
+  schedules of `jmoe.ops.align` list them first."""
+  active = 0
+  for first in range(0, NUM_TILES, 256):
+    offs = first + tl.arange(0, 256)
+    inside = offs < NUM_TILES
+    start = tl.load(tiles_ptr + NUM_TILES + offs, mask=inside, other=0)
+    end = tl.load(tiles_ptr + 2 * NUM_TILES + offs, mask=inside, other=0)
+    active += tl.sum((start < end).to(tl.int32))
+  return active
 
 
 @triton.jit
@@ -244,8 +260,8 @@ def _mainloop_tma(
     b_desc,
     expert,
     row_start,
+    num_k,
     pid_n,
-    K: tl.constexpr,
     STRIDE_BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -253,7 +269,8 @@ def _mainloop_tma(
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-  """`_mainloop` of the plain kernel with both operands by TMA (`A_TMA`).
+  """`_mainloop` of the plain kernel with both operands by TMA (`A_TMA`), over
+  `num_k` steps of BLOCK_K.
 
   `a` is contiguous (no row gather): the tile holds rows `row_start ... +
   BLOCK_M`; rows past the tile's end read the next rows (their results are
@@ -261,7 +278,7 @@ def _mainloop_tma(
   """
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   n0 = pid_n * BLOCK_N
-  for kk in range(0, tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)):
+  for kk in range(0, num_k):
     a = a_desc.load([row_start, kk * BLOCK_K])
     b = _b_tile(b_desc, expert, kk * BLOCK_K, n0, STRIDE_BK, BLOCK_N, BLOCK_K)
     if DOT_F32:
@@ -273,41 +290,64 @@ def _mainloop_tma(
 
 @triton.jit
 def _plain_item(
-    item, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
+    item, num_pid_m, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
     c_ptr, N: tl.constexpr, K: tl.constexpr, NUM_TILES: tl.constexpr,
     STRIDE_AM: tl.constexpr, STRIDE_AK: tl.constexpr, STRIDE_BG: tl.constexpr,
     STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr, STRIDE_CM: tl.constexpr,
     GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, B_TMA: tl.constexpr, A_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-  """One work item of `_grouped_gemm_kernel`."""
+  """One work item of `_grouped_gemm_kernel` (of the first `num_pid_m` tiles)."""
   pid_n, expert, row_start, row_end = _tile_coords(
-      item, tiles_ptr, NUM_TILES, N, BLOCK_N, GROUP_M)
-  if row_start < row_end:
-    if A_TMA:
+      item, tiles_ptr, NUM_TILES, num_pid_m, N, BLOCK_N, GROUP_M)
+  if A_TMA:
+    # No branch around the K loop (an idle tile stores nothing).
+    if FLATTEN:
+      # The flattened loop needs a K loop of the same length for every item:
+      # a zero tile multiplies by group 0, then keeps zeros.
       acc = _mainloop_tma(
-          a_desc, b_desc, expert, row_start, pid_n, K, STRIDE_BK, BLOCK_M,
+          a_desc, b_desc, tl.maximum(expert, 0), row_start, tl.cdiv(K, BLOCK_K),
+          pid_n, STRIDE_BK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION,
+      )
+      acc = tl.where(expert >= 0, acc, 0.0)
+    else:
+      num_k = tl.where((expert >= 0) & (row_start < row_end), tl.cdiv(K, BLOCK_K), 0)
+      acc = _mainloop_tma(
+          a_desc, b_desc, expert, row_start, num_k, pid_n, STRIDE_BK, BLOCK_M,
           BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION,
       )
-    else:
-      acc, _ = _mainloop(
-          a_ptr, b_ptr, b_desc, row_index_ptr, expert, row_start, row_end, pid_n,
-          N, K, STRIDE_AM, STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, 0,
-          BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
-          False, B_TMA,
-      )
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < row_end
-    if SCALE_ROWS:
-      s = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
-      acc = acc * s[:, None]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_CM + offs_n[None, :]
-    mask = mask_m[:, None] & (offs_n < N)[None, :]
-    # DOT_F32 marks the interpreter: round bf16 rows to nearest even there too.
-    tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty, DOT_F32), mask=mask)
+    _plain_epilogue(acc, row_scale_ptr, c_ptr, expert, row_start, row_end, pid_n, N,
+                    STRIDE_CM, SCALE_ROWS, DOT_F32, BLOCK_M, BLOCK_N)
+  elif row_start < row_end:
+    acc, _ = _mainloop(
+        a_ptr, b_ptr, b_desc, row_index_ptr, expert, row_start, row_end, pid_n,
+        N, K, STRIDE_AM, STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, 0,
+        BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
+        False, B_TMA,
+    )
+    _plain_epilogue(acc, row_scale_ptr, c_ptr, expert, row_start, row_end, pid_n, N,
+                    STRIDE_CM, SCALE_ROWS, DOT_F32, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _plain_epilogue(
+    acc, row_scale_ptr, c_ptr, expert, row_start, row_end, pid_n, N: tl.constexpr,
+    STRIDE_CM: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+  """Row scale and the masked store of one plain tile (rows before `row_end`)."""
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  mask_m = offs_m < row_end
+  if SCALE_ROWS:
+    s = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
+    acc = acc * s[:, None]
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_CM + offs_n[None, :]
+  mask = mask_m[:, None] & (offs_n < N)[None, :]
+  # DOT_F32 marks the interpreter: round bf16 rows to nearest even there too.
+  tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
 
 @triton.jit
@@ -341,6 +381,7 @@ def _grouped_gemm_kernel(
     NUM_GROUPS: tl.constexpr,  # G (B_TMA)
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # programs launched (PERSISTENT)
+    FLATTEN: tl.constexpr,  # PERSISTENT and A_TMA: one pipelined loop over items
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -348,23 +389,30 @@ def _grouped_gemm_kernel(
 ):
   """`c[r, :] = row_scale[r] * a[row_index[r], :] @ b[group(r)]`; zero tiles write 0."""
   tl.static_assert(not A_TMA or (B_TMA and not GATHER_A and STRIDE_AK == 1))
+  tl.static_assert(not FLATTEN or (PERSISTENT and A_TMA))
   a_desc, b_desc = _descriptors(
       a_ptr, b_ptr, A_TMA, B_TMA, ROWS_A, NUM_GROUPS, N, K, STRIDE_AM, STRIDE_BG,
       STRIDE_BK, STRIDE_BN, BLOCK_M, BLOCK_N, BLOCK_K)
   if PERSISTENT:
-    items = NUM_TILES * tl.cdiv(N, BLOCK_N)
-    for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=False):
+    # FLATTEN: Triton fuses the item and K loops into one software-pipelined
+    # loop (the next item's loads overlap this item's last steps and store);
+    # it walks only the active tiles, each with the full K loop.
+    num_pid_m = NUM_TILES
+    if FLATTEN:
+      num_pid_m = _active_tiles(tiles_ptr, NUM_TILES)
+    items = num_pid_m * tl.cdiv(N, BLOCK_N)
+    for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=FLATTEN):
       _plain_item(
-          item, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr,
+          item, num_pid_m, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr,
           row_scale_ptr, c_ptr, N, K, NUM_TILES, STRIDE_AM, STRIDE_AK, STRIDE_BG,
           STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS, DOT_F32,
-          INPUT_PRECISION, B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+          INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
   else:
     _plain_item(
-        tl.program_id(0), a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr,
-        row_scale_ptr, c_ptr, N, K, NUM_TILES, STRIDE_AM, STRIDE_AK, STRIDE_BG,
-        STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS, DOT_F32,
-        INPUT_PRECISION, B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        tl.program_id(0), NUM_TILES, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr,
+        row_index_ptr, row_scale_ptr, c_ptr, N, K, NUM_TILES, STRIDE_AM, STRIDE_AK,
+        STRIDE_BG, STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS, DOT_F32,
+        INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit
@@ -380,7 +428,7 @@ def _act_item(
 ):
   """One work item of `_grouped_gemm_act_kernel`."""
   pid_n, expert, row_start, row_end = _tile_coords(
-      item, tiles_ptr, NUM_TILES, F, BLOCK_N, GROUP_M)
+      item, tiles_ptr, NUM_TILES, NUM_TILES, F, BLOCK_N, GROUP_M)
   if row_start < row_end:
     gate, up = _mainloop(
         x_ptr, w_ptr, w_desc, row_index_ptr, expert, row_start, row_end, pid_n,
@@ -521,7 +569,7 @@ def _grouped_gemm_act_bwd_kernel(
   """
   tl.static_assert((SPLIT_N == 1) | (SPLIT_N == 2))
   pid_n, expert, row_start, row_end = _tile_coords(
-      tl.program_id(0), tiles_ptr, NUM_TILES, F, BLOCK_N * SPLIT_N, GROUP_M
+      tl.program_id(0), tiles_ptr, NUM_TILES, NUM_TILES, F, BLOCK_N * SPLIT_N, GROUP_M
   )
   if row_start >= row_end:
     return

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe._checks import HALF_DTYPES, is_dtype
-from jmoe._env import env_choice, env_flag, env_int
+from jmoe._env import env_choice, env_flag, env_int, env_value
 from jmoe.ops import align as align_lib
 
 AUTOTUNE_ENV = "JMOE_AUTOTUNE"
@@ -116,10 +116,53 @@ def block_m_for(rows: int, groups: int, backend: str) -> int:
   return 128 if rows >= 128 * groups else 64
 
 
+GEMM_CONFIG_ENV = "JMOE_GEMM_CONFIG"
+_CONFIG_FIELDS = ("block_n", "block_k", "group_m", "num_warps", "num_stages", "split_n")
+
+
+def config_overrides(kind: str) -> dict[str, int]:
+  """Fields of `kind`'s pinned config set by `JMOE_GEMM_CONFIG` (GPU only).
+
+  `JMOE_GEMM_CONFIG` holds items `kind:field=value,field=value` joined by "+"
+  (e.g. `act:block_k=64,num_stages=3+plain:group_m=16`); fields are those of
+  `GemmConfig` except `block_m`. A kind named there launches its pinned config
+  with these fields replaced, also when autotuning is on.
+
+  Raises:
+    ValueError: naming the variable and the expected form, for an unknown kind
+      or field or a value that is not a positive integer.
+  """
+  raw = env_value(GEMM_CONFIG_ENV, "")
+  out: dict[str, dict[str, int]] = {}
+  for item in filter(None, (i.strip() for i in raw.split("+"))):
+    name, _, fields = item.partition(":")
+    try:
+      pairs = [f.split("=") for f in fields.split(",")]
+      values = {key.strip(): int(value) for key, value in pairs}
+    except ValueError:
+      values = {"": 0}
+    if (name not in KINDS or not values
+        or any(key not in _CONFIG_FIELDS or v < 1 for key, v in values.items())):
+      raise ValueError(
+          f"{GEMM_CONFIG_ENV} must be items 'kind:field=value,...' joined by '+' "
+          f"(kind in {KINDS}, field in {_CONFIG_FIELDS}, positive integers), "
+          f"got {raw!r}"
+      )
+    out.setdefault(name, {}).update(values)
+  return out.get(kind, {})
+
+
 def default_config(kind: str, block_m: int, n: int, k: int, backend: str,
                    gated: bool = False) -> GemmConfig:
-  """The config used without autotuning (and the interpreter's)."""
-  del k
+  """The config used without autotuning (and the interpreter's), with the
+  fields `JMOE_GEMM_CONFIG` sets for `kind` on the GPU (`config_overrides`)."""
+  config = _pinned_config(kind, block_m, n, backend, gated)
+  overrides = config_overrides(kind) if backend == "triton" else {}
+  return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _pinned_config(kind: str, block_m: int, n: int, backend: str,
+                   gated: bool) -> GemmConfig:
   split = kind == "act_bwd" and act_bwd_split_enabled()
   if backend == "interpret":
     return INTERPRET_ACT_BWD_SPLIT_CONFIG if split else INTERPRET_CONFIG
@@ -211,9 +254,39 @@ def tgmm_config(backend: str, rows: int, groups: int, tma: bool = False):
 # three launches); the up (act) kernel persistent 5.46 -> 5.75, 0.97 -> 1.01,
 # 0.160 -> 0.167 ms (slower: its rows are gathered by cp.async anyway);
 # "tiles" slower than "off" for both (one descriptor build per program).
+#
+# `JMOE_GEMM_TMA` is one mode for every kind, or per-kind modes joined by "+"
+# (e.g. `act=tiles+act_bwd=off`; kinds not named keep their "auto" mode).
 GEMM_TMA_MODES = ("auto", "persistent", "tiles", "off")
 GEMM_TMA_ENV = "JMOE_GEMM_TMA"
 _AUTO_MODE = {"plain": "persistent", "act": "off", "act_bwd": "off"}
+
+
+GEMM_FLATTEN_ENV = "JMOE_GEMM_FLATTEN"
+
+
+def gemm_tma_mode(kind: str) -> str:
+  """The mode (`"persistent"`, `"tiles"` or `"off"`) of `kind`'s launches
+  under `JMOE_GEMM_TMA` (see above).
+
+  Raises:
+    ValueError: naming the variable and the allowed values, for an unknown
+      mode or kind.
+  """
+  raw = env_value(GEMM_TMA_ENV, "auto")
+  if "=" not in raw:
+    mode = env_choice(GEMM_TMA_ENV, GEMM_TMA_MODES, "auto")
+    return _AUTO_MODE[kind] if mode == "auto" else mode
+  modes = dict(_AUTO_MODE)
+  for item in raw.split("+"):
+    name, _, mode = item.strip().partition("=")
+    if name not in KINDS or mode not in GEMM_TMA_MODES[1:]:
+      raise ValueError(
+          f"{GEMM_TMA_ENV} must be one of {GEMM_TMA_MODES} or 'kind=mode' items "
+          f"joined by '+' (kind in {KINDS}, mode in {GEMM_TMA_MODES[1:]}), got {raw!r}"
+      )
+    modes[name] = mode
+  return modes[kind]
 
 
 def _tma_strides_ok(dtype: Any, strides: tuple[int, ...]) -> bool:
@@ -243,9 +316,7 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
   from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
   from jmoe.ops._call import persistent_programs  # pylint: disable=import-outside-toplevel
 
-  mode = env_choice(GEMM_TMA_ENV, GEMM_TMA_MODES, "auto")
-  if mode == "auto":
-    mode = _AUTO_MODE[kind]
+  mode = gemm_tma_mode(kind)
   available = backend == "interpret" or (
       backend == "triton" and _hidden_scratch.supported())
   sg, sk, sn = strides_b
@@ -259,6 +330,9 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
     persistent = b_tma and mode == "persistent"
     flags.update(PERSISTENT=persistent,
                  NUM_PROGRAMS=persistent_programs(backend) if persistent else 0)
+  if kind == "plain":
+    flags["FLATTEN"] = (flags["PERSISTENT"] and flags["A_TMA"]
+                        and env_flag(GEMM_FLATTEN_ENV, True))
   return flags
 
 
@@ -328,7 +402,8 @@ def gemm_call(
 
   from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
 
-  autotune = backend == "triton" and autotune_enabled()
+  autotune = (backend == "triton" and autotune_enabled()
+              and not config_overrides(kind))
   kernel = _kernel_for(kind, autotune, gated)
   if autotune:
     tiles = {"BLOCK_M": block_m}
