@@ -198,7 +198,8 @@ def _build(case_name: str, stage: str) -> dict:
     out = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True,
                          text=True, check=True).stdout
   res = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
-  return {"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared,
+  return {"ptx": compiled.asm["ptx"], "ttgir": compiled.asm["ttgir"],
+          "shared": compiled.metadata.shared,
           "res": res, "cfg": cfg, "const": const,
           "scratch": compiled.metadata.global_scratch_size}
 
@@ -249,3 +250,37 @@ def test_sm90_default_build_no_spills(sm90_build, case, stage):
   assert res["STACK"] == 0 and res.get("LOCAL", 0) == 0, (
       f"spills: {res}, {b['shared']} B shared, {b['cfg']}"
   )
+
+
+def _dot_loop_depth(ttgir: str) -> int:
+  """How many `scf.for` loops enclose the first `warp_group_dot` of a TTGIR dump
+  (MLIR closes a region with `}` at the indentation of the op that opened it)."""
+  open_loops: list[int] = []
+  for line in ttgir.splitlines():
+    indent = len(line) - len(line.lstrip())
+    if line.lstrip().startswith("}") and open_loops and open_loops[-1] == indent:
+      open_loops.pop()
+    elif "scf.for" in line and line.rstrip().endswith("{"):
+      open_loops.append(indent)
+    elif "warp_group_dot " in line:
+      return len(open_loops)
+  raise AssertionError("no warp_group_dot in the TTGIR")
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_sm90_flattened_plain_loop(sm90_build, monkeypatch, case):
+  """down and dx (persistent, both operands by TMA) take `FLATTEN`, and Triton
+  fuses their item and K loops into one loop (it silently keeps them nested
+  when the K loop's length depends on the item); `JMOE_GEMM_FLATTEN=0` keeps
+  them nested."""
+  for stage in ("down", "dx"):
+    b = sm90_build(case, stage)
+    assert b["const"]["FLATTEN"], stage
+    assert _dot_loop_depth(b["ttgir"]) == 1, f"{case} {stage}: loops not fused"
+  monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
+  _build.cache_clear()
+  try:
+    b = _build(case, "down")
+    assert not b["const"]["FLATTEN"] and _dot_loop_depth(b["ttgir"]) == 2
+  finally:
+    _build.cache_clear()
