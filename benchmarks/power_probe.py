@@ -45,12 +45,7 @@ COLUMNS = ("cool ms", "ms", "TFLOP/s", "W", "SM MHz", "cap %")
 def _burst(fn, args, seconds: float, per_call_s: float) -> float:
   """Seconds per call over back-to-back calls lasting about `seconds`."""
   calls = max(1, round(seconds / max(per_call_s, 1e-6)))
-  start = time.perf_counter()
-  out = None
-  for _ in range(calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls
+  return timing_lib.run_calls(fn, *args, calls=calls) / calls
 
 
 def sustained(fn, args, flops: float, seconds: float, idle_s: float, cool_s: float

@@ -53,6 +53,17 @@ class Timing:
     return (self.max_s - self.min_s) / self.median_s if self.median_s else 0.0
 
 
+def run_calls(fn: Callable[..., Any], *args, calls: int) -> float:
+  """Seconds for `calls` asynchronous calls of `fn(*args)` ended by one
+  `jax.block_until_ready` of the last output."""
+  start = time.perf_counter()
+  out = None
+  for _ in range(calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return time.perf_counter() - start
+
+
 def time_fn(
     fn: Callable[..., Any],
     *args,
@@ -93,23 +104,9 @@ def time_fn(
   if calls > 1:
     # One synchronised call also pays the host round trip: size the samples from a
     # batch of asynchronous calls instead.
-    start = time.perf_counter()
-    out = None
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    del out
-    per_call = (time.perf_counter() - start) / calls
+    per_call = run_calls(fn, *args, calls=calls) / calls
     calls = int(min(max_calls, max(1, math.ceil(min_sample_s / max(per_call, 1e-7)))))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = None
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / calls)
-    del out
+  samples = [run_calls(fn, *args, calls=calls) / calls for _ in range(repeats)]
   return Timing(
       median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
       samples_s=samples, calls_per_sample=calls, first_call_s=first,
@@ -165,13 +162,7 @@ def measure_energy(fn: Callable[..., Any], *args, call_s: float,
     return None
   calls = int(min(max_calls, max(1, math.ceil(duration_s / max(call_s, 1e-7)))))
   with sampler:
-    start = time.perf_counter()
-    out = None
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    loop_s = time.perf_counter() - start
-  del out
+    loop_s = run_calls(fn, *args, calls=calls)
   if sampler.mean_w is None:
     return None
   return {"energy_j_per_call": sampler.mean_w * loop_s / calls,

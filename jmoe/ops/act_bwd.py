@@ -114,8 +114,7 @@ def _act_bwd_fused(dy, down, al, w_sorted, pre, block_m, activation, backend):
   e, f, d = down.shape
   gated = is_gated(activation)
   num_tiles = al.tiles.shape[1]
-  autotune = (backend == "triton" and gmm_lib.autotune_enabled()
-              and not gmm_lib.config_overrides("act_bwd"))
+  autotune = gmm_lib.autotuned_launch("act_bwd", backend)
   if autotune:
     from jmoe.kernels.grouped_gemm import ACT_BWD_MIN_BLOCK_N  # pylint: disable=import-outside-toplevel
 

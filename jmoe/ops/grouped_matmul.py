@@ -152,6 +152,12 @@ def config_overrides(kind: str) -> dict[str, int]:
   return out.get(kind, {})
 
 
+def autotuned_launch(kind: str, backend: str) -> bool:
+  """Whether a `kind` launch on `backend` autotunes: on the GPU unless
+  `JMOE_AUTOTUNE=0` or `JMOE_GEMM_CONFIG` pins that kind's config."""
+  return backend == "triton" and autotune_enabled() and not config_overrides(kind)
+
+
 def default_config(kind: str, block_m: int, n: int, k: int, backend: str,
                    gated: bool = False) -> GemmConfig:
   """The config used without autotuning (and the interpreter's), with the
@@ -402,8 +408,7 @@ def gemm_call(
 
   from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
 
-  autotune = (backend == "triton" and autotune_enabled()
-              and not config_overrides(kind))
+  autotune = autotuned_launch(kind, backend)
   kernel = _kernel_for(kind, autotune, gated)
   if autotune:
     tiles = {"BLOCK_M": block_m}
