@@ -287,6 +287,44 @@ class ExpertFfnTestBase:
       helpers.assert_variant_matches(outs[mode], outs["off"], want, BF16, self.BACKEND,
                                      ("y", "x", "weights", "up", "down"), f"{mode}: ")
 
+  @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", BF16),
+                                                ("swiglu", np.float32)])
+  def test_gather_rows_copy(self, rng, monkeypatch, activation, dtype):
+    # JMOE_GATHER_ROWS=copy: the up GEMM (and the dh GEMM of the two-pass
+    # act_bwd) read a copy of x (dy) sorted by slot instead of gathering rows
+    # in the kernel; 16-bit operands then come by TMA, in the flattened
+    # persistent loop ("auto"), the nested one (FLATTEN=0) or per item
+    # ("tiles"). d = 40 leaves a K tail and f = 24 a partial column block;
+    # dropped copies (capacity 0.3) leave idle slots. Every variant gives the
+    # numbers of the in-kernel gather (bit for bit under the interpreter),
+    # within the dtype's bound of the reference.
+    for name in (gmm_lib.GEMM_TMA_ENV, gmm_lib.GEMM_FLATTEN_ENV):
+      monkeypatch.delenv(name, raising=False)
+    args = _inputs(rng, 37, 40, 24, 5, 3, activation, dtype, 0.3)
+    ct = helpers.normal(rng, (37, 40), np.float32)
+    run = functools.partial(_outputs_and_grads, args=args, ct=ct)
+    fn = functools.partial(self._ffn, activation=activation)
+    monkeypatch.setenv(gmm_lib.GATHER_ROWS_ENV, "kernel")
+    base = run(fn)
+    monkeypatch.setenv(gmm_lib.GATHER_ROWS_ENV, "copy")
+    assert gmm_lib.gather_rows_mode() == "copy"
+    outs = {"auto": run(fn)}
+    if dtype == BF16:
+      flags = gmm_lib.tma_flags("act", self.BACKEND, BF16, (960, 48, 1), 5, 111, 40)
+      assert flags["A_TMA"] and flags["PERSISTENT"] and flags["FLATTEN"]
+      monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
+      outs["nested"] = run(fn)
+      monkeypatch.delenv(gmm_lib.GEMM_FLATTEN_ENV)
+      monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "tiles")
+      outs["tiles"] = run(fn)
+    want = run(functools.partial(reference.expert_ffn, activation=activation))
+    for mode, got in outs.items():
+      helpers.assert_variant_matches(got, base, want, dtype, self.BACKEND,
+                                     ("y", "x", "weights", "up", "down"), f"{mode}: ")
+    monkeypatch.setenv(gmm_lib.GATHER_ROWS_ENV, "sorted")
+    with pytest.raises(ValueError, match="JMOE_GATHER_ROWS must be one of"):
+      gmm_lib.gather_rows_mode()
+
   @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
   def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):
     # JMOE_ROUTER_SCALE: router weights applied in the up GEMM's epilogue (the

@@ -149,16 +149,21 @@ class GroupedMatmulTestBase:
     assert not flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9,
                      stride_am=8)["FLATTEN"]
     monkeypatch.delenv(gmm_lib.GEMM_FLATTEN_ENV)
-    off = {"B_TMA": False, "NUM_GROUPS": 0, "PERSISTENT": False, "NUM_PROGRAMS": 0}
-    # "auto": the act and act_bwd kernels by cp.async (measured faster).
+    off = {"B_TMA": False, "NUM_GROUPS": 0, "PERSISTENT": False, "NUM_PROGRAMS": 0,
+           "A_TMA": False, "ROWS_A": 0, "FLATTEN": False}
+    # "auto": the act kernel gathering its rows and act_bwd by cp.async
+    # (measured faster); the act kernel on a sorted copy as the plain kernel.
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == off
+    assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
+        "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": True, "ROWS_A": 9,
+        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": True}
     assert flags("act_bwd", dtype=BF16, strides_b=(64, 1, 8), a_rows=None,
                  stride_am=8) == {"B_TMA": False, "NUM_GROUPS": 0}
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "persistent")
     assert flags("act_bwd", dtype=np.float16, strides_b=(64, 1, 8), a_rows=None,
                  stride_am=8) == {"B_TMA": True, "NUM_GROUPS": 5}
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == {
-        "B_TMA": True, "NUM_GROUPS": 5, "PERSISTENT": True, "NUM_PROGRAMS": sms}
+        **off, "B_TMA": True, "NUM_GROUPS": 5, "PERSISTENT": True, "NUM_PROGRAMS": sms}
     assert flags("act", dtype=np.float32, strides_b=(64, 8, 1), a_rows=None,
                  stride_am=8) == off
     assert flags("act", dtype=BF16, strides_b=(63, 7, 1), a_rows=None, stride_am=8) == off
@@ -166,20 +171,19 @@ class GroupedMatmulTestBase:
                      stride_am=12)["A_TMA"]
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "tiles")
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == {
-        "B_TMA": True, "NUM_GROUPS": 5, "PERSISTENT": False, "NUM_PROGRAMS": 0}
+        **off, "B_TMA": True, "NUM_GROUPS": 5}
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "off")
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == off
     # Per-kind modes: the named kinds change, the others keep "auto".
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "act=tiles+act_bwd=tiles")
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == {
-        "B_TMA": True, "NUM_GROUPS": 5, "PERSISTENT": False, "NUM_PROGRAMS": 0}
+        **off, "B_TMA": True, "NUM_GROUPS": 5}
     assert flags("act_bwd", dtype=BF16, strides_b=(64, 1, 8), a_rows=None,
                  stride_am=8) == {"B_TMA": True, "NUM_GROUPS": 5}
     assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8)[
         "PERSISTENT"]
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "plain=off")
-    assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
-        **off, "A_TMA": False, "ROWS_A": 0, "FLATTEN": False}
+    assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == off
     for bad in ("on", "act=auto", "up=tiles", "act=tiles,plain=off"):
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, bad)
       with pytest.raises(ValueError, match="JMOE_GEMM_TMA must be one of"):

@@ -9,6 +9,8 @@ constexpr):
 
   up       `_grouped_gemm_act_kernel`, gated, row gather, STORE_PRE, router
            weight scale SCALE_H (`jmoe.ops.expert_ffn.up_stage`)
+  up_sorted, act_bwd_g_sorted  up and act_bwd_g on a copy of x (dy) sorted by
+           slot (`JMOE_GATHER_ROWS=copy`): both operands by TMA, FLATTEN
   down     `_grouped_gemm_kernel`, no row scale (router scale "up"), bf16
            per-slot rows (`JMOE_SLOT_ROWS` default; `down_stage`)
   act_bwd_g  `_grouped_gemm_kernel`, dy rows gathered, down read transposed,
@@ -20,8 +22,8 @@ constexpr):
 
 The TMA switches are those `gmm_lib.tma_flags` gives on the GPU by default
 (`JMOE_GEMM_TMA=auto`: the plain kernel persistent with both operands by TMA
-where `a` is not gathered (down, dx), weights only for act_bwd_g; up and
-act_bwd by cp.async). The PTX must feed `wgmma` from TMA tile loads
+where `a` is not gathered (down, dx, the sorted stages), weights only for
+act_bwd_g; up and act_bwd by cp.async). The PTX must feed `wgmma` from TMA tile loads
 (`cp.async.bulk.tensor`) and 16-byte `cp.async` copies only, with no 2-byte
 global loads; Triton's global scratch must fit what the launch provides (128
 bytes per descriptor); shared memory must fit the H100's 227 KB, and `cuobjdump -res-usage` must show no stack (no
@@ -45,7 +47,7 @@ from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
 
 CASE_NAMES = ("small", "mixtral", "deepseek")
-STAGES = ("up", "down", "act_bwd_g", "act_bwd", "dx")
+STAGES = ("up", "down", "act_bwd_g", "act_bwd", "dx", "up_sorted", "act_bwd_g_sorted")
 BLOCK_M = 128
 H100_SHARED = 232448  # bytes of shared memory per block (227 KB)
 
@@ -127,15 +129,17 @@ def _launch(case_name: str, stage: str):
   tma = functools.partial(_tma_flags_h100, backend="triton", dtype="bfloat16")
   plain_sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "tiles_ptr": "*i32",
                "row_index_ptr": "*i32", "row_scale_ptr": "*fp32", "c_ptr": "*fp32"}
-  if stage == "up":
+  if stage in ("up", "up_sorted"):
+    sorted_rows = stage == "up_sorted"
     cfg = gmm_lib.default_config("act", BLOCK_M, f, d, "triton", gated=True)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tiles_ptr": "*i32",
            "row_index_ptr": "*i32", "row_scale_ptr": "*fp32", "h_ptr": "*bf16",
            "pre_ptr": "*bf16"}
     const = dict(F=f, K=d, NUM_TILES=num_tiles, STRIDE_XM=d, STRIDE_WG=d * pf,
                  STRIDE_WK=pf, STRIDE_WN=1, ACTIVATION="silu", GATED=True,
-                 STORE_PRE=True, SCALE_H=True, GATHER_A=True, **dot,
-                 **tma("act", num_groups=e, strides_b=(d * pf, pf, 1), a_rows=None, stride_am=d))
+                 STORE_PRE=True, SCALE_H=True, GATHER_A=not sorted_rows, **dot,
+                 **tma("act", num_groups=e, strides_b=(d * pf, pf, 1),
+                       a_rows=tk if sorted_rows else None, stride_am=d))
     return kernels._grouped_gemm_act_kernel, sig, const, cfg, "act"
   if stage == "down":
     cfg = gmm_lib.default_config("plain", BLOCK_M, d, f, "triton")
@@ -151,12 +155,14 @@ def _launch(case_name: str, stage: str):
                  GATHER_A=False, SCALE_ROWS=False, **dot,
                  **tma("plain", num_groups=e, strides_b=(d * pf, 1, pf), a_rows=tk, stride_am=pf))
     return kernels._grouped_gemm_kernel, {**plain_sig, "c_ptr": "*bf16"}, const, cfg, "plain"
-  if stage == "act_bwd_g":
+  if stage in ("act_bwd_g", "act_bwd_g_sorted"):
+    sorted_rows = stage == "act_bwd_g_sorted"
     cfg = gmm_lib.default_config("plain", BLOCK_M, f, d, "triton")
     const = dict(N=f, K=d, NUM_TILES=num_tiles, STRIDE_AM=d, STRIDE_AK=1,
                  STRIDE_BG=f * d, STRIDE_BK=1, STRIDE_BN=d, STRIDE_CM=f,
-                 GATHER_A=True, SCALE_ROWS=False, **dot,
-                 **tma("plain", num_groups=e, strides_b=(f * d, 1, d), a_rows=None, stride_am=d))
+                 GATHER_A=not sorted_rows, SCALE_ROWS=False, **dot,
+                 **tma("plain", num_groups=e, strides_b=(f * d, 1, d),
+                       a_rows=tk if sorted_rows else None, stride_am=d))
     return kernels._grouped_gemm_kernel, {**plain_sig, "c_ptr": "*bf16"}, const, cfg, "plain"
   assert stage == "act_bwd"
   cfg = gmm_lib.default_config("act_bwd", BLOCK_M, f, d, "triton", gated=True)
@@ -224,7 +230,8 @@ def test_sm90_default_build_ptx(sm90_build, case, stage):
   H100's 227 KB."""
   b = sm90_build(case, stage)
   ptx, const = b["ptx"], b["const"]
-  assert const["B_TMA"] == (stage in ("down", "dx", "act_bwd_g")), const
+  assert const["B_TMA"] == (stage not in ("up", "act_bwd")), const
+  assert const.get("A_TMA", False) == (stage in ("down", "dx") or "sorted" in stage)
   assert "wgmma.mma_async" in ptx, f"no wgmma ({b['cfg']})"
   tma = re.search(r"cp\.async\.bulk\.tensor\.[23]d\.shared::cluster\.global", ptx)
   assert bool(tma) == const["B_TMA"], "TMA loads"
@@ -269,11 +276,11 @@ def _dot_loop_depth(ttgir: str) -> int:
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_sm90_flattened_plain_loop(sm90_build, monkeypatch, case):
-  """down and dx (persistent, both operands by TMA) take `FLATTEN`, and Triton
-  fuses their item and K loops into one loop (it silently keeps them nested
-  when the K loop's length depends on the item); `JMOE_GEMM_FLATTEN=0` keeps
-  them nested."""
-  for stage in ("down", "dx"):
+  """down and dx, and up and act_bwd_g on sorted copies (`JMOE_GATHER_ROWS=copy`),
+  (persistent, both operands by TMA) take `FLATTEN`, and Triton fuses their
+  item and K loops into one loop (it silently keeps them nested when the K
+  loop's length depends on the item); `JMOE_GEMM_FLATTEN=0` keeps them nested."""
+  for stage in ("down", "dx", "up_sorted", "act_bwd_g_sorted"):
     b = sm90_build(case, stage)
     assert b["const"]["FLATTEN"], stage
     assert _dot_loop_depth(b["ttgir"]) == 1, f"{case} {stage}: loops not fused"

@@ -39,7 +39,8 @@ bf16/fp16 `tl.dot` wrong); accumulation is always float32.
 `B_TMA` (all three) loads the weight tiles by TMA through one 3-D descriptor
 `[NUM_GROUPS, K, cols]` (`[NUM_GROUPS, cols, K]` read transposed), so a tile
 never reads another group's weights and the K tail reads zeros; `A_TMA` (the
-plain kernel, `a` not gathered) loads the `a` tiles by TMA too. The
+plain and act kernels, `a` not gathered: a sorted copy) loads the `a` tiles
+by TMA too, and with `PERSISTENT` `FLATTEN` fuses the item and K loops. The
 descriptors are built on the device once per program (`_descriptors`), in
 Triton's hidden scratch argument (`jmoe.ops._hidden_scratch`): that is what
 `PERSISTENT` amortises. Without them every load is a `cp.async` through
@@ -262,21 +263,24 @@ def _mainloop_tma(
     row_start,
     num_k,
     pid_n,
+    UP_OFFSET: tl.constexpr,
     STRIDE_BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GATED: tl.constexpr,
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-  """`_mainloop` of the plain kernel with both operands by TMA (`A_TMA`), over
-  `num_k` steps of BLOCK_K.
+  """`_mainloop` with both operands by TMA (`A_TMA`), over `num_k` steps of
+  BLOCK_K: `(acc, acc_up)` (`acc_up`, columns `+ UP_OFFSET`, only if GATED).
 
   `a` is contiguous (no row gather): the tile holds rows `row_start ... +
   BLOCK_M`; rows past the tile's end read the next rows (their results are
   never stored), rows past `ROWS_A` and the K tail read zeros.
   """
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   n0 = pid_n * BLOCK_N
   for kk in range(0, num_k):
     a = a_desc.load([row_start, kk * BLOCK_K])
@@ -285,7 +289,43 @@ def _mainloop_tma(
       a = a.to(tl.float32)
       b = b.to(tl.float32)
     acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-  return acc
+    if GATED:
+      bu = _b_tile(b_desc, expert, kk * BLOCK_K, n0 + UP_OFFSET, STRIDE_BK, BLOCK_N,
+                   BLOCK_K)
+      if DOT_F32:
+        bu = bu.to(tl.float32)
+      acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+  return acc, acc_up
+
+
+@triton.jit
+def _mainloop_tma_item(
+    a_desc, b_desc, expert, row_start, row_end, pid_n, K: tl.constexpr,
+    UP_OFFSET: tl.constexpr, STRIDE_BK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+    FLATTEN: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+  """`_mainloop_tma` for one work item: zeros for a zero tile (`expert < 0`).
+
+  No branch around the K loop (an idle tile stores nothing). `FLATTEN`: the
+  flattened loop needs a K loop of the same length for every item, so a zero
+  tile multiplies by group 0, then keeps zeros.
+  """
+  if FLATTEN:
+    acc, acc_up = _mainloop_tma(
+        a_desc, b_desc, tl.maximum(expert, 0), row_start, tl.cdiv(K, BLOCK_K), pid_n,
+        UP_OFFSET, STRIDE_BK, BLOCK_M, BLOCK_N, BLOCK_K, GATED, DOT_F32,
+        INPUT_PRECISION,
+    )
+    acc = tl.where(expert >= 0, acc, 0.0)
+    acc_up = tl.where(expert >= 0, acc_up, 0.0)
+  else:
+    num_k = tl.where((expert >= 0) & (row_start < row_end), tl.cdiv(K, BLOCK_K), 0)
+    acc, acc_up = _mainloop_tma(
+        a_desc, b_desc, expert, row_start, num_k, pid_n, UP_OFFSET, STRIDE_BK,
+        BLOCK_M, BLOCK_N, BLOCK_K, GATED, DOT_F32, INPUT_PRECISION,
+    )
+  return acc, acc_up
 
 
 @triton.jit
@@ -303,21 +343,10 @@ def _plain_item(
   pid_n, expert, row_start, row_end = _tile_coords(
       item, tiles_ptr, NUM_TILES, num_pid_m, N, BLOCK_N, GROUP_M)
   if A_TMA:
-    # No branch around the K loop (an idle tile stores nothing).
-    if FLATTEN:
-      # The flattened loop needs a K loop of the same length for every item:
-      # a zero tile multiplies by group 0, then keeps zeros.
-      acc = _mainloop_tma(
-          a_desc, b_desc, tl.maximum(expert, 0), row_start, tl.cdiv(K, BLOCK_K),
-          pid_n, STRIDE_BK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION,
-      )
-      acc = tl.where(expert >= 0, acc, 0.0)
-    else:
-      num_k = tl.where((expert >= 0) & (row_start < row_end), tl.cdiv(K, BLOCK_K), 0)
-      acc = _mainloop_tma(
-          a_desc, b_desc, expert, row_start, num_k, pid_n, STRIDE_BK, BLOCK_M,
-          BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION,
-      )
+    acc, _ = _mainloop_tma_item(
+        a_desc, b_desc, expert, row_start, row_end, pid_n, K, 0, STRIDE_BK, BLOCK_M,
+        BLOCK_N, BLOCK_K, False, FLATTEN, DOT_F32, INPUT_PRECISION,
+    )
     _plain_epilogue(acc, row_scale_ptr, c_ptr, expert, row_start, row_end, pid_n, N,
                     STRIDE_CM, SCALE_ROWS, DOT_F32, BLOCK_M, BLOCK_N)
   elif row_start < row_end:
@@ -417,47 +446,67 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _act_item(
-    item, x_ptr, w_ptr, w_desc, tiles_ptr, row_index_ptr, row_scale_ptr, h_ptr,
-    pre_ptr, F: tl.constexpr, K: tl.constexpr, NUM_TILES: tl.constexpr,
-    STRIDE_XM: tl.constexpr, STRIDE_WG: tl.constexpr, STRIDE_WK: tl.constexpr,
-    STRIDE_WN: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
-    STORE_PRE: tl.constexpr, SCALE_H: tl.constexpr, GATHER_A: tl.constexpr,
-    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, B_TMA: tl.constexpr,
+    item, num_pid_m, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
+    row_scale_ptr, h_ptr, pre_ptr, F: tl.constexpr, K: tl.constexpr,
+    NUM_TILES: tl.constexpr, STRIDE_XM: tl.constexpr, STRIDE_WG: tl.constexpr,
+    STRIDE_WK: tl.constexpr, STRIDE_WN: tl.constexpr, ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr, STORE_PRE: tl.constexpr, SCALE_H: tl.constexpr,
+    GATHER_A: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    B_TMA: tl.constexpr, A_TMA: tl.constexpr, FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-  """One work item of `_grouped_gemm_act_kernel`."""
+  """One work item of `_grouped_gemm_act_kernel` (of the first `num_pid_m` tiles)."""
   pid_n, expert, row_start, row_end = _tile_coords(
-      item, tiles_ptr, NUM_TILES, NUM_TILES, F, BLOCK_N, GROUP_M)
-  if row_start < row_end:
+      item, tiles_ptr, NUM_TILES, num_pid_m, F, BLOCK_N, GROUP_M)
+  if A_TMA:
+    gate, up = _mainloop_tma_item(
+        x_desc, w_desc, expert, row_start, row_end, pid_n, K, F, STRIDE_WK, BLOCK_M,
+        BLOCK_N, BLOCK_K, GATED, FLATTEN, DOT_F32, INPUT_PRECISION,
+    )
+    _act_epilogue(gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
+                  F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32, BLOCK_M, BLOCK_N)
+  elif row_start < row_end:
     gate, up = _mainloop(
         x_ptr, w_ptr, w_desc, row_index_ptr, expert, row_start, row_end, pid_n,
         F, K, STRIDE_XM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, F,
         BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
         False, B_TMA,
     )
+    _act_epilogue(gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
+                  F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _act_epilogue(
+    gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
+    F: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    STORE_PRE: tl.constexpr, SCALE_H: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+  """Activation, row scale and the masked stores of `h` (and `pre`) of one tile."""
+  if GATED:
+    h = act_fwd(gate, ACTIVATION) * up
+  else:
+    h = act_fwd(gate, ACTIVATION)
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  mask = (offs_m < row_end)[:, None] & (offs_n < F)[None, :]
+  if SCALE_H:
+    scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < row_end, other=0.0)
+    h = h * scale[:, None]
+  rows64 = offs_m.to(tl.int64)[:, None]
+  h_ptrs = h_ptr + rows64 * F + offs_n[None, :]
+  # DOT_F32 marks the interpreter: round to nearest even there as on the GPU.
+  tl.store(h_ptrs, round_to(h, h_ptr.dtype.element_ty, DOT_F32), mask=mask)
+  if STORE_PRE:
     if GATED:
-      h = act_fwd(gate, ACTIVATION) * up
+      pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
+      tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
+      tl.store(pre_ptrs + F, round_to(up, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
     else:
-      h = act_fwd(gate, ACTIVATION)
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < row_end)[:, None] & (offs_n < F)[None, :]
-    if SCALE_H:
-      scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < row_end, other=0.0)
-      h = h * scale[:, None]
-    rows64 = offs_m.to(tl.int64)[:, None]
-    h_ptrs = h_ptr + rows64 * F + offs_n[None, :]
-    # DOT_F32 marks the interpreter: round to nearest even there as on the GPU.
-    tl.store(h_ptrs, round_to(h, h_ptr.dtype.element_ty, DOT_F32), mask=mask)
-    if STORE_PRE:
-      if GATED:
-        pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
-        tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
-        tl.store(pre_ptrs + F, round_to(up, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
-      else:
-        pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
-        tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
+      pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
+      tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
 
 @triton.jit
@@ -488,9 +537,12 @@ def _grouped_gemm_act_kernel(
     DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     B_TMA: tl.constexpr,
+    A_TMA: tl.constexpr,  # x rows not gathered (a sorted copy), by TMA
+    ROWS_A: tl.constexpr,  # rows of x (A_TMA)
     NUM_GROUPS: tl.constexpr,  # G (B_TMA)
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # programs launched (PERSISTENT)
+    FLATTEN: tl.constexpr,  # PERSISTENT and A_TMA: one pipelined loop over items
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -498,25 +550,34 @@ def _grouped_gemm_act_kernel(
 ):
   """`h = act(x[row] @ w[g][:, :F]) (* x[row] @ w[g][:, F:] if GATED)`, times
   `row_scale[row]` in float32 before the one rounding to h's dtype if SCALE_H;
-  the pre-activation is stored unscaled."""
+  the pre-activation is stored unscaled. Without GATHER_A, `row = r` (x is a
+  copy sorted by slot, `ROWS_A` rows)."""
   tl.static_assert(not (B_TMA and STRIDE_WK == 1))  # no transposed gated weights
-  _, w_desc = _descriptors(
-      x_ptr, w_ptr, False, B_TMA, 0, NUM_GROUPS, F * (1 + GATED), K, STRIDE_XM,
+  tl.static_assert(not A_TMA or (B_TMA and not GATHER_A))
+  tl.static_assert(not FLATTEN or (PERSISTENT and A_TMA))
+  x_desc, w_desc = _descriptors(
+      x_ptr, w_ptr, A_TMA, B_TMA, ROWS_A, NUM_GROUPS, F * (1 + GATED), K, STRIDE_XM,
       STRIDE_WG, STRIDE_WK, STRIDE_WN, BLOCK_M, BLOCK_N, BLOCK_K)
   if PERSISTENT:
-    items = NUM_TILES * tl.cdiv(F, BLOCK_N)
-    for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=False):
+    # FLATTEN as in `_grouped_gemm_kernel`.
+    num_pid_m = NUM_TILES
+    if FLATTEN:
+      num_pid_m = _active_tiles(tiles_ptr, NUM_TILES)
+    items = num_pid_m * tl.cdiv(F, BLOCK_N)
+    for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=FLATTEN):
       _act_item(
-          item, x_ptr, w_ptr, w_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
-          h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG, STRIDE_WK,
-          STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A, DOT_F32,
-          INPUT_PRECISION, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+          item, num_pid_m, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
+          row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG,
+          STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A,
+          DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, BLOCK_M, BLOCK_N, BLOCK_K,
+          GROUP_M)
   else:
     _act_item(
-        tl.program_id(0), x_ptr, w_ptr, w_desc, tiles_ptr, row_index_ptr,
-        row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG,
-        STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A,
-        DOT_F32, INPUT_PRECISION, B_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        tl.program_id(0), NUM_TILES, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr,
+        row_index_ptr, row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM,
+        STRIDE_WG, STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H,
+        GATHER_A, DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, BLOCK_M, BLOCK_N,
+        BLOCK_K, GROUP_M)
 
 
 @triton.jit

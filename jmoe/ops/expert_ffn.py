@@ -9,7 +9,9 @@ up_kernel, down_kernel, *, activation, backend) -> y [t, d]` computes
            `JMOE_ALIGN=xla`): copies sorted by expert, slot of each copy,
            per-slot token and router weight, BLOCK_M tile schedule.
   up       `_grouped_gemm_act_kernel`: reads token rows of x through the slot ->
-           token index inside the GEMM; gate and up tiles in one program;
+           token index inside the GEMM (or, `JMOE_GATHER_ROWS=copy`, a copy of
+           x sorted by slot, by TMA: `grouped_matmul.sorted_rows`); gate and
+           up tiles in one program;
            activation in float32 in the epilogue -> h [tk, f] (x dtype). For
            the backward it also stores the pre-activation [tk, f or 2f].
   down     `_grouped_gemm_kernel`: h @ down[e], times the copy's router weight
@@ -198,12 +200,13 @@ def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
   del t, e
   tk = al.token.shape[0]
   num_tiles = al.tiles.shape[1]
+  rows, token = gmm_lib.sorted_rows(x, al.token)
   return gmm_lib.gemm_call(
       "act",
-      x,
+      rows,
       up,
       al.tiles,
-      al.token,
+      jnp.zeros((1,), jnp.int32) if token is None else token,
       jnp.zeros((1,), jnp.float32) if row_scale is None else row_scale,
       out_shape=(
           jax.ShapeDtypeStruct((tk, f), x.dtype),
@@ -227,9 +230,10 @@ def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
       GATED=gated,
       STORE_PRE=save,
       SCALE_H=row_scale is not None,
-      GATHER_A=True,
+      GATHER_A=token is not None,
       **gmm_lib.dot_flags(x.dtype, backend),
-      **gmm_lib.tma_flags("act", backend, x.dtype, (d * pf, pf, 1), up.shape[0], None, d),
+      **gmm_lib.tma_flags("act", backend, x.dtype, (d * pf, pf, 1), up.shape[0],
+                          None if token is not None else tk, d),
   )
 
 

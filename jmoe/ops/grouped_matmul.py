@@ -253,12 +253,14 @@ def tgmm_config(backend: str, rows: int, groups: int, tma: bool = False):
 #     descriptors);
 #   "off": every tile by cp.async through pointers, one program per item;
 #   "auto" (default): "persistent" for the plain kernel (down, dh, dx and
-#     `grouped_matmul`), "off" for the act and act_bwd kernels.
+#     `grouped_matmul`) and for the act kernel reading a sorted copy of `x`
+#     (`JMOE_GATHER_ROWS=copy`), "off" for the act kernel gathering its rows
+#     and for act_bwd.
 # Measured on the H100 (benchmarks/results/sweep_h100.md, session 7; traced
 # kernel time, bf16 SwiGLU, Mixtral-like / 64 experts / small): the plain
 # GEMMs persistent 11.17 -> 10.82, 2.03 -> 1.89, 0.312 -> 0.304 ms (fwd+bwd,
-# three launches); the up (act) kernel persistent 5.46 -> 5.75, 0.97 -> 1.01,
-# 0.160 -> 0.167 ms (slower: its rows are gathered by cp.async anyway);
+# three launches); the up (act) kernel gathering its rows persistent 5.46 ->
+# 5.75, 0.97 -> 1.01, 0.160 -> 0.167 ms (slower: its rows come by cp.async);
 # "tiles" slower than "off" for both (one descriptor build per program).
 #
 # `JMOE_GEMM_TMA` is one mode for every kind, or per-kind modes joined by "+"
@@ -270,20 +272,45 @@ _AUTO_MODE = {"plain": "persistent", "act": "off", "act_bwd": "off"}
 
 GEMM_FLATTEN_ENV = "JMOE_GEMM_FLATTEN"
 
+# How a grouped GEMM whose `a` rows are gathered (the up GEMM's token rows of
+# `x`, the dh GEMM's rows of `dy`) reads them: "kernel" (default): through the
+# row index inside the GEMM, by cp.async; "copy": XLA gathers a copy sorted by
+# slot first (`[rows, k]`, one more write and read of it), which the GEMM then
+# reads by TMA in the flattened persistent loop (`gather_rows_mode`).
+GATHER_ROWS_ENV = "JMOE_GATHER_ROWS"
+GATHER_ROWS_MODES = ("kernel", "copy")
 
-def gemm_tma_mode(kind: str) -> str:
+
+def gather_rows_mode() -> str:
+  """`"kernel"` or `"copy"` (`JMOE_GATHER_ROWS`, see above)."""
+  return env_choice(GATHER_ROWS_ENV, GATHER_ROWS_MODES, "kernel")
+
+
+def sorted_rows(a: jax.Array, row_index: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+  """`(a, row_index)` for a grouped GEMM: `(a[row_index], None)` (a copy
+  sorted by output row) under `JMOE_GATHER_ROWS=copy`, else unchanged."""
+  if row_index is None or gather_rows_mode() != "copy":
+    return a, row_index
+  return jnp.take(a, row_index, axis=0, mode="clip"), None
+
+
+def gemm_tma_mode(kind: str, gathered: bool = True) -> str:
   """The mode (`"persistent"`, `"tiles"` or `"off"`) of `kind`'s launches
-  under `JMOE_GEMM_TMA` (see above).
+  under `JMOE_GEMM_TMA` (see above); `gathered`: the act kernel's `a` rows
+  are gathered in the kernel (its "auto" mode is then "off").
 
   Raises:
     ValueError: naming the variable and the allowed values, for an unknown
       mode or kind.
   """
+  auto = dict(_AUTO_MODE)
+  if not gathered:
+    auto["act"] = "persistent"
   raw = env_value(GEMM_TMA_ENV, "auto")
   if "=" not in raw:
     mode = env_choice(GEMM_TMA_ENV, GEMM_TMA_MODES, "auto")
-    return _AUTO_MODE[kind] if mode == "auto" else mode
-  modes = dict(_AUTO_MODE)
+    return auto[kind] if mode == "auto" else mode
+  modes = auto
   for item in raw.split("+"):
     name, _, mode = item.strip().partition("=")
     if name not in KINDS or mode not in GEMM_TMA_MODES[1:]:
@@ -308,37 +335,33 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
   """The TMA and schedule constexprs of one grouped GEMM launch (`GEMM_TMA_MODES`).
 
   Args:
-    kind: one of `KINDS` (only `"plain"` has `A_TMA` / `ROWS_A`; act_bwd has
-      no `PERSISTENT`).
+    kind: one of `KINDS` (act_bwd has no `A_TMA`, `PERSISTENT`, `FLATTEN`).
     backend: `"triton"` (needs the jax-triton / jaxlib pair of
       `jmoe.ops._hidden_scratch`, else no TMA) or `"interpret"`.
     dtype: the operands' dtype (TMA here: bfloat16 / float16).
     strides_b: `(group, k, n)` element strides of the weights; one of the last
       two must be 1.
     num_groups: groups (experts) of the weights.
-    a_rows: rows of a contiguous `a`, or None when its rows are gathered.
+    a_rows: rows of a contiguous `a`, or None when its rows are gathered
+      (then no `A_TMA`, and the act kernel's "auto" mode is "off").
     stride_am: row stride of `a`.
   """
   from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
   from jmoe.ops._call import persistent_programs  # pylint: disable=import-outside-toplevel
 
-  mode = gemm_tma_mode(kind)
+  mode = gemm_tma_mode(kind, gathered=a_rows is None)
   available = backend == "interpret" or (
       backend == "triton" and _hidden_scratch.supported())
   sg, sk, sn = strides_b
   b_tma = (mode != "off" and available
            and (_tma_strides_ok(dtype, (sg, sk, sn)) or _tma_strides_ok(dtype, (sg, sn, sk))))
   flags: dict[str, Any] = {"B_TMA": b_tma, "NUM_GROUPS": num_groups if b_tma else 0}
-  if kind == "plain":
-    a_tma = b_tma and a_rows is not None and _tma_strides_ok(dtype, (stride_am, 1))
-    flags.update(A_TMA=a_tma, ROWS_A=a_rows if a_tma else 0)
   if kind != "act_bwd":
+    a_tma = b_tma and a_rows is not None and _tma_strides_ok(dtype, (stride_am, 1))
     persistent = b_tma and mode == "persistent"
-    flags.update(PERSISTENT=persistent,
-                 NUM_PROGRAMS=persistent_programs(backend) if persistent else 0)
-  if kind == "plain":
-    flags["FLATTEN"] = (flags["PERSISTENT"] and flags["A_TMA"]
-                        and env_flag(GEMM_FLATTEN_ENV, True))
+    flags.update(A_TMA=a_tma, ROWS_A=a_rows if a_tma else 0, PERSISTENT=persistent,
+                 NUM_PROGRAMS=persistent_programs(backend) if persistent else 0,
+                 FLATTEN=persistent and a_tma and env_flag(GEMM_FLATTEN_ENV, True))
   return flags
 
 
@@ -466,12 +489,14 @@ def grouped_gemm(
     n, k: output columns and contraction size.
     rows: output rows.
     out_dtype: output dtype.
-    row_index: optional `[rows]` int32 row of `a` for each output row.
+    row_index: optional `[rows]` int32 row of `a` for each output row
+      (gathered in the kernel, or first copied: `sorted_rows`).
     row_scale: optional `[rows]` float32 factor applied in float32.
 
   Returns:
     `[rows, n]` of `out_dtype`.
   """
+  a, row_index = sorted_rows(a, row_index)
   dummy_i = jnp.zeros((1,), jnp.int32)
   dummy_f = jnp.zeros((1,), jnp.float32)
   return gemm_call(
