@@ -293,8 +293,8 @@ class ExpertFfnTestBase:
     # JMOE_GATHER_ROWS=copy: the up GEMM (and the dh GEMM of the two-pass
     # act_bwd) read a copy of x (dy) sorted by slot instead of gathering rows
     # in the kernel; 16-bit operands then come by TMA, in the flattened
-    # persistent loop ("auto"), the nested one (FLATTEN=0) or per item
-    # ("tiles"). d = 40 leaves a K tail and f = 24 a partial column block;
+    # persistent loop ("auto"; the up GEMM's loop stays nested), the nested
+    # one (FLATTEN=0) or per item ("tiles"). d = 40 leaves a K tail and f = 24 a partial column block;
     # dropped copies (capacity 0.3) leave idle slots. Every variant gives the
     # numbers of the in-kernel gather (bit for bit under the interpreter),
     # within the dtype's bound of the reference.
@@ -307,10 +307,12 @@ class ExpertFfnTestBase:
     monkeypatch.setenv(gmm_lib.GATHER_ROWS_ENV, "kernel")
     base = run(fn)
     monkeypatch.setenv(gmm_lib.GATHER_ROWS_ENV, "copy")
-    assert gmm_lib.gather_rows_mode() == "copy"
+    assert gmm_lib.gather_rows_mode(111, 5) == "copy"
     outs = {"auto": run(fn)}
     if dtype == BF16:
       flags = gmm_lib.tma_flags("act", self.BACKEND, BF16, (960, 48, 1), 5, 111, 40)
+      assert flags["A_TMA"] and flags["PERSISTENT"] and not flags["FLATTEN"]
+      flags = gmm_lib.tma_flags("plain", self.BACKEND, BF16, (960, 1, 40), 5, 111, 40)
       assert flags["A_TMA"] and flags["PERSISTENT"] and flags["FLATTEN"]
       monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
       outs["nested"] = run(fn)
@@ -321,9 +323,18 @@ class ExpertFfnTestBase:
     for mode, got in outs.items():
       helpers.assert_variant_matches(got, base, want, dtype, self.BACKEND,
                                      ("y", "x", "weights", "up", "down"), f"{mode}: ")
+    # "auto": the copy above JMOE_GATHER_ROWS_MIN rows per group on average.
+    monkeypatch.delenv(gmm_lib.GATHER_ROWS_ENV)
+    assert gmm_lib.gather_rows_mode(16384, 8) == "copy"
+    assert gmm_lib.gather_rows_mode(49152, 64) == "kernel"
+    monkeypatch.setenv(gmm_lib.GATHER_ROWS_MIN_ENV, "16")
+    assert gmm_lib.gather_rows_mode(111, 5) == "copy"
+    monkeypatch.setenv(gmm_lib.GATHER_ROWS_MIN_ENV, "some")
+    with pytest.raises(ValueError, match="JMOE_GATHER_ROWS_MIN must be an integer"):
+      gmm_lib.gather_rows_mode(111, 5)
     monkeypatch.setenv(gmm_lib.GATHER_ROWS_ENV, "sorted")
     with pytest.raises(ValueError, match="JMOE_GATHER_ROWS must be one of"):
-      gmm_lib.gather_rows_mode()
+      gmm_lib.gather_rows_mode(111, 5)
 
   @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
   def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):

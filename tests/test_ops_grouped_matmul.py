@@ -156,7 +156,7 @@ class GroupedMatmulTestBase:
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == off
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
         "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": True, "ROWS_A": 9,
-        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": True}
+        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": False}
     assert flags("act_bwd", dtype=BF16, strides_b=(64, 1, 8), a_rows=None,
                  stride_am=8) == {"B_TMA": False, "NUM_GROUPS": 0}
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "persistent")
@@ -188,6 +188,21 @@ class GroupedMatmulTestBase:
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, bad)
       with pytest.raises(ValueError, match="JMOE_GEMM_TMA must be one of"):
         flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8)
+
+  @pytest.mark.parametrize("dtype", [BF16, np.float32])
+  def test_gather_rows(self, rng, dtype):
+    # The sorted copy of JMOE_GATHER_ROWS=copy: out[r] = a[index[r]], zero rows
+    # for indices outside [0, t); odd sizes leave partial row and column
+    # blocks; every element is written (outputs start poisoned in the
+    # interpreter).
+    a = helpers.normal(rng, (13, 1037), dtype)
+    index = rng.integers(0, 13, 45).astype(np.int32)
+    index[[3, 17, 44]] = (-1, 13, 99)
+    got = jax.jit(functools.partial(gmm_lib.gather_rows, backend=self.BACKEND))(
+        jnp.asarray(a), jnp.asarray(index))
+    valid = (index >= 0) & (index < 13)
+    want = np.where(valid[:, None], a[np.clip(index, 0, 12)], 0).astype(a.dtype)
+    np.testing.assert_array_equal(np.asarray(got), want)
 
   def test_config_overrides(self, monkeypatch):
     # JMOE_GEMM_CONFIG replaces fields of one kind's pinned GPU config; the

@@ -131,7 +131,8 @@ def _launch(case_name: str, stage: str):
                "row_index_ptr": "*i32", "row_scale_ptr": "*fp32", "c_ptr": "*fp32"}
   if stage in ("up", "up_sorted"):
     sorted_rows = stage == "up_sorted"
-    cfg = gmm_lib.default_config("act", BLOCK_M, f, d, "triton", gated=True)
+    cfg = gmm_lib.default_config("act", BLOCK_M, f, d, "triton", gated=True,
+                                 a_tma=sorted_rows)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tiles_ptr": "*i32",
            "row_index_ptr": "*i32", "row_scale_ptr": "*fp32", "h_ptr": "*bf16",
            "pre_ptr": "*bf16"}
@@ -276,14 +277,18 @@ def _dot_loop_depth(ttgir: str) -> int:
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_sm90_flattened_plain_loop(sm90_build, monkeypatch, case):
-  """down and dx, and up and act_bwd_g on sorted copies (`JMOE_GATHER_ROWS=copy`),
-  (persistent, both operands by TMA) take `FLATTEN`, and Triton fuses their
-  item and K loops into one loop (it silently keeps them nested when the K
-  loop's length depends on the item); `JMOE_GEMM_FLATTEN=0` keeps them nested."""
-  for stage in ("down", "dx", "up_sorted", "act_bwd_g_sorted"):
+  """down, dx and act_bwd_g on a sorted copy (`JMOE_GATHER_ROWS=copy`; persistent,
+  both operands by TMA) take `FLATTEN`, and Triton fuses their item and K loops
+  into one loop (it silently keeps them nested when the K loop's length
+  depends on the item); the up GEMM on a sorted copy stays nested (measured
+  faster); `JMOE_GEMM_FLATTEN=0` keeps them nested."""
+  for stage in ("down", "dx", "act_bwd_g_sorted"):
     b = sm90_build(case, stage)
     assert b["const"]["FLATTEN"], stage
     assert _dot_loop_depth(b["ttgir"]) == 1, f"{case} {stage}: loops not fused"
+  b = sm90_build(case, "up_sorted")
+  assert b["const"]["PERSISTENT"] and not b["const"]["FLATTEN"]
+  assert _dot_loop_depth(b["ttgir"]) == 2
   monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
   _build.cache_clear()
   try:

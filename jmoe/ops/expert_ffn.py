@@ -200,7 +200,7 @@ def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
   del t, e
   tk = al.token.shape[0]
   num_tiles = al.tiles.shape[1]
-  rows, token = gmm_lib.sorted_rows(x, al.token)
+  rows, token = gmm_lib.sorted_rows(x, al.token, up.shape[0], backend)
   return gmm_lib.gemm_call(
       "act",
       rows,

@@ -159,16 +159,17 @@ def autotuned_launch(kind: str, backend: str) -> bool:
 
 
 def default_config(kind: str, block_m: int, n: int, k: int, backend: str,
-                   gated: bool = False) -> GemmConfig:
+                   gated: bool = False, a_tma: bool = False) -> GemmConfig:
   """The config used without autotuning (and the interpreter's), with the
-  fields `JMOE_GEMM_CONFIG` sets for `kind` on the GPU (`config_overrides`)."""
-  config = _pinned_config(kind, block_m, n, backend, gated)
+  fields `JMOE_GEMM_CONFIG` sets for `kind` on the GPU (`config_overrides`);
+  `a_tma`: the `a` tiles come by TMA (`tma_flags`)."""
+  config = _pinned_config(kind, block_m, n, backend, gated, a_tma)
   overrides = config_overrides(kind) if backend == "triton" else {}
   return dataclasses.replace(config, **overrides) if overrides else config
 
 
 def _pinned_config(kind: str, block_m: int, n: int, backend: str,
-                   gated: bool) -> GemmConfig:
+                   gated: bool, a_tma: bool = False) -> GemmConfig:
   split = kind == "act_bwd" and act_bwd_split_enabled()
   if backend == "interpret":
     return INTERPRET_ACT_BWD_SPLIT_CONFIG if split else INTERPRET_CONFIG
@@ -180,9 +181,12 @@ def _pinned_config(kind: str, block_m: int, n: int, backend: str,
     return GemmConfig(block_m, 64, 64, 8, 4, 4)
   if kind == "act":
     if gated:
-      # BLOCK_K 32 x 5 stages: 6.72 / 1.14 / 0.206 ms vs 64 x 3 stages
-      # 7.08 / 1.15 / 0.225 ms on the H100 (benchmarks/results/sweep_h100.md).
-      return GemmConfig(block_m, 128 if n >= 128 else 64, 32, 8, 8, 5)
+      # Rows gathered by cp.async: BLOCK_K 32 x 5 stages, 6.72 / 1.14 / 0.206 ms
+      # vs 64 x 3 stages 7.08 / 1.15 / 0.225 ms on the H100; rows of a sorted
+      # copy by TMA: 64 x 3 stages, 0.922 vs 1.019 ms at 64 experts
+      # (benchmarks/results/sweep_h100.md).
+      return GemmConfig(block_m, 128 if n >= 128 else 64, 64 if a_tma else 32, 8, 8,
+                        3 if a_tma else 5)
     return GemmConfig(block_m, 256 if n >= 256 and block_m == 128 else 128, 64, 8, 8, 3)
   if kind == "act_bwd":
     # The fused kernel (JMOE_ACT_BWD=fused). Gated, a BLOCK_N=128 epilogue
@@ -254,8 +258,9 @@ def tgmm_config(backend: str, rows: int, groups: int, tma: bool = False):
 #   "off": every tile by cp.async through pointers, one program per item;
 #   "auto" (default): "persistent" for the plain kernel (down, dh, dx and
 #     `grouped_matmul`) and for the act kernel reading a sorted copy of `x`
-#     (`JMOE_GATHER_ROWS=copy`), "off" for the act kernel gathering its rows
-#     and for act_bwd.
+#     (`JMOE_GATHER_ROWS`; nested: its flattened loop measured 1.42 vs 1.02 ms
+#     at 64 experts), "off" for the act kernel gathering its rows and for
+#     act_bwd.
 # Measured on the H100 (benchmarks/results/sweep_h100.md, session 7; traced
 # kernel time, bf16 SwiGLU, Mixtral-like / 64 experts / small): the plain
 # GEMMs persistent 11.17 -> 10.82, 2.03 -> 1.89, 0.312 -> 0.304 ms (fwd+bwd,
@@ -273,25 +278,77 @@ _AUTO_MODE = {"plain": "persistent", "act": "off", "act_bwd": "off"}
 GEMM_FLATTEN_ENV = "JMOE_GEMM_FLATTEN"
 
 # How a grouped GEMM whose `a` rows are gathered (the up GEMM's token rows of
-# `x`, the dh GEMM's rows of `dy`) reads them: "kernel" (default): through the
-# row index inside the GEMM, by cp.async; "copy": XLA gathers a copy sorted by
-# slot first (`[rows, k]`, one more write and read of it), which the GEMM then
-# reads by TMA in the flattened persistent loop (`gather_rows_mode`).
+# `x`, the dh GEMM's rows of `dy`) reads them (`gather_rows_mode`):
+#   "kernel": through the row index inside the GEMM, by cp.async;
+#   "copy": a copy sorted by slot first (`[rows, k]`, `jmoe.kernels.gather_rows`:
+#     one more write and read of it), which the GEMM reads by TMA (the plain
+#     kernel in the flattened persistent loop, the act kernel nested);
+#   "auto" (default): "copy" above `JMOE_GATHER_ROWS_MIN` (default 1024) rows per
+#     group on average, else "kernel".
+# Measured on the H100 (benchmarks/results/sweep_h100.md, session 9, traced):
+# at 64 experts (768 rows per expert) the up GEMM 0.975 ms gathering vs 0.922
+# on the copy, the dh GEMM -0.075 ms, each copy +0.13 ms (XLA's gather);
+# Mixtral-like (2048 rows per expert) the plain GEMMs -0.37 ms for +0.09.
 GATHER_ROWS_ENV = "JMOE_GATHER_ROWS"
-GATHER_ROWS_MODES = ("kernel", "copy")
+GATHER_ROWS_MIN_ENV = "JMOE_GATHER_ROWS_MIN"
+GATHER_ROWS_MODES = ("auto", "kernel", "copy")
 
 
-def gather_rows_mode() -> str:
-  """`"kernel"` or `"copy"` (`JMOE_GATHER_ROWS`, see above)."""
-  return env_choice(GATHER_ROWS_ENV, GATHER_ROWS_MODES, "kernel")
+def gather_rows_mode(rows: int, groups: int) -> str:
+  """`"kernel"` or `"copy"` for a GEMM of `rows` gathered rows in `groups`
+  groups (`JMOE_GATHER_ROWS`, see above).
+
+  Raises:
+    ValueError: naming the variable, for a value not in `GATHER_ROWS_MODES`
+      or a minimum that is not an integer.
+  """
+  mode = env_choice(GATHER_ROWS_ENV, GATHER_ROWS_MODES, "auto")
+  if mode != "auto":
+    return mode
+  return "copy" if rows > env_int(GATHER_ROWS_MIN_ENV, 1024) * groups else "kernel"
 
 
-def sorted_rows(a: jax.Array, row_index: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-  """`(a, row_index)` for a grouped GEMM: `(a[row_index], None)` (a copy
-  sorted by output row) under `JMOE_GATHER_ROWS=copy`, else unchanged."""
-  if row_index is None or gather_rows_mode() != "copy":
+def sorted_rows(a: jax.Array, row_index: jax.Array | None, groups: int,
+                backend: str) -> tuple[jax.Array, jax.Array | None]:
+  """`(a, row_index)` for a grouped GEMM over `groups` groups: `(a[row_index],
+  None)` (a copy sorted by output row, `jmoe.kernels.gather_rows`) where
+  `gather_rows_mode` says "copy", else unchanged.
+
+  Args:
+    a: `[t, k]` rows.
+    row_index: `[rows]` int32 row of `a` for each output row, or None.
+    groups: groups (experts) of the GEMM.
+    backend: `"triton"` or `"interpret"`.
+  """
+  if row_index is None or gather_rows_mode(row_index.shape[0], groups) != "copy":
     return a, row_index
-  return jnp.take(a, row_index, axis=0, mode="clip"), None
+  return gather_rows(a, row_index, backend), None
+
+
+def gather_rows(a: jax.Array, index: jax.Array, backend: str) -> jax.Array:
+  """`out [rows, k] = a[index]` (zero rows where `index` is outside `[0, t)`)."""
+  import triton  # pylint: disable=import-outside-toplevel
+
+  from jmoe.kernels.gather_rows import _gather_rows_kernel  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+
+  (rows,), (t, k) = index.shape, a.shape
+  block_r, block_d = (8, 32) if backend == "interpret" else (8, 512)
+  return kernel_call(
+      _gather_rows_kernel,
+      a,
+      index,
+      out_shape=jax.ShapeDtypeStruct((rows, k), a.dtype),
+      grid=(triton.cdiv(rows, block_r), triton.cdiv(k, block_d)),
+      backend=backend,
+      name="jmoe_gather_rows",
+      T=t,
+      ROWS=rows,
+      D=k,
+      BLOCK_R=block_r,
+      BLOCK_D=block_d,
+      num_warps=4,
+  )
 
 
 def gemm_tma_mode(kind: str, gathered: bool = True) -> str:
@@ -361,7 +418,8 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
     persistent = b_tma and mode == "persistent"
     flags.update(A_TMA=a_tma, ROWS_A=a_rows if a_tma else 0, PERSISTENT=persistent,
                  NUM_PROGRAMS=persistent_programs(backend) if persistent else 0,
-                 FLATTEN=persistent and a_tma and env_flag(GEMM_FLATTEN_ENV, True))
+                 FLATTEN=(persistent and a_tma and kind == "plain"
+                          and env_flag(GEMM_FLATTEN_ENV, True)))
   return flags
 
 
@@ -436,7 +494,8 @@ def gemm_call(
   if autotune:
     tiles = {"BLOCK_M": block_m}
   else:
-    tiles = default_config(kind, block_m, n, k, backend, gated).metaparams(kind)
+    tiles = default_config(kind, block_m, n, k, backend, gated,
+                           a_tma=flags.get("A_TMA", False)).metaparams(kind)
 
   def grid(meta):
     return (num_tiles * triton.cdiv(n, meta["BLOCK_N"] * meta.get("SPLIT_N", 1)),)
@@ -496,7 +555,7 @@ def grouped_gemm(
   Returns:
     `[rows, n]` of `out_dtype`.
   """
-  a, row_index = sorted_rows(a, row_index)
+  a, row_index = sorted_rows(a, row_index, b.shape[0], backend)
   dummy_i = jnp.zeros((1,), jnp.int32)
   dummy_f = jnp.zeros((1,), jnp.float32)
   return gemm_call(
