@@ -11,7 +11,8 @@
 Two implementations (`JMOE_ACT_BWD`):
 
 - `"two_pass"` (default): a plain grouped GEMM stores `g` in the operand
-  dtype (`_grouped_gemm_kernel` with the token gather, its best 128x256 tiles),
+  dtype (`_grouped_gemm_kernel` with the token gather, or on a sorted copy of
+  `dy` per `JMOE_GATHER_ROWS`; its best 128x256 tiles),
   then `_act_bwd_elementwise_kernel` streams `g` and `pre` once. Measured on
   the H100 (benchmarks/results/sweep_h100.md): 3.80 vs 5.06 ms (Mixtral-like),
   0.83 vs 1.04 ms (64 experts) against the fused kernel's best config. Costs a

@@ -286,9 +286,10 @@ GEMM_FLATTEN_ENV = "JMOE_GEMM_FLATTEN"
 #   "auto" (default): "copy" above `JMOE_GATHER_ROWS_MIN` (default 1024) rows per
 #     group on average, else "kernel".
 # Measured on the H100 (benchmarks/results/sweep_h100.md, session 9, traced):
-# at 64 experts (768 rows per expert) the up GEMM 0.975 ms gathering vs 0.922
-# on the copy, the dh GEMM -0.075 ms, each copy +0.13 ms (XLA's gather);
-# Mixtral-like (2048 rows per expert) the plain GEMMs -0.37 ms for +0.09.
+# Mixtral-like (2048 rows per expert) the up GEMM 5.53 -> 5.21 ms and the
+# fwd+bwd plain GEMMs 10.80 -> 10.46 ms for 0.07 ms per copy (sustained fwd /
+# fwd+bwd 9.42 / 28.52 -> 9.015 / 28.14 ms); at 64 experts (768 rows per
+# expert) the up GEMM 0.975 -> 0.914 ms for a 0.089 ms copy, fwd+bwd slower.
 GATHER_ROWS_ENV = "JMOE_GATHER_ROWS"
 GATHER_ROWS_MIN_ENV = "JMOE_GATHER_ROWS_MIN"
 GATHER_ROWS_MODES = ("auto", "kernel", "copy")
