@@ -78,10 +78,10 @@ def pinned(kind: str, cfg: GemmConfig | None):
   """Makes `default_config` return `cfg` for launches of `kind`."""
   original = gmm.default_config
 
-  def patched(k, block_m, n, kk, backend, gated=False):
+  def patched(k, block_m, n, kk, backend, gated=False, **kwargs):
     if k == kind and cfg is not None:
       return dataclasses.replace(cfg, block_m=block_m)
-    return original(k, block_m, n, kk, backend, gated)
+    return original(k, block_m, n, kk, backend, gated, **kwargs)
 
   gmm.default_config = patched
   try:
