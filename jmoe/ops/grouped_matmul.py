@@ -393,7 +393,8 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
   """The TMA and schedule constexprs of one grouped GEMM launch (`GEMM_TMA_MODES`).
 
   Args:
-    kind: one of `KINDS` (act_bwd has no `A_TMA`, `PERSISTENT`, `FLATTEN`).
+    kind: one of `KINDS` (act_bwd has no `A_TMA`, `PERSISTENT`; only
+      `"plain"` has `FLATTEN`).
     backend: `"triton"` (needs the jax-triton / jaxlib pair of
       `jmoe.ops._hidden_scratch`, else no TMA) or `"interpret"`.
     dtype: the operands' dtype (TMA here: bfloat16 / float16).
@@ -418,9 +419,10 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
     a_tma = b_tma and a_rows is not None and _tma_strides_ok(dtype, (stride_am, 1))
     persistent = b_tma and mode == "persistent"
     flags.update(A_TMA=a_tma, ROWS_A=a_rows if a_tma else 0, PERSISTENT=persistent,
-                 NUM_PROGRAMS=persistent_programs(backend) if persistent else 0,
-                 FLATTEN=(persistent and a_tma and kind == "plain"
-                          and env_flag(GEMM_FLATTEN_ENV, True)))
+                 NUM_PROGRAMS=persistent_programs(backend) if persistent else 0)
+  if kind == "plain":
+    flags["FLATTEN"] = (flags["PERSISTENT"] and flags["A_TMA"]
+                        and env_flag(GEMM_FLATTEN_ENV, True))
   return flags
 
 
