@@ -117,10 +117,6 @@ class GroupedMatmulTestBase:
     for mode in gmm_lib.GEMM_TMA_MODES:
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, mode)
       outs[mode] = run()
-    # Persistent, every tile stored by st.global (JMOE_GEMM_TMA_STORE=0).
-    monkeypatch.setenv(gmm_lib.GEMM_TMA_STORE_ENV, "0")
-    outs["st_global"] = run()
-    monkeypatch.delenv(gmm_lib.GEMM_TMA_STORE_ENV)
     # Persistent with the item and K loops kept apart (JMOE_GEMM_FLATTEN=0).
     monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
     outs["nested"] = run()
@@ -129,7 +125,7 @@ class GroupedMatmulTestBase:
     expected, vjp = jax.vjp(lambda a, b: _ragged_dot_f32(a, b, sizes), f32(lhs), f32(rhs))
     want = (expected, *vjp(f32(d_out)))
     total = int(np.sum(sizes))
-    for mode in ("auto", "persistent", "tiles", "st_global", "nested"):
+    for mode in ("auto", "persistent", "tiles", "nested"):
       assert np.all(outs[mode][0][total:] == 0), mode
       helpers.assert_variant_matches(outs[mode], outs["off"], want, BF16, self.BACKEND,
                                      ("out", "lhs", "rhs"), f"{mode}: ")
@@ -145,24 +141,22 @@ class GroupedMatmulTestBase:
     monkeypatch.delenv(gmm_lib.GEMM_FLATTEN_ENV, raising=False)
     assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
         "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": True, "ROWS_A": 9,
-        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": True, "C_TMA": False,
-        "ROWS_C": 0}
+        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": True}
     assert flags("plain", dtype=BF16, strides_b=(64, 1, 8), a_rows=None, stride_am=8) == {
         "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": False, "ROWS_A": 0,
-        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": False, "C_TMA": False,
-        "ROWS_C": 0}
+        "PERSISTENT": True, "NUM_PROGRAMS": sms, "FLATTEN": False}
     monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
     assert not flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9,
                      stride_am=8)["FLATTEN"]
     monkeypatch.delenv(gmm_lib.GEMM_FLATTEN_ENV)
     off = {"B_TMA": False, "NUM_GROUPS": 0, "PERSISTENT": False, "NUM_PROGRAMS": 0,
-           "A_TMA": False, "ROWS_A": 0, "C_TMA": False, "ROWS_C": 0}
+           "A_TMA": False, "ROWS_A": 0}
     # "auto": the act kernel gathering its rows and act_bwd by cp.async
     # (measured faster); the act kernel on a sorted copy as the plain kernel.
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=None, stride_am=8) == off
     assert flags("act", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
         "B_TMA": True, "NUM_GROUPS": 5, "A_TMA": True, "ROWS_A": 9,
-        "PERSISTENT": True, "NUM_PROGRAMS": sms, "C_TMA": False, "ROWS_C": 0}
+        "PERSISTENT": True, "NUM_PROGRAMS": sms}
     assert flags("act_bwd", dtype=BF16, strides_b=(64, 1, 8), a_rows=None,
                  stride_am=8) == {"B_TMA": False, "NUM_GROUPS": 0}
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "persistent")
@@ -191,19 +185,6 @@ class GroupedMatmulTestBase:
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "plain=off")
     assert flags("plain", dtype=BF16, strides_b=(64, 8, 1), a_rows=9, stride_am=8) == {
         **off, "FLATTEN": False}
-    # TMA stores (C_TMA): 16-bit outputs with rows of a multiple of 16 bytes,
-    # wherever the launch has descriptors, unless JMOE_GEMM_TMA_STORE=0.
-    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "auto")
-    store = functools.partial(flags, strides_b=(64, 8, 1), a_rows=None, stride_am=8)
-    assert store("plain", dtype=BF16, out=(37, 24, BF16))["C_TMA"]
-    assert store("plain", dtype=BF16, out=(37, 24, BF16))["ROWS_C"] == 37
-    assert store("act", dtype=BF16, a_rows=9, out=(9, 16, np.float16))["C_TMA"]
-    assert not store("act", dtype=BF16, out=(9, 16, BF16))["C_TMA"]  # "off": no descriptors
-    assert not store("plain", dtype=BF16, out=(37, 24, np.float32))["C_TMA"]
-    assert not store("plain", dtype=BF16, out=(37, 12, BF16))["C_TMA"]
-    monkeypatch.setenv(gmm_lib.GEMM_TMA_STORE_ENV, "0")
-    assert store("plain", dtype=BF16, out=(37, 24, BF16))["C_TMA"] is False
-    monkeypatch.delenv(gmm_lib.GEMM_TMA_STORE_ENV)
     for bad in ("on", "act=auto", "up=tiles", "act=tiles,plain=off"):
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, bad)
       with pytest.raises(ValueError, match="JMOE_GEMM_TMA must be one of"):

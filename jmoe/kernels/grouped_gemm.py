@@ -143,51 +143,6 @@ def _b_tile(b_desc, expert, k0, n0, STRIDE_BK: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _out_descriptor(ptr, C_TMA: tl.constexpr, HALVES: tl.constexpr, ROWS_C: tl.constexpr,
-                    COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-  """A TMA descriptor of the output `[ROWS_C, HALVES * COLS]` row-major, seen as
-  `[HALVES, ROWS_C, COLS]` (so a column block past `COLS` is clipped per half),
-  where `C_TMA`; else the pointer."""
-  out = ptr
-  if C_TMA:
-    out = tl.make_tensor_descriptor(
-        ptr, shape=[HALVES, ROWS_C, COLS], strides=[COLS, HALVES * COLS, 1],
-        block_shape=[1, BLOCK_M, BLOCK_N])
-  return out
-
-
-@triton.jit
-def _store_rows(
-    val, ptr, desc, row_start, row_end, half, col0, COLS: tl.constexpr,
-    STRIDE: tl.constexpr, C_TMA: tl.constexpr, ROWS_C: tl.constexpr,
-    BLOCK_M: tl.constexpr, STORE_N: tl.constexpr,
-):
-  """Stores the `[BLOCK_M, STORE_N]` tile `val` (in `ptr`'s dtype) at rows
-  `row_start ...` (before `row_end`) and columns `half * COLS + col0 ...`
-  (before `(half + 1) * COLS`) of a row-major output of row stride `STRIDE`.
-
-  `C_TMA`: a tile of `BLOCK_M` rows goes by one TMA store through `desc`
-  (`_out_descriptor`, `ROWS_C` rows, blocks `[1, BLOCK_M, STORE_N]`;
-  asynchronous, and TMA clips the columns), a shorter one (it ends where the
-  next group's rows start, which another program writes) by a masked
-  `st.global` as without `C_TMA`.
-  """
-  offs_m = row_start + tl.arange(0, BLOCK_M)
-  offs_n = col0 + tl.arange(0, STORE_N)
-  mask = (offs_m < row_end)[:, None] & (offs_n < COLS)[None, :]
-  if C_TMA:
-    # No branch (a TMA store inside an `if` stops Triton from fusing the
-    # flattened loop): a short tile's TMA store starts at row ROWS_C, past the
-    # end, so TMA writes none of it, and a full tile's st.global is masked off.
-    full = row_end - row_start == BLOCK_M
-    desc.store([half, tl.where(full, row_start, ROWS_C), col0],
-               val.reshape(1, BLOCK_M, STORE_N))
-    mask = mask & (row_end - row_start < BLOCK_M)
-  ptrs = ptr + offs_m.to(tl.int64)[:, None] * STRIDE + (half * COLS + offs_n)[None, :]
-  tl.store(ptrs, val, mask=mask)
-
-
-@triton.jit
 def _mainloop(
     a_ptr,
     b_ptr,
@@ -377,14 +332,13 @@ def _mainloop_tma_item(
 @triton.jit
 def _plain_item(
     item, num_pid_m, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
-    c_ptr, c_desc, N: tl.constexpr, K: tl.constexpr, NUM_TILES: tl.constexpr,
+    c_ptr, N: tl.constexpr, K: tl.constexpr, NUM_TILES: tl.constexpr,
     STRIDE_AM: tl.constexpr, STRIDE_AK: tl.constexpr, STRIDE_BG: tl.constexpr,
     STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr, STRIDE_CM: tl.constexpr,
     GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, B_TMA: tl.constexpr, A_TMA: tl.constexpr,
-    FLATTEN: tl.constexpr, C_TMA: tl.constexpr, ROWS_C: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
   """One work item of `_grouped_gemm_kernel` (of the first `num_pid_m` tiles)."""
   pid_n, expert, row_start, row_end = _tile_coords(
@@ -394,8 +348,8 @@ def _plain_item(
         a_desc, b_desc, expert, row_start, row_end, pid_n, K, 0, STRIDE_BK, BLOCK_M,
         BLOCK_N, BLOCK_K, False, FLATTEN, DOT_F32, INPUT_PRECISION,
     )
-    _plain_epilogue(acc, row_scale_ptr, c_ptr, c_desc, expert, row_start, row_end,
-                    pid_n, N, STRIDE_CM, SCALE_ROWS, DOT_F32, C_TMA, ROWS_C, BLOCK_M, BLOCK_N)
+    _plain_epilogue(acc, row_scale_ptr, c_ptr, expert, row_start, row_end, pid_n, N,
+                    STRIDE_CM, SCALE_ROWS, DOT_F32, BLOCK_M, BLOCK_N)
   elif row_start < row_end:
     acc, _ = _mainloop(
         a_ptr, b_ptr, b_desc, row_index_ptr, expert, row_start, row_end, pid_n,
@@ -403,36 +357,27 @@ def _plain_item(
         BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, False, DOT_F32, INPUT_PRECISION,
         False, B_TMA,
     )
-    _plain_epilogue(acc, row_scale_ptr, c_ptr, c_desc, expert, row_start, row_end,
-                    pid_n, N, STRIDE_CM, SCALE_ROWS, DOT_F32, C_TMA, ROWS_C, BLOCK_M, BLOCK_N)
+    _plain_epilogue(acc, row_scale_ptr, c_ptr, expert, row_start, row_end, pid_n, N,
+                    STRIDE_CM, SCALE_ROWS, DOT_F32, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _plain_epilogue(
-    acc, row_scale_ptr, c_ptr, c_desc, expert, row_start, row_end, pid_n,
-    N: tl.constexpr, STRIDE_CM: tl.constexpr, SCALE_ROWS: tl.constexpr,
-    DOT_F32: tl.constexpr, C_TMA: tl.constexpr, ROWS_C: tl.constexpr,
+    acc, row_scale_ptr, c_ptr, expert, row_start, row_end, pid_n, N: tl.constexpr,
+    STRIDE_CM: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-  """Row scale and the store of one plain tile (rows before `row_end`)."""
+  """Row scale and the masked store of one plain tile (rows before `row_end`)."""
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  mask_m = offs_m < row_end
   if SCALE_ROWS:
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    s = tl.load(row_scale_ptr + offs_m, mask=(offs_m < row_end) & (expert >= 0),
-                other=0.0)
+    s = tl.load(row_scale_ptr + offs_m, mask=mask_m & (expert >= 0), other=0.0)
     acc = acc * s[:, None]
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_CM + offs_n[None, :]
+  mask = mask_m[:, None] & (offs_n < N)[None, :]
   # DOT_F32 marks the interpreter: round bf16 rows to nearest even there too.
-  c = round_to(acc, c_ptr.dtype.element_ty, DOT_F32)
-  if C_TMA and BLOCK_N > 128:
-    # Two halves through a half-width staging buffer (a 128 x 256 one does not
-    # fit beside the flattened loop's buffers: 246 KB of shared memory).
-    c0, c1 = tl.split(tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-    _store_rows(c0, c_ptr, c_desc, row_start, row_end, 0, pid_n * BLOCK_N, N, STRIDE_CM,
-                C_TMA, ROWS_C, BLOCK_M, BLOCK_N // 2)
-    _store_rows(c1, c_ptr, c_desc, row_start, row_end, 0, pid_n * BLOCK_N + BLOCK_N // 2,
-                N, STRIDE_CM, C_TMA, ROWS_C, BLOCK_M, BLOCK_N // 2)
-  else:
-    _store_rows(c, c_ptr, c_desc, row_start, row_end, 0, pid_n * BLOCK_N, N, STRIDE_CM,
-                C_TMA, ROWS_C, BLOCK_M, BLOCK_N)
+  tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
 
 @triton.jit
@@ -467,8 +412,6 @@ def _grouped_gemm_kernel(
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # programs launched (PERSISTENT)
     FLATTEN: tl.constexpr,  # PERSISTENT and A_TMA: one pipelined loop over items
-    C_TMA: tl.constexpr,  # full row tiles of c stored by TMA (B_TMA: needs the scratch)
-    ROWS_C: tl.constexpr,  # rows of c (C_TMA)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -477,14 +420,9 @@ def _grouped_gemm_kernel(
   """`c[r, :] = row_scale[r] * a[row_index[r], :] @ b[group(r)]`; zero tiles write 0."""
   tl.static_assert(not A_TMA or (B_TMA and not GATHER_A and STRIDE_AK == 1))
   tl.static_assert(not FLATTEN or (PERSISTENT and A_TMA))
-  tl.static_assert(not C_TMA or (B_TMA and STRIDE_CM == N))
   a_desc, b_desc = _descriptors(
       a_ptr, b_ptr, A_TMA, B_TMA, ROWS_A, NUM_GROUPS, N, K, STRIDE_AM, STRIDE_BG,
       STRIDE_BK, STRIDE_BN, BLOCK_M, BLOCK_N, BLOCK_K)
-  if BLOCK_N > 128:
-    c_desc = _out_descriptor(c_ptr, C_TMA, 1, ROWS_C, N, BLOCK_M, BLOCK_N // 2)
-  else:
-    c_desc = _out_descriptor(c_ptr, C_TMA, 1, ROWS_C, N, BLOCK_M, BLOCK_N)
   if PERSISTENT:
     # FLATTEN: Triton fuses the item and K loops into one software-pipelined
     # loop (the next item's loads overlap this item's last steps and store);
@@ -496,30 +434,27 @@ def _grouped_gemm_kernel(
     for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=FLATTEN):
       _plain_item(
           item, num_pid_m, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr, row_index_ptr,
-          row_scale_ptr, c_ptr, c_desc, N, K, NUM_TILES, STRIDE_AM, STRIDE_AK,
-          STRIDE_BG, STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS, DOT_F32,
-          INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, C_TMA, ROWS_C, BLOCK_M, BLOCK_N, BLOCK_K,
-          GROUP_M)
+          row_scale_ptr, c_ptr, N, K, NUM_TILES, STRIDE_AM, STRIDE_AK, STRIDE_BG,
+          STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS, DOT_F32,
+          INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
   else:
     _plain_item(
         tl.program_id(0), NUM_TILES, a_ptr, a_desc, b_ptr, b_desc, tiles_ptr,
-        row_index_ptr, row_scale_ptr, c_ptr, c_desc, N, K, NUM_TILES, STRIDE_AM,
-        STRIDE_AK, STRIDE_BG, STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS,
-        DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, C_TMA, ROWS_C, BLOCK_M, BLOCK_N,
-        BLOCK_K, GROUP_M)
+        row_index_ptr, row_scale_ptr, c_ptr, N, K, NUM_TILES, STRIDE_AM, STRIDE_AK,
+        STRIDE_BG, STRIDE_BK, STRIDE_BN, STRIDE_CM, GATHER_A, SCALE_ROWS, DOT_F32,
+        INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit
 def _act_item(
     item, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
-    row_scale_ptr, h_ptr, h_desc, pre_ptr, pre_desc, F: tl.constexpr, K: tl.constexpr,
+    row_scale_ptr, h_ptr, pre_ptr, F: tl.constexpr, K: tl.constexpr,
     NUM_TILES: tl.constexpr, STRIDE_XM: tl.constexpr, STRIDE_WG: tl.constexpr,
     STRIDE_WK: tl.constexpr, STRIDE_WN: tl.constexpr, ACTIVATION: tl.constexpr,
     GATED: tl.constexpr, STORE_PRE: tl.constexpr, SCALE_H: tl.constexpr,
     GATHER_A: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    B_TMA: tl.constexpr, A_TMA: tl.constexpr, C_TMA: tl.constexpr,
-    ROWS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    B_TMA: tl.constexpr, A_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
   """One work item of `_grouped_gemm_act_kernel`."""
   pid_n, expert, row_start, row_end = _tile_coords(
@@ -529,9 +464,8 @@ def _act_item(
         x_desc, w_desc, expert, row_start, row_end, pid_n, K, F, STRIDE_WK, BLOCK_M,
         BLOCK_N, BLOCK_K, GATED, False, DOT_F32, INPUT_PRECISION,
     )
-    _act_epilogue(gate, up, row_scale_ptr, h_ptr, h_desc, pre_ptr, pre_desc, row_start,
-                  row_end, pid_n, F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32,
-                  C_TMA, ROWS_C, BLOCK_M, BLOCK_N)
+    _act_epilogue(gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
+                  F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32, BLOCK_M, BLOCK_N)
   elif row_start < row_end:
     gate, up = _mainloop(
         x_ptr, w_ptr, w_desc, row_index_ptr, expert, row_start, row_end, pid_n,
@@ -539,39 +473,40 @@ def _act_item(
         BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
         False, B_TMA,
     )
-    _act_epilogue(gate, up, row_scale_ptr, h_ptr, h_desc, pre_ptr, pre_desc, row_start,
-                  row_end, pid_n, F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32,
-                  C_TMA, ROWS_C, BLOCK_M, BLOCK_N)
+    _act_epilogue(gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
+                  F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _act_epilogue(
-    gate, up, row_scale_ptr, h_ptr, h_desc, pre_ptr, pre_desc, row_start, row_end, pid_n,
+    gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
     F: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     STORE_PRE: tl.constexpr, SCALE_H: tl.constexpr, DOT_F32: tl.constexpr,
-    C_TMA: tl.constexpr, ROWS_C: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-  """Activation, row scale and the stores of `h` (and `pre`) of one tile."""
+  """Activation, row scale and the masked stores of `h` (and `pre`) of one tile."""
   if GATED:
     h = act_fwd(gate, ACTIVATION) * up
   else:
     h = act_fwd(gate, ACTIVATION)
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  mask = (offs_m < row_end)[:, None] & (offs_n < F)[None, :]
   if SCALE_H:
-    offs_m = row_start + tl.arange(0, BLOCK_M)
     scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < row_end, other=0.0)
     h = h * scale[:, None]
+  rows64 = offs_m.to(tl.int64)[:, None]
+  h_ptrs = h_ptr + rows64 * F + offs_n[None, :]
   # DOT_F32 marks the interpreter: round to nearest even there as on the GPU.
-  _store_rows(round_to(h, h_ptr.dtype.element_ty, DOT_F32), h_ptr, h_desc, row_start,
-              row_end, 0, pid_n * BLOCK_N, F, F, C_TMA, ROWS_C, BLOCK_M, BLOCK_N)
+  tl.store(h_ptrs, round_to(h, h_ptr.dtype.element_ty, DOT_F32), mask=mask)
   if STORE_PRE:
-    _store_rows(round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), pre_ptr, pre_desc,
-                row_start, row_end, 0, pid_n * BLOCK_N, F, F * (1 + GATED), C_TMA,
-                ROWS_C, BLOCK_M, BLOCK_N)
     if GATED:
-      _store_rows(round_to(up, pre_ptr.dtype.element_ty, DOT_F32), pre_ptr, pre_desc,
-                  row_start, row_end, 1, pid_n * BLOCK_N, F, 2 * F, C_TMA, ROWS_C,
-                  BLOCK_M, BLOCK_N)
+      pre_ptrs = pre_ptr + rows64 * (2 * F) + offs_n[None, :]
+      tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
+      tl.store(pre_ptrs + F, round_to(up, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
+    else:
+      pre_ptrs = pre_ptr + rows64 * F + offs_n[None, :]
+      tl.store(pre_ptrs, round_to(gate, pre_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
 
 @triton.jit
@@ -607,8 +542,6 @@ def _grouped_gemm_act_kernel(
     NUM_GROUPS: tl.constexpr,  # G (B_TMA)
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # programs launched (PERSISTENT)
-    C_TMA: tl.constexpr,  # full row tiles of h (and pre) stored by TMA (B_TMA)
-    ROWS_C: tl.constexpr,  # rows of h (C_TMA)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -620,29 +553,23 @@ def _grouped_gemm_act_kernel(
   copy sorted by slot, `ROWS_A` rows)."""
   tl.static_assert(not (B_TMA and STRIDE_WK == 1))  # no transposed gated weights
   tl.static_assert(not A_TMA or (B_TMA and not GATHER_A))
-  tl.static_assert(not C_TMA or B_TMA)
   x_desc, w_desc = _descriptors(
       x_ptr, w_ptr, A_TMA, B_TMA, ROWS_A, NUM_GROUPS, F * (1 + GATED), K, STRIDE_XM,
       STRIDE_WG, STRIDE_WK, STRIDE_WN, BLOCK_M, BLOCK_N, BLOCK_K)
-  h_desc = _out_descriptor(h_ptr, C_TMA, 1, ROWS_C, F, BLOCK_M, BLOCK_N)
-  pre_desc = _out_descriptor(pre_ptr, C_TMA and STORE_PRE, 1 + GATED, ROWS_C, F, BLOCK_M,
-                             BLOCK_N)
   if PERSISTENT:
     items = NUM_TILES * tl.cdiv(F, BLOCK_N)
     for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=False):
       _act_item(
           item, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
-          h_ptr, h_desc, pre_ptr, pre_desc, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG,
-          STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A,
-          DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, C_TMA, ROWS_C, BLOCK_M, BLOCK_N, BLOCK_K,
-          GROUP_M)
+          h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG, STRIDE_WK, STRIDE_WN,
+          ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A, DOT_F32, INPUT_PRECISION,
+          B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
   else:
     _act_item(
         tl.program_id(0), x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
-        row_scale_ptr, h_ptr, h_desc, pre_ptr, pre_desc, F, K, NUM_TILES, STRIDE_XM,
-        STRIDE_WG, STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H,
-        GATHER_A, DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, C_TMA, ROWS_C, BLOCK_M, BLOCK_N,
-        BLOCK_K, GROUP_M)
+        row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG,
+        STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A,
+        DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit

@@ -233,7 +233,7 @@ def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
       GATHER_A=token is not None,
       **gmm_lib.dot_flags(x.dtype, backend),
       **gmm_lib.tma_flags("act", backend, x.dtype, (d * pf, pf, 1), up.shape[0],
-                          None if token is not None else tk, d, out=(tk, f, x.dtype)),
+                          None if token is not None else tk, d),
   )
 
 

@@ -276,11 +276,6 @@ _AUTO_MODE = {"plain": "persistent", "act": "off", "act_bwd": "off"}
 
 
 GEMM_FLATTEN_ENV = "JMOE_GEMM_FLATTEN"
-# `JMOE_GEMM_TMA_STORE` (default 1): where a plain or act launch has the TMA
-# descriptors (`B_TMA`), its row tiles that end inside their group (all but a
-# group's last) store `c` (`h`, `pre`) by TMA (`C_TMA`), asynchronously, the
-# others by a masked st.global; 0 stores every tile by st.global.
-GEMM_TMA_STORE_ENV = "JMOE_GEMM_TMA_STORE"
 
 # How a grouped GEMM whose `a` rows are gathered (the up GEMM's token rows of
 # `x`, the dh GEMM's rows of `dy`) reads them (`gather_rows_mode`):
@@ -394,8 +389,7 @@ def _tma_strides_ok(dtype: Any, strides: tuple[int, ...]) -> bool:
 
 
 def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, int],
-              num_groups: int, a_rows: int | None, stride_am: int,
-              out: tuple[int, int, Any] | None = None) -> dict[str, Any]:
+              num_groups: int, a_rows: int | None, stride_am: int) -> dict[str, Any]:
   """The TMA and schedule constexprs of one grouped GEMM launch (`GEMM_TMA_MODES`).
 
   Args:
@@ -410,8 +404,6 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
     a_rows: rows of a contiguous `a`, or None when its rows are gathered
       (then no `A_TMA`, and the act kernel's "auto" mode is "off").
     stride_am: row stride of `a`.
-    out: `(rows, cols, dtype)` of the (first) output, row-major, for `C_TMA`
-      (`JMOE_GEMM_TMA_STORE`); None: no TMA store.
   """
   from jmoe.ops import _hidden_scratch  # pylint: disable=import-outside-toplevel
   from jmoe.ops._call import persistent_programs  # pylint: disable=import-outside-toplevel
@@ -426,11 +418,8 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
   if kind != "act_bwd":
     a_tma = b_tma and a_rows is not None and _tma_strides_ok(dtype, (stride_am, 1))
     persistent = b_tma and mode == "persistent"
-    c_tma = (b_tma and out is not None and _tma_strides_ok(out[2], (out[1], 1))
-             and env_flag(GEMM_TMA_STORE_ENV, True))
     flags.update(A_TMA=a_tma, ROWS_A=a_rows if a_tma else 0, PERSISTENT=persistent,
-                 NUM_PROGRAMS=persistent_programs(backend) if persistent else 0,
-                 C_TMA=c_tma, ROWS_C=out[0] if c_tma else 0)
+                 NUM_PROGRAMS=persistent_programs(backend) if persistent else 0)
   if kind == "plain":
     flags["FLATTEN"] = (flags["PERSISTENT"] and flags["A_TMA"]
                         and env_flag(GEMM_FLATTEN_ENV, True))
@@ -516,9 +505,7 @@ def gemm_call(
 
   if flags.get("PERSISTENT"):
     grid = (flags["NUM_PROGRAMS"],)
-  out_descriptors = 1 + int(flags.get("STORE_PRE", False))  # c (h), pre
-  descriptors = (int(flags.get("B_TMA", False)) + int(flags.get("A_TMA", False))
-                 + out_descriptors * int(flags.get("C_TMA", False)))
+  descriptors = int(flags.get("B_TMA", False)) + int(flags.get("A_TMA", False))
   scratch = {}
   if descriptors and backend == "triton":
     scratch = {"scratch_bytes_per_program": 128 * descriptors}
@@ -601,8 +588,7 @@ def grouped_gemm(
       SCALE_ROWS=row_scale is not None,
       **dot_flags(a.dtype, backend),
       **tma_flags("plain", backend, a.dtype, strides_b, b.shape[0],
-                  None if row_index is not None else a.shape[0], a.shape[1],
-                  out=(rows, n, out_dtype)),
+                  None if row_index is not None else a.shape[0], a.shape[1]),
   )
 
 
