@@ -336,6 +336,34 @@ class ExpertFfnTestBase:
     with pytest.raises(ValueError, match="JMOE_GATHER_ROWS must be one of"):
       gmm_lib.gather_rows_mode(111, 5)
 
+  @pytest.mark.parametrize("f,dtype", [(24, BF16), (40, BF16), (40, np.float32)])
+  def test_act_wide(self, rng, monkeypatch, f, dtype):
+    # JMOE_ACT_WIDE: the gated up GEMM gathering its rows multiplies gate and up
+    # columns as one [BLOCK_K, 2 BLOCK_N] weight tile. f = 24 and 40 leave
+    # partial column blocks (gate and up columns wrap at f), d = 40 a K tail,
+    # capacity 0.3 idle slots: the numbers of the two-tile kernel (bit for bit
+    # under the interpreter), within the dtype's bound of the reference.
+    for name in (gmm_lib.GEMM_TMA_ENV, gmm_lib.GATHER_ROWS_ENV):
+      monkeypatch.delenv(name, raising=False)
+    args = _inputs(rng, 37, 40, f, 5, 3, "swiglu", dtype, 0.3)
+    ct = helpers.normal(rng, (37, 40), np.float32)
+    run = functools.partial(_outputs_and_grads, args=args, ct=ct)
+    fn = functools.partial(self._ffn, activation="swiglu")
+    monkeypatch.setenv(gmm_lib.ACT_WIDE_ENV, "0")
+    base = run(fn)
+    monkeypatch.setenv(gmm_lib.ACT_WIDE_ENV, "1")
+    got = run(fn)
+    want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
+    helpers.assert_variant_matches(got, base, want, dtype, self.BACKEND,
+                                   ("y", "x", "weights", "up", "down"), "wide: ")
+    # Where it applies: gated, weights through pointers, f a multiple of 8.
+    assert gmm_lib.act_wide(True, f, b_tma=False)
+    assert not gmm_lib.act_wide(True, 20, b_tma=False)
+    assert not gmm_lib.act_wide(True, f, b_tma=True)
+    assert not gmm_lib.act_wide(False, f, b_tma=False)
+    monkeypatch.setenv(gmm_lib.ACT_WIDE_ENV, "0")
+    assert not gmm_lib.act_wide(True, f, b_tma=False)
+
   @pytest.mark.parametrize("activation,dtype", [("swiglu", BF16), ("gelu", np.float32)])
   def test_router_scale_stages(self, rng, monkeypatch, activation, dtype):
     # JMOE_ROUTER_SCALE: router weights applied in the up GEMM's epilogue (the

@@ -7,7 +7,8 @@ when autotuning is off, the constexprs its launcher passes and the argument
 hints jax-triton gives (16-byte aligned pointers; every other argument is a
 constexpr):
 
-  up       `_grouped_gemm_act_kernel`, gated, row gather, STORE_PRE, router
+  up       `_grouped_gemm_act_kernel`, gated (`WIDE`: gate and up as one N = 256
+           tile), row gather, STORE_PRE, router
            weight scale SCALE_H (`jmoe.ops.expert_ffn.up_stage`)
   up_sorted, act_bwd_g_sorted  up and act_bwd_g on a copy of x (dy) sorted by
            slot (`JMOE_GATHER_ROWS=copy`): both operands by TMA, FLATTEN
@@ -51,24 +52,9 @@ STAGES = ("up", "down", "act_bwd_g", "act_bwd", "dx", "up_sorted", "act_bwd_g_so
 BLOCK_M = 128
 H100_SHARED = 232448  # bytes of shared memory per block (227 KB)
 
-# The gated up projection's default (BLOCK_N=128, BLOCK_K=32, 8 warps, 5 stages;
-# also the earlier 64 x 3 stages) spills on every benchmark shape: measured with
-# triton 3.6.0's bundled ptxas. It is still the fastest config measured on the
-# H100 (benchmarks/results/sweep_h100.md).
-_UP_SPILLS = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="default gated act config (128x128x32, 8 warps, 5 stages) spills on "
-    "sm_90: 255 registers, STACK:8, triton 3.6.0 ptxas",
-)
-
-
-def _params(marks_up=()):
-  return [
-      pytest.param(case, stage, id=f"{case}-{stage}",
-                   marks=marks_up if stage == "up" else ())
-      for case in CASE_NAMES for stage in STAGES
-  ]
+def _params():
+  return [pytest.param(case, stage, id=f"{case}-{stage}")
+          for case in CASE_NAMES for stage in STAGES]
 
 
 @functools.cache
@@ -136,11 +122,12 @@ def _launch(case_name: str, stage: str):
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tiles_ptr": "*i32",
            "row_index_ptr": "*i32", "row_scale_ptr": "*fp32", "h_ptr": "*bf16",
            "pre_ptr": "*bf16"}
+    flags = tma("act", num_groups=e, strides_b=(d * pf, pf, 1),
+                a_rows=tk if sorted_rows else None, stride_am=d)
     const = dict(F=f, K=d, NUM_TILES=num_tiles, STRIDE_XM=d, STRIDE_WG=d * pf,
                  STRIDE_WK=pf, STRIDE_WN=1, ACTIVATION="silu", GATED=True,
-                 STORE_PRE=True, SCALE_H=True, GATHER_A=not sorted_rows, **dot,
-                 **tma("act", num_groups=e, strides_b=(d * pf, pf, 1),
-                       a_rows=tk if sorted_rows else None, stride_am=d))
+                 STORE_PRE=True, SCALE_H=True, GATHER_A=not sorted_rows,
+                 WIDE=gmm_lib.act_wide(True, f, flags["B_TMA"]), **dot, **flags)
     return kernels._grouped_gemm_act_kernel, sig, const, cfg, "act"
   if stage == "down":
     cfg = gmm_lib.default_config("plain", BLOCK_M, d, f, "triton")
@@ -234,6 +221,10 @@ def test_sm90_default_build_ptx(sm90_build, case, stage):
   assert const["B_TMA"] == (stage not in ("up", "act_bwd")), const
   assert const.get("A_TMA", False) == (stage in ("down", "dx") or "sorted" in stage)
   assert "wgmma.mma_async" in ptx, f"no wgmma ({b['cfg']})"
+  # The gathered gated up GEMM (`WIDE`): one N = 256 wgmma for gate and up.
+  assert const.get("WIDE", False) == (stage == "up"), const
+  if const.get("WIDE"):
+    assert "wgmma.mma_async.sync.aligned.m64n256k16" in ptx, "WIDE: no N = 256 wgmma"
   tma = re.search(r"cp\.async\.bulk\.tensor\.[23]d\.shared::cluster\.global", ptx)
   assert bool(tma) == const["B_TMA"], "TMA loads"
   copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)",
@@ -250,7 +241,7 @@ def test_sm90_default_build_ptx(sm90_build, case, stage):
   assert b["shared"] <= H100_SHARED, f"{b['shared']} bytes of shared memory"
 
 
-@pytest.mark.parametrize("case,stage", _params(marks_up=_UP_SPILLS))
+@pytest.mark.parametrize("case,stage", _params())
 def test_sm90_default_build_no_spills(sm90_build, case, stage):
   """`cuobjdump -res-usage`: no stack and no local memory (no register spills)."""
   b = sm90_build(case, stage)

@@ -25,7 +25,10 @@ Three entry points share `_tile_coords` and `_mainloop`:
 - `_grouped_gemm_act_kernel`: the expert up projection with the activation
   in the epilogue, optionally gated (gate columns `[0, F)`, up `[F, 2F)` of
   `B[g]`, both tiles computed by the same program) and optionally storing
-  the pre-activation for the backward.
+  the pre-activation for the backward. With `WIDE` (weights through
+  pointers) the gate and up columns of a block come as one `[BLOCK_K, 2
+  BLOCK_N]` tile and one accumulator (`_mainloop_wide`: one N = 256 wgmma
+  per step, no register spills), split for the epilogue.
 - `_grouped_gemm_act_bwd_kernel`: `g = dy[row(r)] @ down[g]^T` with the
   activation backward in the epilogue: `d_pre` and per-column-block partial
   sums of `<h, g>` (the router-weight gradient, summed later in a fixed order).
@@ -257,6 +260,51 @@ def _mainloop(
 
 
 @triton.jit
+def _mainloop_wide(
+    a_ptr, b_ptr, row_index_ptr, expert, row_start, row_end, pid_n, F: tl.constexpr,
+    K: tl.constexpr, STRIDE_AM: tl.constexpr, STRIDE_BG: tl.constexpr,
+    STRIDE_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GATHER_A: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+  """The gated `_mainloop` (pointers, cp.async) as one `[BLOCK_M, 2 BLOCK_N]`
+  product: each step loads the gate and up columns of the block as one
+  `[BLOCK_K, 2 BLOCK_N]` weight tile (one wgmma of N = 2 BLOCK_N reads the `a`
+  tile once); returns `(gate, up)` tiles split from the accumulator."""
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  rows = tl.where(offs_m < row_end, offs_m, row_start)
+  if GATHER_A:
+    a_rows = tl.load(row_index_ptr + rows)
+  else:
+    a_rows = rows
+  offs_k = tl.arange(0, BLOCK_K)
+  j = tl.arange(0, 2 * BLOCK_N)
+  cols = (pid_n * BLOCK_N + j % BLOCK_N) % F + (j // BLOCK_N) * F
+  # Runs of 8 contiguous columns from multiples of 8 (F % 8 == 0): 16-byte copies.
+  cols = tl.max_contiguous(tl.multiple_of(cols, 8), 8)
+  a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * STRIDE_AM + offs_k[None, :]
+  b_ptrs = (b_ptr + tl.maximum(expert, 0).to(tl.int64) * STRIDE_BG
+            + offs_k[:, None] * STRIDE_BK + cols[None, :])
+  acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+  num_k = tl.where(expert >= 0, tl.cdiv(K, BLOCK_K), 0)
+  for kk in range(0, num_k):
+    if K % BLOCK_K == 0:
+      a = tl.load(a_ptrs)
+      b = tl.load(b_ptrs)
+    else:
+      k_mask = offs_k < K - kk * BLOCK_K
+      a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+      b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+    if DOT_F32:
+      a = a.to(tl.float32)
+      b = b.to(tl.float32)
+    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    a_ptrs += BLOCK_K
+    b_ptrs += BLOCK_K * STRIDE_BK
+  return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+
+
+@triton.jit
 def _mainloop_tma(
     a_desc,
     b_desc,
@@ -455,6 +503,7 @@ def _act_item(
     GATHER_A: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     B_TMA: tl.constexpr, A_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
   """One work item of `_grouped_gemm_act_kernel`."""
   pid_n, expert, row_start, row_end = _tile_coords(
@@ -467,12 +516,18 @@ def _act_item(
     _act_epilogue(gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
                   F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32, BLOCK_M, BLOCK_N)
   elif row_start < row_end:
-    gate, up = _mainloop(
-        x_ptr, w_ptr, w_desc, row_index_ptr, expert, row_start, row_end, pid_n,
-        F, K, STRIDE_XM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, F,
-        BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
-        False, B_TMA,
-    )
+    if WIDE:
+      gate, up = _mainloop_wide(
+          x_ptr, w_ptr, row_index_ptr, expert, row_start, row_end, pid_n, F, K,
+          STRIDE_XM, STRIDE_WG, STRIDE_WK, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A,
+          DOT_F32, INPUT_PRECISION)
+    else:
+      gate, up = _mainloop(
+          x_ptr, w_ptr, w_desc, row_index_ptr, expert, row_start, row_end, pid_n,
+          F, K, STRIDE_XM, 1, STRIDE_WG, STRIDE_WK, STRIDE_WN, F,
+          BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, DOT_F32, INPUT_PRECISION,
+          False, B_TMA,
+      )
     _act_epilogue(gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
                   F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32, BLOCK_M, BLOCK_N)
 
@@ -546,6 +601,7 @@ def _grouped_gemm_act_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    WIDE: tl.constexpr,  # GATED, weights by pointers: one [BLOCK_K, 2 BLOCK_N] tile
 ):
   """`h = act(x[row] @ w[g][:, :F]) (* x[row] @ w[g][:, F:] if GATED)`, times
   `row_scale[row]` in float32 before the one rounding to h's dtype if SCALE_H;
@@ -553,6 +609,7 @@ def _grouped_gemm_act_kernel(
   copy sorted by slot, `ROWS_A` rows)."""
   tl.static_assert(not (B_TMA and STRIDE_WK == 1))  # no transposed gated weights
   tl.static_assert(not A_TMA or (B_TMA and not GATHER_A))
+  tl.static_assert(not WIDE or (GATED and not B_TMA))
   x_desc, w_desc = _descriptors(
       x_ptr, w_ptr, A_TMA, B_TMA, ROWS_A, NUM_GROUPS, F * (1 + GATED), K, STRIDE_XM,
       STRIDE_WG, STRIDE_WK, STRIDE_WN, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -563,13 +620,13 @@ def _grouped_gemm_act_kernel(
           item, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
           h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG, STRIDE_WK, STRIDE_WN,
           ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A, DOT_F32, INPUT_PRECISION,
-          B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+          B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, WIDE)
   else:
     _act_item(
         tl.program_id(0), x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
         row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG,
         STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A,
-        DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, WIDE)
 
 
 @triton.jit

@@ -201,6 +201,8 @@ def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
   tk = al.token.shape[0]
   num_tiles = al.tiles.shape[1]
   rows, token = gmm_lib.sorted_rows(x, al.token, up.shape[0], backend)
+  tma = gmm_lib.tma_flags("act", backend, x.dtype, (d * pf, pf, 1), up.shape[0],
+                          None if token is not None else tk, d)
   return gmm_lib.gemm_call(
       "act",
       rows,
@@ -231,9 +233,9 @@ def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
       STORE_PRE=save,
       SCALE_H=row_scale is not None,
       GATHER_A=token is not None,
+      WIDE=gmm_lib.act_wide(gated, f, tma["B_TMA"]),
       **gmm_lib.dot_flags(x.dtype, backend),
-      **gmm_lib.tma_flags("act", backend, x.dtype, (d * pf, pf, 1), up.shape[0],
-                          None if token is not None else tk, d),
+      **tma,
   )
 
 

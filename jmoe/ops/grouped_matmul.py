@@ -277,6 +277,19 @@ _AUTO_MODE = {"plain": "persistent", "act": "off", "act_bwd": "off"}
 
 GEMM_FLATTEN_ENV = "JMOE_GEMM_FLATTEN"
 
+# `JMOE_ACT_WIDE` (default 1): the gated act kernel loading its weights through
+# pointers (`B_TMA` off: rows gathered by cp.async) multiplies the gate and up
+# columns of a block as one `[BLOCK_K, 2 BLOCK_N]` weight tile (`WIDE`: one
+# wgmma of N = 256 per step instead of two of 128, so the `a` tile is read from
+# shared memory once); 0 keeps two tiles. Needs `f % 8 == 0` (16-byte runs).
+ACT_WIDE_ENV = "JMOE_ACT_WIDE"
+
+
+def act_wide(gated: bool, f: int, b_tma: bool) -> bool:
+  """`WIDE` of an act launch whose weights come by TMA or not (`b_tma`;
+  `JMOE_ACT_WIDE`, see above)."""
+  return gated and not b_tma and f % 8 == 0 and env_flag(ACT_WIDE_ENV, True)
+
 # How a grouped GEMM whose `a` rows are gathered (the up GEMM's token rows of
 # `x`, the dh GEMM's rows of `dy`) reads them (`gather_rows_mode`):
 #   "kernel": through the row index inside the GEMM, by cp.async;
