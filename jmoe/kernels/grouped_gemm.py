@@ -146,6 +146,25 @@ def _b_tile(b_desc, expert, k0, n0, STRIDE_BK: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def _a_tile_ptrs(
+    a_ptr, row_index_ptr, row_start, row_end, STRIDE_AM: tl.constexpr,
+    STRIDE_AK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_A: tl.constexpr,
+):
+  """Pointers `[BLOCK_M, BLOCK_K]` to the first K step of a tile's `a` rows:
+  row `row_index[r]` (`GATHER_A`) or `r` for `r` in `row_start ...`, rows
+  past `row_end` clamped to `row_start` (read, never stored)."""
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  rows = tl.where(offs_m < row_end, offs_m, row_start)
+  if GATHER_A:
+    a_rows = tl.load(row_index_ptr + rows)
+  else:
+    a_rows = rows
+  return (a_ptr + a_rows.to(tl.int64)[:, None] * STRIDE_AM
+          + tl.arange(0, BLOCK_K)[None, :] * STRIDE_AK)
+
+
+@triton.jit
 def _mainloop(
     a_ptr,
     b_ptr,
@@ -187,18 +206,9 @@ def _mainloop(
   """
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   offs_k = tl.arange(0, BLOCK_K)
-  offs_m = row_start + tl.arange(0, BLOCK_M)
-  rows = tl.where(offs_m < row_end, offs_m, row_start)
-  if GATHER_A:
-    a_rows = tl.load(row_index_ptr + rows)
-  else:
-    a_rows = rows
+  a_ptrs = _a_tile_ptrs(a_ptr, row_index_ptr, row_start, row_end, STRIDE_AM, STRIDE_AK,
+                        BLOCK_M, BLOCK_K, GATHER_A)
   b_cols = offs_n % N
-  a_ptrs = (
-      a_ptr
-      + a_rows.to(tl.int64)[:, None] * STRIDE_AM
-      + offs_k[None, :] * STRIDE_AK
-  )
   b_ptrs = (
       b_ptr
       + tl.maximum(expert, 0).to(tl.int64) * STRIDE_BG
@@ -271,18 +281,13 @@ def _mainloop_wide(
   product: each step loads the gate and up columns of the block as one
   `[BLOCK_K, 2 BLOCK_N]` weight tile (one wgmma of N = 2 BLOCK_N reads the `a`
   tile once); returns `(gate, up)` tiles split from the accumulator."""
-  offs_m = row_start + tl.arange(0, BLOCK_M)
-  rows = tl.where(offs_m < row_end, offs_m, row_start)
-  if GATHER_A:
-    a_rows = tl.load(row_index_ptr + rows)
-  else:
-    a_rows = rows
   offs_k = tl.arange(0, BLOCK_K)
+  a_ptrs = _a_tile_ptrs(a_ptr, row_index_ptr, row_start, row_end, STRIDE_AM, 1,
+                        BLOCK_M, BLOCK_K, GATHER_A)
   j = tl.arange(0, 2 * BLOCK_N)
   cols = (pid_n * BLOCK_N + j % BLOCK_N) % F + (j // BLOCK_N) * F
   # Runs of 8 contiguous columns from multiples of 8 (F % 8 == 0): 16-byte copies.
   cols = tl.max_contiguous(tl.multiple_of(cols, 8), 8)
-  a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * STRIDE_AM + offs_k[None, :]
   b_ptrs = (b_ptr + tl.maximum(expert, 0).to(tl.int64) * STRIDE_BG
             + offs_k[:, None] * STRIDE_BK + cols[None, :])
   acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)

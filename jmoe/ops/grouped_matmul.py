@@ -290,6 +290,7 @@ def act_wide(gated: bool, f: int, b_tma: bool) -> bool:
   `JMOE_ACT_WIDE`, see above)."""
   return gated and not b_tma and f % 8 == 0 and env_flag(ACT_WIDE_ENV, True)
 
+
 # How a grouped GEMM whose `a` rows are gathered (the up GEMM's token rows of
 # `x`, the dh GEMM's rows of `dy`) reads them (`gather_rows_mode`):
 #   "kernel": through the row index inside the GEMM, by cp.async;
