@@ -293,13 +293,12 @@ class ExpertFfnTestBase:
     # JMOE_GATHER_ROWS=copy: the up GEMM (and the dh GEMM of the two-pass
     # act_bwd) read a copy of x (dy) sorted by slot instead of gathering rows
     # in the kernel; 16-bit operands then come by TMA, in the flattened
-    # persistent loop ("auto"; the up GEMM's loop stays nested unless
-    # JMOE_ACT_FLATTEN=1), the nested one (FLATTEN=0) or per item ("tiles").
-    # d = 40 leaves a K tail and f = 24 a partial column block;
+    # persistent loop ("auto"; the up GEMM's loop stays nested), the nested
+    # one (FLATTEN=0) or per item ("tiles"). d = 40 leaves a K tail and f = 24 a partial column block;
     # dropped copies (capacity 0.3) leave idle slots. Every variant gives the
     # numbers of the in-kernel gather (bit for bit under the interpreter),
     # within the dtype's bound of the reference.
-    for name in (gmm_lib.GEMM_TMA_ENV, gmm_lib.GEMM_FLATTEN_ENV, gmm_lib.ACT_FLATTEN_ENV):
+    for name in (gmm_lib.GEMM_TMA_ENV, gmm_lib.GEMM_FLATTEN_ENV):
       monkeypatch.delenv(name, raising=False)
     args = _inputs(rng, 37, 40, 24, 5, 3, activation, dtype, 0.3)
     ct = helpers.normal(rng, (37, 40), np.float32)
@@ -312,14 +311,9 @@ class ExpertFfnTestBase:
     outs = {"auto": run(fn)}
     if dtype == BF16:
       flags = gmm_lib.tma_flags("act", self.BACKEND, BF16, (960, 48, 1), 5, 111, 40)
-      assert flags["A_TMA"] and flags["PERSISTENT"] and not flags["FLATTEN"]
+      assert flags["A_TMA"] and flags["PERSISTENT"] and "FLATTEN" not in flags
       flags = gmm_lib.tma_flags("plain", self.BACKEND, BF16, (960, 1, 40), 5, 111, 40)
       assert flags["A_TMA"] and flags["PERSISTENT"] and flags["FLATTEN"]
-      monkeypatch.setenv(gmm_lib.ACT_FLATTEN_ENV, "1")
-      flags = gmm_lib.tma_flags("act", self.BACKEND, BF16, (960, 48, 1), 5, 111, 40)
-      assert flags["A_TMA"] and flags["PERSISTENT"] and flags["FLATTEN"]
-      outs["act_flatten"] = run(fn)
-      monkeypatch.delenv(gmm_lib.ACT_FLATTEN_ENV)
       monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
       outs["nested"] = run(fn)
       monkeypatch.delenv(gmm_lib.GEMM_FLATTEN_ENV)

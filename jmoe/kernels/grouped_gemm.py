@@ -43,9 +43,8 @@ bf16/fp16 `tl.dot` wrong); accumulation is always float32.
 `[NUM_GROUPS, K, cols]` (`[NUM_GROUPS, cols, K]` read transposed), so a tile
 never reads another group's weights and the K tail reads zeros; `A_TMA` (the
 plain and act kernels, `a` not gathered: a sorted copy) loads the `a` tiles
-by TMA too; `FLATTEN` then fuses the persistent item and K loops (the plain
-kernel by default; the act kernel only with `JMOE_ACT_FLATTEN=1`, see
-`jmoe.ops.grouped_matmul`). The
+by TMA too; in the plain kernel `FLATTEN` then fuses the persistent item and
+K loops (the act kernel's loops stay nested: its fused loop measured slower). The
 descriptors are built on the device once per program (`_descriptors`), in
 Triton's hidden scratch argument (`jmoe.ops._hidden_scratch`): that is what
 `PERSISTENT` amortises. Without them every load is a `cp.async` through
@@ -501,23 +500,23 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _act_item(
-    item, num_pid_m, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
+    item, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
     row_scale_ptr, h_ptr, pre_ptr, F: tl.constexpr, K: tl.constexpr,
     NUM_TILES: tl.constexpr, STRIDE_XM: tl.constexpr, STRIDE_WG: tl.constexpr,
     STRIDE_WK: tl.constexpr, STRIDE_WN: tl.constexpr, ACTIVATION: tl.constexpr,
     GATED: tl.constexpr, STORE_PRE: tl.constexpr, SCALE_H: tl.constexpr,
     GATHER_A: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    B_TMA: tl.constexpr, A_TMA: tl.constexpr, FLATTEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, WIDE: tl.constexpr,
+    B_TMA: tl.constexpr, A_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-  """One work item of `_grouped_gemm_act_kernel` (of the first `num_pid_m` tiles)."""
+  """One work item of `_grouped_gemm_act_kernel`."""
   pid_n, expert, row_start, row_end = _tile_coords(
-      item, tiles_ptr, NUM_TILES, num_pid_m, F, BLOCK_N, GROUP_M)
+      item, tiles_ptr, NUM_TILES, NUM_TILES, F, BLOCK_N, GROUP_M)
   if A_TMA:
     gate, up = _mainloop_tma_item(
         x_desc, w_desc, expert, row_start, row_end, pid_n, K, F, STRIDE_WK, BLOCK_M,
-        BLOCK_N, BLOCK_K, GATED, FLATTEN, DOT_F32, INPUT_PRECISION,
+        BLOCK_N, BLOCK_K, GATED, False, DOT_F32, INPUT_PRECISION,
     )
     _act_epilogue(gate, up, row_scale_ptr, h_ptr, pre_ptr, row_start, row_end, pid_n,
                   F, ACTIVATION, GATED, STORE_PRE, SCALE_H, DOT_F32, BLOCK_M, BLOCK_N)
@@ -603,7 +602,6 @@ def _grouped_gemm_act_kernel(
     NUM_GROUPS: tl.constexpr,  # G (B_TMA)
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # programs launched (PERSISTENT)
-    FLATTEN: tl.constexpr,  # PERSISTENT and A_TMA: one pipelined loop over items
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -617,31 +615,23 @@ def _grouped_gemm_act_kernel(
   tl.static_assert(not (B_TMA and STRIDE_WK == 1))  # no transposed gated weights
   tl.static_assert(not A_TMA or (B_TMA and not GATHER_A))
   tl.static_assert(not WIDE or (GATED and not B_TMA))
-  tl.static_assert(not FLATTEN or (PERSISTENT and A_TMA))
   x_desc, w_desc = _descriptors(
       x_ptr, w_ptr, A_TMA, B_TMA, ROWS_A, NUM_GROUPS, F * (1 + GATED), K, STRIDE_XM,
       STRIDE_WG, STRIDE_WK, STRIDE_WN, BLOCK_M, BLOCK_N, BLOCK_K)
   if PERSISTENT:
-    # FLATTEN: as in `_grouped_gemm_kernel` (only the active tiles, each with
-    # the full K loop, in one software-pipelined loop).
-    num_pid_m = NUM_TILES
-    if FLATTEN:
-      num_pid_m = _active_tiles(tiles_ptr, NUM_TILES)
-    items = num_pid_m * tl.cdiv(F, BLOCK_N)
-    for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=FLATTEN):
+    items = NUM_TILES * tl.cdiv(F, BLOCK_N)
+    for item in tl.range(tl.program_id(0), items, NUM_PROGRAMS, flatten=False):
       _act_item(
-          item, num_pid_m, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
-          row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG,
-          STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A,
-          DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, BLOCK_M, BLOCK_N, BLOCK_K,
-          GROUP_M, WIDE)
+          item, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr, row_scale_ptr,
+          h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG, STRIDE_WK, STRIDE_WN,
+          ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A, DOT_F32, INPUT_PRECISION,
+          B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, WIDE)
   else:
     _act_item(
-        tl.program_id(0), NUM_TILES, x_ptr, x_desc, w_ptr, w_desc, tiles_ptr,
-        row_index_ptr, row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM,
-        STRIDE_WG, STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H,
-        GATHER_A, DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, FLATTEN, BLOCK_M, BLOCK_N,
-        BLOCK_K, GROUP_M, WIDE)
+        tl.program_id(0), x_ptr, x_desc, w_ptr, w_desc, tiles_ptr, row_index_ptr,
+        row_scale_ptr, h_ptr, pre_ptr, F, K, NUM_TILES, STRIDE_XM, STRIDE_WG,
+        STRIDE_WK, STRIDE_WN, ACTIVATION, GATED, STORE_PRE, SCALE_H, GATHER_A,
+        DOT_F32, INPUT_PRECISION, B_TMA, A_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, WIDE)
 
 
 @triton.jit

@@ -276,11 +276,6 @@ _AUTO_MODE = {"plain": "persistent", "act": "off", "act_bwd": "off"}
 
 
 GEMM_FLATTEN_ENV = "JMOE_GEMM_FLATTEN"
-# `JMOE_ACT_FLATTEN=1`: the persistent act kernel with both operands by TMA (the
-# up GEMM on a sorted copy of x) fuses its item and K loops too, as the plain
-# kernel does by default (`JMOE_GEMM_FLATTEN`); default 0 (nested loops) until
-# the H100 measures it (benchmarks/results/sweep_h100.md).
-ACT_FLATTEN_ENV = "JMOE_ACT_FLATTEN"
 
 # `JMOE_ACT_WIDE` (default 1): the gated act kernel loading its weights through
 # pointers (`B_TMA` off: rows gathered by cp.async) multiplies the gate and up
@@ -412,7 +407,8 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
   """The TMA and schedule constexprs of one grouped GEMM launch (`GEMM_TMA_MODES`).
 
   Args:
-    kind: one of `KINDS` (act_bwd has no `A_TMA`, `PERSISTENT`, `FLATTEN`).
+    kind: one of `KINDS` (act_bwd has no `A_TMA`, `PERSISTENT`; only
+      `"plain"` has `FLATTEN`).
     backend: `"triton"` (needs the jax-triton / jaxlib pair of
       `jmoe.ops._hidden_scratch`, else no TMA) or `"interpret"`.
     dtype: the operands' dtype (TMA here: bfloat16 / float16).
@@ -441,9 +437,6 @@ def tma_flags(kind: str, backend: str, dtype: Any, strides_b: tuple[int, int, in
   if kind == "plain":
     flags["FLATTEN"] = (flags["PERSISTENT"] and flags["A_TMA"]
                         and env_flag(GEMM_FLATTEN_ENV, True))
-  elif kind == "act":
-    flags["FLATTEN"] = (flags["PERSISTENT"] and flags["A_TMA"]
-                        and env_flag(ACT_FLATTEN_ENV, False))
   return flags
 
 
