@@ -11,7 +11,8 @@ constexpr):
            tile), row gather, STORE_PRE, router
            weight scale SCALE_H (`jmoe.ops.expert_ffn.up_stage`)
   up_sorted, act_bwd_g_sorted  up and act_bwd_g on a copy of x (dy) sorted by
-           slot (`JMOE_GATHER_ROWS=copy`): both operands by TMA, FLATTEN
+           slot (`JMOE_GATHER_ROWS=copy`): both operands by TMA, persistent
+           (act_bwd_g_sorted in the FLATTEN loop, up_sorted nested)
   down     `_grouped_gemm_kernel`, no row scale (router scale "up"), bf16
            per-slot rows (`JMOE_SLOT_ROWS` default; `down_stage`)
   act_bwd_g  `_grouped_gemm_kernel`, dy rows gathered, down read transposed,
