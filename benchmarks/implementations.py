@@ -15,7 +15,8 @@ with the same routing (softmax top-k, renormalised) and activation:
 - `ref-sorted`: `jmoe.reference.moe(..., dispatch="sorted")`, dropless: argsort by
   expert, `jax.lax.ragged_dot` up and down, weighted scatter back.
 - `tokamax`: the sorted form with `tokamax.ragged_dot` (only where `import tokamax`
-  works).
+  works; its Mosaic GPU kernel on a GPU, `tokamax_implementation`). The lent H100
+  has no network: `benchmarks/offline/` carries it there.
 
 Modes: `"fwd"` times `forward`; `"fwdbwd"` times `jax.value_and_grad` of
 `sum(y * dy) + 1e-2 * load_balancing_loss + 1e-3 * router_z_loss` with respect to
@@ -180,12 +181,29 @@ def _tokamax_unavailable() -> str | None:
   return None
 
 
+def tokamax_implementation() -> str | None:
+  """The `tokamax.ragged_dot` implementation benchmarked: `"mosaic"` (its Pallas
+  Mosaic GPU kernel, default config) on a GPU, pinned so that a failure is an
+  error rather than tokamax's silent fallback to Triton or XLA; None (tokamax's
+  own choice: XLA) elsewhere."""
+  return "mosaic" if on_gpu() else None
+
+
 def _make_tokamax(case: Case) -> Forward:
   tokamax = importlib.import_module("tokamax")
+  impl = tokamax_implementation()
+
+  def ragged_dot(lhs, rhs, group_sizes, *, preferred_element_type):
+    # Products in the operands' dtype (float32 accumulation inside the kernel),
+    # upcast after: tokamax 0.0.17's VJP passes the cotangent on in the output's
+    # dtype and its Mosaic GPU kernel then refuses float32 x bfloat16 operands
+    # ("lhs and rhs must have same dtype", seen on the H100, 2026-11-24).
+    out = tokamax.ragged_dot(lhs, rhs, group_sizes, implementation=impl)
+    return out.astype(preferred_element_type)
 
   def forward(x, params):
     return sorted_moe(x, params, top_k=case.top_k, activation=case.activation,
-                      ragged_dot=tokamax.ragged_dot)
+                      ragged_dot=ragged_dot)
 
   return forward
 
@@ -201,7 +219,8 @@ IMPLS: dict[str, Impl] = {i.name: i for i in (
          _make_einsum_bf16, lambda: None),
     Impl("ref-sorted", "jmoe.reference sorted: argsort + lax.ragged_dot + scatter, "
          "dropless", True, _make_ref_sorted, lambda: None),
-    Impl("tokamax", "sorted form with tokamax.ragged_dot, dropless", True,
+    Impl("tokamax", "sorted form with tokamax.ragged_dot (implementation \"mosaic\" "
+         "on a GPU, default config), dropless", True,
          _make_tokamax, _tokamax_unavailable),
 )}
 # The dropless implementation every other one's output is checked against.

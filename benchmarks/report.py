@@ -34,6 +34,27 @@ def add_speedups(results: dict[str, Any]) -> None:
       r["jmoe_speedup"] = r["median_ms"] / base
 
 
+def best_other(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """For every (case, mode) where jmoe and at least one other implementation were
+  timed: the fastest other one, its time, and `ratio = time(jmoe) / time(best)`
+  (<= 1: jmoe at least as fast)."""
+  ok = _ok(results["results"])
+  jmoe_ms = {(r["case"], r["mode"]): r["median_ms"] for r in ok if r["impl"] == JMOE}
+  best: dict[tuple[str, str], dict] = {}
+  for r in ok:
+    key = (r["case"], r["mode"])
+    if r["impl"] != JMOE and key in jmoe_ms and (
+        key not in best or r["median_ms"] < best[key]["median_ms"]):
+      best[key] = r
+  order = [c["name"] for c in results["cases"]]
+  return [{"case": c, "mode": m, "impl": r["impl"], "best_ms": r["median_ms"],
+           "jmoe_ms": jmoe_ms[(c, m)], "ratio": jmoe_ms[(c, m)] / r["median_ms"],
+           "others": sorted(o["impl"] for o in ok
+                            if (o["case"], o["mode"]) == (c, m) and o["impl"] != JMOE)}
+          for (c, m), r in sorted(best.items(), key=lambda kv: (order.index(kv[0][0]),
+                                                                 kv[0][1]))]
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   """Target vs measured rows for the timing targets and the memory target.
 
@@ -50,6 +71,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                    "measured": measured, "unit": "ms",
                    "ratio": None if measured is None else measured / target,
                    "met": None if measured is None else measured <= target})
+  versus = best_other(results)
+  if versus:
+    worst = max(versus, key=lambda v: v["ratio"])
+    rows.append({
+        "what": f"jmoe time / best other implementation's, worst of {len(versus)} "
+                f"measured points ({worst['case']} {worst['mode']} vs {worst['impl']})",
+        "target": 1.0, "measured": worst["ratio"], "unit": "x",
+        "ratio": worst["ratio"], "met": worst["ratio"] <= 1.0})
   spec = cases_lib.MEMORY_TARGET
   if any(c["name"] == spec["case"] for c in results["cases"]):
     for source in ("memory_process", "memory_compiled"):
@@ -160,6 +189,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
       f"- Git: {meta.get('git_commit') or 'unknown'}"
       + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
       f"- jmoe backend: `{meta['jmoe_backend']}`; environment: {meta.get('env') or {}}",
+      *_parts_lines(meta),
       "",
       "## Method",
       "",
@@ -210,6 +240,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
          for r in tgt]), ""]
   lines += ["## Results", "", _md_table(list(TABLE_COLUMNS), table_rows(results)), ""]
   lines += _speedup_section(results)
+  lines += _best_other_section(results)
   lines += _utilisation_section(results)
   lines += _memory_section(results)
   lines += _power_section(results)
@@ -220,6 +251,23 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     lines += ["## Notes and skipped measurements", ""]
     lines += [f"- {n}" for n in results["notes"]] + [""]
   return "\n".join(lines)
+
+
+def _parts_lines(meta: dict[str, Any]) -> list[str]:
+  """Header lines for a report joined from several runs (`benchmarks.merge`)."""
+  parts = meta.get("parts") or []
+  if len(parts) < 2:
+    return []
+  lines = [f"- Joined from {len(parts)} runs on this device (`python -m benchmarks.merge`;"
+           " comparisons stay inside a run, `%peak` is against the run's own dense "
+           "peak):"]
+  for i, p in enumerate(parts, 1):
+    lines.append(
+        f"  {i}. `{p['command']}`: {p['date']}, {fmt(p.get('total_s'), '.0f')} s, "
+        f"git {p.get('git_commit') or 'unknown'}, dense peak "
+        f"{fmt(p.get('dense_peak_tflops'), '.1f')} TFLOP/s; cases "
+        + ", ".join(p["cases"]))
+  return lines
 
 
 def _speedup_section(results) -> list[str]:
@@ -233,6 +281,20 @@ def _speedup_section(results) -> list[str]:
   return ["## Speed-up of jmoe (time of other / time of jmoe)", "", _md_table(
       ["case", "mode", *impls],
       [[c, m, *(fmt(by.get((c, m, i)), ".3g") for i in impls)] for c, m in keys]), ""]
+
+
+def _best_other_section(results) -> list[str]:
+  versus = best_other(results)
+  if not versus:
+    return []
+  return ["## jmoe against the fastest other implementation, per point", "",
+          "`ratio` = time(jmoe) / time(fastest other measured there); <= 1 means jmoe "
+          "is at least as fast. `others` lists what was measured at that point "
+          "(sweeps leave out `--sweep-skip-impls`).", "", _md_table(
+              ["case", "mode", "fastest other", "its ms", "jmoe ms", "ratio", "others"],
+              [[v["case"], v["mode"], v["impl"], fmt(v["best_ms"], ".4g"),
+                fmt(v["jmoe_ms"], ".4g"), fmt(v["ratio"], ".3f"),
+                ", ".join(v["others"])] for v in versus]), ""]
 
 
 def _utilisation_section(results) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +248,89 @@ def test_targets_report_ratio_and_missed():
   assert mem["ratio"] == pytest.approx(0.75) and "ref-einsum-bf16" in mem["what"]
   report.add_speedups(results)
   assert results["results"][2]["jmoe_speedup"] == pytest.approx(5.0)
+
+
+def _row(case, impl, mode, ms):
+  return {"case": case, "impl": impl, "mode": mode, "status": "ok", "median_ms": ms}
+
+
+def test_best_other_finds_the_fastest_other_at_every_point():
+  results = {
+      "cases": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
+      "results": [
+          _row("a", "jmoe", "fwd", 1.0), _row("a", "slow", "fwd", 9.0),
+          _row("a", "fast", "fwd", 2.0),
+          _row("b", "jmoe", "fwd", 3.0), _row("b", "fast", "fwd", 2.0),
+          {"case": "b", "impl": "slow", "mode": "fwd", "status": "error"},
+          _row("c", "jmoe", "fwd", 1.0),  # nothing else measured: no point
+      ],
+      "memory_process": [],
+  }
+  versus = report.best_other(results)
+  assert [(v["case"], v["impl"]) for v in versus] == [("a", "fast"), ("b", "fast")]
+  assert versus[0]["ratio"] == pytest.approx(0.5)
+  assert versus[0]["others"] == ["fast", "slow"] and versus[1]["others"] == ["fast"]
+  row = next(r for r in report.targets(results) if "best other" in r["what"])
+  assert row["measured"] == pytest.approx(1.5) and row["met"] is False
+  assert "worst of 2" in row["what"] and "b fwd vs fast" in row["what"]
+  results["results"][3]["median_ms"] = 2.0  # a tie counts as at least as fast
+  row = next(r for r in report.targets(results) if "best other" in r["what"])
+  assert row["met"] is True
+  section = "\n".join(report._best_other_section(results))  # pylint: disable=protected-access
+  assert "| b | fwd | fast | 2 | 2 | 1.000 | fast |" in section
+
+
+def test_tokamax_form_asks_for_operand_dtype_products(monkeypatch):
+  """The tokamax implementation calls `tokamax.ragged_dot` without a float32
+  output type (its VJP then feeds a float32 cotangent to a bf16 kernel) and with
+  the implementation `tokamax_implementation` picks; a stand-in module records
+  the calls (tokamax is not installed by CI)."""
+  seen = []
+
+  def fake_ragged_dot(lhs, rhs, group_sizes, **kwargs):
+    seen.append(kwargs)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+  real_import = implementations.importlib.import_module
+  monkeypatch.setattr(
+      implementations.importlib, "import_module",
+      lambda name: (types.SimpleNamespace(ragged_dot=fake_ragged_dot)
+                    if name == "tokamax" else real_import(name)))
+  case = cases.Case("t", 64, 32, 24, 4, 2)
+  x, params = cases.make_inputs(case)
+  y, _ = jax.jit(implementations.IMPLS["tokamax"].make(case))(x, params)
+  y_ref, _ = jax.jit(implementations.IMPLS["ref-sorted"].make(case))(x, params)
+  assert seen and all(k == {"implementation": implementations.tokamax_implementation()}
+                      for k in seen)
+  assert implementations.tokamax_implementation() is None  # CPU: tokamax's choice
+  assert _rel(y, y_ref) < 1e-2
+
+
+def test_merge_joins_parts_and_rejects_overlaps(tmp_path):
+  from benchmarks import merge  # pylint: disable=import-outside-toplevel
+
+  parts = []
+  for name in ("tiny", "tiny-skewed"):
+    out = tmp_path / name
+    run.main(["--preset", "cpu", "--cases", name, "--impls", "ref-sorted,ref-einsum",
+              "--modes", "fwd", "--repeats", "1", "--profile-cases", "",
+              "--no-plots", "--out", str(out)])
+    parts.append(str(out))
+  joined = merge.main([*parts, "--out", str(tmp_path / "joined"), "--no-plots"])
+  assert [c["name"] for c in joined["cases"]] == ["tiny", "tiny-skewed"]
+  assert {r["case"] for r in joined["results"]} == {"tiny", "tiny-skewed"}
+  assert len(joined["meta"]["parts"]) == 2
+  assert all(r.get("jmoe_speedup") is None for r in joined["results"])  # no jmoe
+  text = (tmp_path / "joined" / "report.md").read_text()
+  assert "Joined from 2 runs" in text and "--cases tiny-skewed" in text
+  saved = json.loads((tmp_path / "joined" / "results.json").read_text())
+  assert len(saved["results"]) == len(joined["results"]) == 4
+  with pytest.raises(ValueError, match="case 'tiny' is in both"):
+    merge.merge([merge.load(parts[0]), merge.load(parts[0])])
+  other = merge.load(parts[1])
+  other["meta"]["device_kind"] = "NVIDIA H100"
+  with pytest.raises(ValueError, match="device_kind"):
+    merge.merge([merge.load(parts[0]), other])
 
 
 @needs_triton
