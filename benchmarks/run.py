@@ -149,7 +149,9 @@ def environment(argv: list[str], preset: str) -> dict[str, Any]:
       # A copy without .git, or with a stale one (the device machine's), names
       # its commit in JMOE_GIT_COMMIT.
       "git_commit": os.environ.get("JMOE_GIT_COMMIT") or _git("rev-parse", "HEAD"),
-      "git_dirty": None if status is None else bool(status),
+      # Unknown (None) where the commit is named: that copy's git status is stale.
+      "git_dirty": (None if status is None or os.environ.get("JMOE_GIT_COMMIT")
+                    else bool(status)),
       "jmoe_backend": impls_lib.jmoe_backend(),
       "env": {k: v for k, v in os.environ.items()
               if k.startswith("JMOE_") or k in ("XLA_PYTHON_CLIENT_PREALLOCATE",
