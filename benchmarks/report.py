@@ -18,6 +18,9 @@ from benchmarks import cases as cases_lib
 
 JMOE = "jmoe"
 GIB = 2 ** 30
+# Relative error bound of a bf16 computation against the dropless reference (the
+# test suite's bound for bf16); rows over it are listed in the report.
+REL_ERR_BOUND = 1e-2
 
 
 def _ok(rows: Iterable[dict]) -> list[dict]:
@@ -247,10 +250,20 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
   lines += _profile_section(results)
   if plots:
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-  if results["notes"]:
+  notes = over_error_bound(results) + results["notes"]
+  if notes:
     lines += ["## Notes and skipped measurements", ""]
-    lines += [f"- {n}" for n in results["notes"]] + [""]
+    lines += [f"- {n}" for n in notes] + [""]
   return "\n".join(lines)
+
+
+def over_error_bound(results: dict[str, Any]) -> list[str]:
+  """One line per measured row whose `rel err` exceeds `REL_ERR_BOUND`."""
+  return [f"{r['impl']} {r['case']} {r['mode']}: rel err {r['rel_err_vs_oracle']:.1e} is "
+          f"over the {REL_ERR_BOUND:g} bf16 bound (largest-error output or gradient "
+          "against ref-sorted)"
+          for r in _ok(results["results"])
+          if (r.get("rel_err_vs_oracle") or 0.0) > REL_ERR_BOUND]
 
 
 def _parts_lines(meta: dict[str, Any]) -> list[str]:
@@ -526,6 +539,8 @@ def finish(results: dict[str, Any], out_dir: str, *, plots: bool = True) -> None
     json.dump(_jsonable(results), f, indent=1)
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write(markdown(results, written))
+  for line in over_error_bound(results):
+    print("ACCURACY: " + line)
   for r in results["targets"]:
     if r["met"] is False:
       print(f"MISSED target: {r['what']}: goal {fmt(r['target'], '.4g')} {r['unit']}, "

@@ -276,6 +276,12 @@ def test_best_other_finds_the_fastest_other_at_every_point():
   results["results"][3]["median_ms"] = 2.0  # a tie counts as at least as fast
   row = next(r for r in report.targets(results) if "best other" in r["what"])
   assert row["met"] is True
+  assert report.over_error_bound(results) == []
+  results["results"][1]["rel_err_vs_oracle"] = 3e-2
+  results["results"][2]["rel_err_vs_oracle"] = 5e-3
+  assert report.over_error_bound(results) == [
+      "slow a fwd: rel err 3.0e-02 is over the 0.01 bf16 bound (largest-error output or "
+      "gradient against ref-sorted)"]
   section = "\n".join(report._best_other_section(results))  # pylint: disable=protected-access
   assert "| b | fwd | fast | 2 | 2 | 1.000 | fast |" in section
 
