@@ -99,7 +99,7 @@ PRESETS = {
                   profile_cases="tiny", sweep_skip_impls="", energy_s=0.0,
                   energy_cases="", compile_workers=2, budget_s=150.0),
     "gpu-quick": Preset(cases="main", budget_s=240.0),
-    # ~15 minutes on the H100 in one process; split by --cases and joined by
+    # ~13 minutes on the H100 in one process; split by --cases and joined by
     # `benchmarks.merge` where a machine is lent in shorter calls.
     "gpu-full": Preset(cases="all-gpu", budget_s=1800.0),
 }
