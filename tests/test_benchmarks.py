@@ -312,6 +312,27 @@ def test_tokamax_form_asks_for_operand_dtype_products(monkeypatch):
   assert _rel(y, y_ref) < 1e-2
 
 
+@needs_triton
+def test_tokamax_probe_runs_with_a_stand_in(monkeypatch, capsys):
+  """`benchmarks/offline/tokamax_probe.py` (run on the H100 where tokamax was
+  carried) on the tiny case, with `jax.lax.ragged_dot` standing in for tokamax."""
+  from benchmarks.offline import tokamax_probe  # pylint: disable=import-outside-toplevel
+
+  fake = types.SimpleNamespace(
+      ragged_dot=lambda lhs, rhs, sizes, **kw: jax.lax.ragged_dot(lhs, rhs, sizes))
+  real_import = implementations.importlib.import_module
+  monkeypatch.setattr(implementations.importlib, "import_module",
+                      lambda name: fake if name == "tokamax" else real_import(name))
+  tokamax_probe.ragged_dot_alone(fake, 64, 16, 24, 4)
+  tokamax_probe.moe_gradients("tiny")
+  out = capsys.readouterr().out
+  assert "ragged_dot m=64 k=16 n=24 g=4 implementation=None: rel err" in out
+  for name in ("tokamax", "jmoe"):
+    line = next(l for l in out.splitlines() if f"fwd+bwd {name} vs ref-sorted" in l)
+    errs = [float(part.split()[-1]) for part in line.split(": ")[1].split(", ")]
+    assert len(errs) == 4 and all(0 < e < 2e-2 for e in errs), line
+
+
 def test_merge_joins_parts_and_rejects_overlaps(tmp_path):
   from benchmarks import merge  # pylint: disable=import-outside-toplevel
 
