@@ -81,7 +81,7 @@ def merge(parts: list[dict[str, Any]], names: list[str] | None = None) -> dict[s
   merged["cases"], merged["notes"] = [], []
   for key in LISTS:
     merged[key] = []
-  for name, part in zip(names, parts):
+  for number, (name, part) in enumerate(zip(names, parts), 1):
     for case in part["cases"]:
       if case["name"] in seen:
         raise ValueError(f"case {case['name']!r} is in both {seen[case['name']]} and "
@@ -90,8 +90,8 @@ def merge(parts: list[dict[str, Any]], names: list[str] | None = None) -> dict[s
       merged["cases"].append(case)
     for key in LISTS:
       merged[key] += part.get(key, [])
-    label = f"part {names.index(name) + 1}" if len(parts) > 1 else ""
-    merged["notes"] += [f"{label}: {n}" if label else n for n in part.get("notes", [])]
+    merged["notes"] += [f"part {number}: {n}" if len(parts) > 1 else n
+                        for n in part.get("notes", [])]
     for impl, info in part["impls"].items():
       if info.get("available") and not merged["impls"].get(impl, {}).get("available"):
         merged["impls"][impl] = info
@@ -102,8 +102,7 @@ def merge(parts: list[dict[str, Any]], names: list[str] | None = None) -> dict[s
   commits = {p["meta"].get("git_commit") for p in parts}
   merged["meta"]["git_commit"] = commits.pop() if len(commits) == 1 else ", ".join(
       sorted(str(c) for c in commits))
-  for key in ("targets",):
-    merged.pop(key, None)  # recomputed by report.finish
+  merged.pop("targets", None)  # recomputed by report.finish
   for r in merged["results"]:
     r.pop("jmoe_speedup", None)
   return merged

@@ -286,6 +286,16 @@ def test_best_other_finds_the_fastest_other_at_every_point():
   assert "| b | fwd | fast | 2 | 2 | 1.000 | fast |" in section
 
 
+def _stand_in_tokamax(monkeypatch, ragged_dot):
+  """Makes `implementations` import a module with this `ragged_dot` as tokamax
+  (not installed by CI); returns that module."""
+  fake = types.SimpleNamespace(ragged_dot=ragged_dot)
+  real_import = implementations.importlib.import_module
+  monkeypatch.setattr(implementations.importlib, "import_module",
+                      lambda name: fake if name == "tokamax" else real_import(name))
+  return fake
+
+
 def test_tokamax_form_asks_for_operand_dtype_products(monkeypatch):
   """The tokamax implementation calls `tokamax.ragged_dot` without a float32
   output type (its VJP then feeds a float32 cotangent to a bf16 kernel) and with
@@ -297,11 +307,7 @@ def test_tokamax_form_asks_for_operand_dtype_products(monkeypatch):
     seen.append(kwargs)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
-  real_import = implementations.importlib.import_module
-  monkeypatch.setattr(
-      implementations.importlib, "import_module",
-      lambda name: (types.SimpleNamespace(ragged_dot=fake_ragged_dot)
-                    if name == "tokamax" else real_import(name)))
+  _stand_in_tokamax(monkeypatch, fake_ragged_dot)
   case = cases.Case("t", 64, 32, 24, 4, 2)
   x, params = cases.make_inputs(case)
   y, _ = jax.jit(implementations.IMPLS["tokamax"].make(case))(x, params)
@@ -318,11 +324,8 @@ def test_tokamax_probe_runs_with_a_stand_in(monkeypatch, capsys):
   carried) on the tiny case, with `jax.lax.ragged_dot` standing in for tokamax."""
   from benchmarks.offline import tokamax_probe  # pylint: disable=import-outside-toplevel
 
-  fake = types.SimpleNamespace(
-      ragged_dot=lambda lhs, rhs, sizes, **kw: jax.lax.ragged_dot(lhs, rhs, sizes))
-  real_import = implementations.importlib.import_module
-  monkeypatch.setattr(implementations.importlib, "import_module",
-                      lambda name: fake if name == "tokamax" else real_import(name))
+  fake = _stand_in_tokamax(
+      monkeypatch, lambda lhs, rhs, sizes, **kw: jax.lax.ragged_dot(lhs, rhs, sizes))
   tokamax_probe.ragged_dot_alone(fake, 64, 16, 24, 4)
   tokamax_probe.moe_gradients("tiny")
   out = capsys.readouterr().out

@@ -15,15 +15,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import cases as cases_lib
 from benchmarks import implementations as impls_lib
-
-
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def ragged_dot_alone(tokamax, m: int, k: int, n: int, g: int) -> None:
@@ -34,7 +28,7 @@ def ragged_dot_alone(tokamax, m: int, k: int, n: int, g: int) -> None:
   impl = impls_lib.tokamax_implementation()
   fn = jax.jit(lambda x, w: tokamax.ragged_dot(x, w, sizes, implementation=impl))
   ref = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
-  err = _rel(fn(x, w), ref)
+  err = impls_lib.rel_err(fn(x, w), ref)
   jax.block_until_ready(fn(x, w))
   calls = 20
   start = time.perf_counter()
@@ -58,7 +52,7 @@ def moe_gradients(case_name: str) -> None:
                    "d_up": dparams.up_kernel, "d_down": dparams.down_kernel}
   for name in ("tokamax", "jmoe"):
     print(f"{case_name} fwd+bwd {name} vs ref-sorted: " + ", ".join(
-        f"{g} {_rel(grads[name][g], grads['ref-sorted'][g]):.1e}" for g in grads[name]))
+        f"{g} {impls_lib.rel_err(grads[name][g], grads['ref-sorted'][g]):.1e}" for g in grads[name]))
 
 
 def main() -> None:
