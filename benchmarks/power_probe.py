@@ -14,6 +14,11 @@ each value of `--var`, this tool measures:
   in which the driver reports the power cap (software power cap or power
   brake) as a reason for the clock.
 
+With `--dense-bound` it also times the case's six GEMMs as dense XLA dots
+(`benchmarks.dense_bound`) under the same load and prints their sums per
+phase beside the case's targets and the FFN's times: the time left for
+everything but library-speed GEMMs.
+
 Variants are interleaved over `--rounds` (as `benchmarks/ab_env.py`), so slow
 drifts hit every variant alike; the medians over rounds are printed.
 
@@ -23,6 +28,7 @@ Usage::
       --values "auto;act=tiles" --seconds 2
   python -m benchmarks.power_probe --case e64 --var JMOE_GEMM_CONFIG \
       --values ";act:block_k=64,num_stages=3" --modes fwd
+  python -m benchmarks.power_probe --case e64 --dense-bound --rounds 1
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import dense_bound as bound_lib
 from benchmarks import timing as timing_lib
 from benchmarks.gpu_kernels import CASES, ffn_programs
 from jmoe._env import env_overrides
@@ -64,17 +71,26 @@ def sustained(fn, args, flops: float, seconds: float, idle_s: float, cool_s: flo
           "cap %": 100 * clocks.get("power_cap_share", float("nan"))}
 
 
+BOUND_PREFIX = "dense-bound "
+
+
 def programs(case: str, var: str | None, values: list[str], modes: list[str],
-             dense_n: int = 8192, backend: str = "triton") -> dict[str, tuple]:
+             dense_n: int = 8192, backend: str = "triton",
+             dense_bound: bool = False) -> dict[str, tuple]:
   """`{label: (fn, args, flops)}`: the dense bf16 `dense_n`^3 matmul (none if
-  0), then the FFN's `modes` (`fwd`, `fwd+bwd`) per value of `var`."""
+  0), with `dense_bound` the case's GEMMs as dense dots (`BOUND_PREFIX` +
+  name), then the FFN's `modes` (`fwd`, `fwd+bwd`) per value of `var`."""
   out = {}
   if dense_n:
     ka, kb = jax.random.split(jax.random.key(1234))
     a = jax.random.normal(ka, (dense_n, dense_n), jnp.bfloat16)
     b = jax.random.normal(kb, (dense_n, dense_n), jnp.bfloat16)
     out[f"dense {dense_n}^3"] = (jax.jit(jnp.dot), (a, b), 2.0 * dense_n ** 3)
-  t, d, f, _, top_k, _, _ = CASES[case]
+  t, d, f, e, top_k, _, _ = CASES[case]
+  if dense_bound:
+    for gemm in bound_lib.ffn_gemms(t, d, f, e, top_k):
+      fn, args = bound_lib.dense_program(gemm)
+      out[BOUND_PREFIX + gemm.name] = (fn, args, gemm.flops)
   forward, loss, args = ffn_programs(case, backend)
   fwd_flops = 6.0 * t * top_k * d * f
   for value in values:
@@ -102,12 +118,15 @@ def main(argv=None) -> dict:
   parser.add_argument("--cool-s", type=float, default=0.03)
   parser.add_argument("--dense-n", type=int, default=8192, help="0: no dense matmul")
   parser.add_argument("--backend", default="triton")
+  parser.add_argument("--dense-bound", action="store_true",
+                      help="also time the case's GEMMs as dense dots and print their sums")
   args = parser.parse_args(argv)
   values = args.values.split(";") if args.var else [""]
   modes = args.modes.split(",")
   if not set(modes) <= {"fwd", "fwd+bwd"}:
     raise ValueError(f"--modes must be fwd and/or fwd+bwd, got {args.modes!r}")
-  progs = programs(args.case, args.var, values, modes, args.dense_n, args.backend)
+  progs = programs(args.case, args.var, values, modes, args.dense_n, args.backend,
+                   args.dense_bound)
   for fn, fn_args, _ in progs.values():
     jax.block_until_ready(fn(*fn_args))
   rows: dict[str, list[dict[str, float]]] = {label: [] for label in progs}
@@ -117,7 +136,7 @@ def main(argv=None) -> dict:
       fn, fn_args, flops = progs[label]
       rows[label].append(sustained(fn, fn_args, flops, args.seconds, args.idle_s,
                                    args.cool_s))
-  t, d, f, e, top_k, _, _ = CASES[args.case]
+  t, d, f, e, top_k, target_fwd, target_all = CASES[args.case]
   info = timing_lib.nvml_info() or {}
   print(f"# {jax.devices()[0].device_kind}; power limit {info.get('power_limit_w')} W; "
         f"case {args.case} t={t} d={d} f={f} e={e} k={top_k}; {args.rounds} rounds, "
@@ -128,7 +147,30 @@ def main(argv=None) -> dict:
     med = {c: statistics.median(s[c] for s in samples) for c in COLUMNS}
     result[label] = med
     print(f"  {label:<44}" + "".join(f"{med[c]:>10.4g}" for c in COLUMNS), flush=True)
+  if args.dense_bound:
+    result["bound"] = _print_bound(result, bound_lib.ffn_gemms(t, d, f, e, top_k),
+                                   {"fwd": target_fwd, "fwd+bwd": target_all}, modes)
   return result
+
+
+def _print_bound(result: dict, gemms, targets: dict, modes: list[str]) -> dict:
+  """Prints and returns `{mode: {"dense GEMMs ms", "target ms", label: ms}}`:
+  per mode, the sum of its dense GEMMs' sustained ms beside the target and
+  each measured FFN program of that mode."""
+  ms = {g.name: result[BOUND_PREFIX + g.name]["ms"] for g in gemms}
+  sums = bound_lib.phase_sums(ms, gemms)
+  out = {}
+  print("  dense-GEMM bound: the sum of the mode's GEMMs as dense dots, same load")
+  for mode in modes:
+    row = {"dense GEMMs ms": sums[mode], "target ms": targets[mode]}
+    row.update({label.rsplit(" ", 1)[0]: r["ms"] for label, r in result.items()
+                if label.endswith(f" {mode}")})
+    out[mode] = row
+    target = f"{targets[mode]:g} ms" if targets[mode] else "none"
+    ffn = ", ".join(f"{label} {v:.4g} ms ({v / sums[mode]:.2f}x)"
+                    for label, v in row.items() if label not in ("dense GEMMs ms", "target ms"))
+    print(f"  {mode:<8} dense GEMMs {sums[mode]:.4g} ms; target {target}; {ffn}")
+  return out
 
 
 if __name__ == "__main__":

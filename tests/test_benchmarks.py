@@ -208,6 +208,49 @@ def test_power_probe_measures_each_program(monkeypatch):
     power_probe.main(["--case", "tiny", "--modes", "bwd", "--dense-n", "0"])
 
 
+def test_dense_bound_gemms_do_the_ffn_flops():
+  """The six dense GEMMs of `benchmarks.dense_bound` do the FFN's flops:
+  6 t k d f forward and twice that backward, also with uneven experts."""
+  from benchmarks import dense_bound  # pylint: disable=import-outside-toplevel
+
+  t, d, f, e, top_k = 8192, 2048, 1408, 64, 6
+  gemms = dense_bound.ffn_gemms(t, d, f, e, top_k)
+  assert [g.name for g in gemms] == ["up", "down", "dh", "dx", "dW_up", "dW_down"]
+  fwd = sum(g.flops for g in gemms if g.phase == "fwd")
+  bwd = sum(g.flops for g in gemms if g.phase == "bwd")
+  assert fwd == 6.0 * t * top_k * d * f and bwd == 2 * fwd
+  ms = {g.name: float(i + 1) for i, g in enumerate(gemms)}
+  assert dense_bound.phase_sums(ms, gemms) == {"fwd": 3.0, "fwd+bwd": 21.0}
+  # Weight-gradient operands are row-major [e, rows / e, .] and the product
+  # matches a float32 einsum of the same operands.
+  fn, (a, b) = dense_bound.dense_program(dense_bound.DenseGemm("bwd", "dW_up", 3, 16, 8, 24))
+  assert a.shape == (3, 8, 16) and b.shape == (3, 8, 24)
+  want = jnp.einsum("ekm,ekn->emn", a.astype(jnp.float32), b.astype(jnp.float32))
+  got = fn(a, b).astype(jnp.float32)
+  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
+
+
+def test_power_probe_dense_bound_sums_the_gemms(monkeypatch):
+  """`power_probe --dense-bound` times the case's six GEMMs and reports, per
+  mode, their summed ms beside the FFN's (tiny case, interpreter)."""
+  from benchmarks import power_probe  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(timing, "_nvml", lambda: None)
+  result = power_probe.main(["--case", "tiny", "--dense-bound", "--rounds", "1",
+                             "--seconds", "0.01", "--idle-s", "0", "--cool-s", "0.01",
+                             "--dense-n", "0", "--backend", "interpret"])
+  names = ["up", "down", "dh", "dx", "dW_up", "dW_down"]
+  assert list(result) == [f"dense-bound {n}" for n in names] + [
+      "default fwd", "default fwd+bwd", "bound"]
+  ms = {n: result[f"dense-bound {n}"]["ms"] for n in names}
+  bound = result["bound"]
+  assert bound["fwd"]["dense GEMMs ms"] == pytest.approx(ms["up"] + ms["down"])
+  assert bound["fwd+bwd"]["dense GEMMs ms"] == pytest.approx(sum(ms.values()))
+  assert bound["fwd"]["default"] == result["default fwd"]["ms"]
+  assert bound["fwd+bwd"]["default"] == result["default fwd+bwd"]["ms"]
+  assert bound["fwd"]["target ms"] is None
+
+
 def test_compile_all_returns_programs_and_errors_in_order():
   good = jax.jit(lambda a: a * 2)
   bad = jax.jit(lambda a: a @ a)  # rank-1 @ rank-1 is fine; a 3-vector with [2] fails
