@@ -1,7 +1,7 @@
 """The expert FFN's GEMMs as dense XLA dots: a bound on what grouping can reach.
 
-For a case `(t, d, f, e, top_k)` of `benchmarks.gpu_kernels.CASES` (SwiGLU,
-`pf = 2 f`, `rows = t * top_k` token copies) the expert FFN does these GEMMs,
+For an MoE layer `(t, d, f, e, top_k)` (SwiGLU: `pf = 2 f`; `rows = t * top_k`
+token copies) the expert FFN does these GEMMs,
 whatever the implementation (`jmoe.ops.expert_ffn` names them so):
 
   phase   name      batch   m          k          n     (flops 2 batch m k n)
@@ -16,7 +16,9 @@ Here each runs as one dense bf16 `jnp.einsum` (XLA's GEMM: cuBLAS or XLA's own
 Triton emitter, as XLA's autotuner picks): the same
 flops with no grouping, no padded rows, no gathered rows, no activation and
 no combine, every expert getting `rows / e` rows. Timed under the same
-sustained load as the FFN (`benchmarks.power_probe --dense-bound`), the sum
+load as the FFN (`benchmarks.run` for the cases with targets, with the
+benchmark's timing; `benchmarks.power_probe --dense-bound` under sustained
+load), the sum
 of a phase's GEMMs is what an implementation would take if its grouped GEMMs
 ran as fast as the device's dense library GEMM at those shapes and everything
 else were free: set beside a target, it says how much of the target is left
@@ -46,11 +48,13 @@ class DenseGemm(NamedTuple):
     return 2.0 * self.batch * self.m * self.k * self.n
 
 
-def ffn_gemms(t: int, d: int, f: int, e: int, top_k: int) -> list[DenseGemm]:
-  """The six GEMMs of a SwiGLU expert FFN with `t * top_k` token copies
-  (the weight gradients with `t * top_k // e` rows per expert, at least 1)."""
+def ffn_gemms(t: int, d: int, f: int, e: int, top_k: int, gated: bool = True
+              ) -> list[DenseGemm]:
+  """The six GEMMs of an expert FFN with `t * top_k` token copies (the weight
+  gradients with `t * top_k // e` rows per expert, at least 1); `gated`
+  (SwiGLU / GeGLU): the up GEMM has `2 f` columns, else `f`."""
   rows = t * top_k
-  pf = 2 * f
+  pf = 2 * f if gated else f
   per_expert = max(1, rows // e)
   return [
       DenseGemm("fwd", "up", 1, rows, d, pf),

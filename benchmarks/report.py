@@ -242,6 +242,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
           {True: "yes", False: "**MISSED**", None: "not measured"}[r["met"]]]
          for r in tgt]), ""]
   lines += ["## Results", "", _md_table(list(TABLE_COLUMNS), table_rows(results)), ""]
+  lines += _dense_bound_section(results)
   lines += _speedup_section(results)
   lines += _best_other_section(results)
   lines += _utilisation_section(results)
@@ -281,6 +282,49 @@ def _parts_lines(meta: dict[str, Any]) -> list[str]:
         f"{fmt(p.get('dense_peak_tflops'), '.1f')} TFLOP/s; cases "
         + ", ".join(p["cases"]))
   return lines
+
+
+def dense_bound_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """Per case with a dense-GEMM bound (`benchmarks.dense_bound`) and mode:
+  the dense GEMMs' summed ms beside the target and jmoe's measured time."""
+  by_key = {(r["case"], r["impl"], r["mode"]): r for r in _ok(results["results"])}
+  rows = []
+  for case in results["cases"]:
+    bound = case.get("dense_bound")
+    if not bound:
+      continue
+    for mode in ("fwd", "fwdbwd"):
+      jmoe = by_key.get((case["name"], JMOE, mode))
+      target = (case.get("target_ms") or {}).get(mode)
+      rows.append({"case": case["name"], "mode": mode, "dense_ms": bound[mode],
+                   "target_ms": target,
+                   "jmoe_ms": jmoe["median_ms"] if jmoe else None})
+  return rows
+
+
+def _dense_bound_section(results) -> list[str]:
+  rows = dense_bound_rows(results)
+  if not rows:
+    return []
+
+  def ratio(v, base):
+    return None if v is None or not base else v / base
+
+  return [
+      "## Dense-GEMM bound", "",
+      "The case's six GEMMs (up, down; dh, dx, dW_up, dW_down) as dense bf16 XLA "
+      "dots of the same flops (`benchmarks/dense_bound.py`: no grouping, no padded or "
+      "gathered rows, no activation, router or combine), timed like the rest, summed "
+      "per mode: what an implementation would take if its grouped GEMMs ran at the "
+      "device's dense library speed and everything else were free. `target / dense` "
+      "is the time a target leaves per unit of that.", "",
+      _md_table(["case", "mode", "dense GEMMs ms", "target ms", "target / dense",
+                 "jmoe ms", "jmoe / dense"],
+                [[r["case"], r["mode"], fmt(r["dense_ms"], ".4g"),
+                  fmt(r["target_ms"], ".4g"), fmt(ratio(r["target_ms"], r["dense_ms"]),
+                                                   ".2f"),
+                  fmt(r["jmoe_ms"], ".4g"), fmt(ratio(r["jmoe_ms"], r["dense_ms"]), ".2f")]
+                 for r in rows]), ""]
 
 
 def _speedup_section(results) -> list[str]:

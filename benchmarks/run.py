@@ -47,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import cases as cases_lib  # noqa: E402
+from benchmarks import dense_bound as bound_lib  # noqa: E402
 from benchmarks import implementations as impls_lib  # noqa: E402
 from benchmarks import memory as memory_lib  # noqa: E402
 from benchmarks import stage_profile as profile_lib  # noqa: E402
@@ -56,6 +57,9 @@ from jmoe._env import env_overrides  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EINSUM_IMPLS = ("ref-einsum", "ref-einsum-bf16")
+# Cases whose GEMMs are also timed as dense dots (`Runner.dense_bound`): those
+# with targets, and the CPU's tiny ones (so the path runs there too).
+DENSE_BOUND_GROUPS = ("main", "cpu")
 GIB = report_lib.GIB
 # The staged jmoe profile launches the fused op's kernels; beyond this relative
 # difference (autotuning may pick other tiles, changing rounding) it is flagged.
@@ -225,6 +229,23 @@ class Runner:
     print(f"dense {n}^3 bf16 jnp.dot: {peak['median_s'] * 1e3:.3f} ms = "
           f"{peak['tflops']:.1f} TFLOP/s", flush=True)
 
+  def dense_bound(self, case) -> dict[str, Any]:
+    """The case's six GEMMs as dense bf16 XLA dots (`benchmarks.dense_bound`),
+    timed like the implementations: `{"gemms": {name: ms}, "fwd": ms,
+    "fwdbwd": ms}` (the sums of the mode's GEMMs)."""
+    gemms = bound_lib.ffn_gemms(case.tokens, case.d_model, case.d_ff, case.experts,
+                                case.top_k, case.gated)
+    ms = {}
+    for gemm in gemms:
+      fn, args = bound_lib.dense_program(gemm, jnp.dtype(case.dtype))
+      ms[gemm.name] = timing_lib.time_fn(fn, *args, **self.time_kwargs).median_s * 1e3
+      del fn, args
+    sums = bound_lib.phase_sums(ms, gemms)
+    print(f"  dense GEMMs of the shape: fwd {sums['fwd']:.3f} ms, fwd+bwd "
+          f"{sums['fwd+bwd']:.3f} ms ({', '.join(f'{k} {v:.3f}' for k, v in ms.items())})",
+          flush=True)
+    return {"gemms": ms, "fwd": sums["fwd"], "fwdbwd": sums["fwd+bwd"]}
+
   def memory_probes(self, case_list, impls: list[str]) -> None:
     for case in case_list:
       for name in impls:
@@ -279,9 +300,13 @@ class Runner:
                 "results are reused")
       src = next(c for c in self.results["cases"] if c["name"] == cached[0]["case"])
       case_row["utilisation"] = src["utilisation"]
+      if "dense_bound" in src:
+        case_row["dense_bound"] = src["dense_bound"]
       self.results["results"].extend(
           {**r, "case": case.name, "reused_from": r["case"]} for r in cached)
       return
+    if case.group in DENSE_BOUND_GROUPS:
+      case_row["dense_bound"] = self.dense_bound(case)
     x, params = cases_lib.make_inputs(case, self.args.seed)
     dy = impls_lib.make_cotangent(case, self.args.seed + 1)
     pinned = self._jmoe_pinned(case)

@@ -293,6 +293,25 @@ def test_targets_report_ratio_and_missed():
   assert results["results"][2]["jmoe_speedup"] == pytest.approx(5.0)
 
 
+def test_dense_bound_rows_set_target_and_jmoe_beside_the_bound():
+  results = {
+      "cases": [{"name": "deepseek", "target_ms": {"fwd": 1.6, "fwdbwd": 5.0},
+                 "dense_bound": {"gemms": {}, "fwd": 1.2, "fwdbwd": 3.8}},
+                {"name": "sweep-e8", "target_ms": {}}],
+      "results": [_row("deepseek", "jmoe", "fwd", 1.7),
+                  {**_row("deepseek", "jmoe", "fwdbwd", 9.0), "status": "error"}],
+  }
+  rows = report.dense_bound_rows(results)
+  assert rows == [
+      {"case": "deepseek", "mode": "fwd", "dense_ms": 1.2, "target_ms": 1.6,
+       "jmoe_ms": 1.7},
+      {"case": "deepseek", "mode": "fwdbwd", "dense_ms": 3.8, "target_ms": 5.0,
+       "jmoe_ms": None}]
+  text = "\n".join(report._dense_bound_section(results))  # pylint: disable=protected-access
+  assert "| deepseek | fwd | 1.2 | 1.6 | 1.33 | 1.7 | 1.42 |" in text
+  assert "| deepseek | fwdbwd | 3.8 | 5 | 1.32 | - | - |" in text
+
+
 def _row(case, impl, mode, ms):
   return {"case": case, "impl": impl, "mode": mode, "status": "ok", "median_ms": ms}
 
@@ -461,12 +480,16 @@ def test_run_writes_json_markdown_and_plots(tmp_path):
       assert r["jmoe_speedup"] > 0
   assert saved["dense_peak"]["tflops"] > 0
   assert saved["cases"][0]["utilisation"]["max_over_mean"] >= 1
+  bound = saved["cases"][0]["dense_bound"]
+  assert list(bound["gemms"]) == ["up", "down", "dh", "dx", "dW_up", "dW_down"]
+  assert bound["fwd"] == pytest.approx(bound["gemms"]["up"] + bound["gemms"]["down"])
+  assert bound["fwdbwd"] == pytest.approx(sum(bound["gemms"].values()))
   assert [p["stage"] for p in saved["profile"]] == [
       "router", "align/permute", "up GEMM", "down GEMM + combine"]
   md = (out / "report.md").read_text()
   assert "python -m benchmarks.run --preset cpu" in md
   for section in ("## Method", "## Implementations", "## Results", "## Memory",
-                  "## Per-stage profile", "speedup.png"):
+                  "## Per-stage profile", "## Dense-GEMM bound", "speedup.png"):
     assert section in md, section
   assert results["meta"]["slug"] == "cpu"
 
