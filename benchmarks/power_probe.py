@@ -39,7 +39,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import dense_bound as bound_lib
 from benchmarks import timing as timing_lib
@@ -82,10 +81,9 @@ def programs(case: str, var: str | None, values: list[str], modes: list[str],
   name), then the FFN's `modes` (`fwd`, `fwd+bwd`) per value of `var`."""
   out = {}
   if dense_n:
-    ka, kb = jax.random.split(jax.random.key(1234))
-    a = jax.random.normal(ka, (dense_n, dense_n), jnp.bfloat16)
-    b = jax.random.normal(kb, (dense_n, dense_n), jnp.bfloat16)
-    out[f"dense {dense_n}^3"] = (jax.jit(jnp.dot), (a, b), 2.0 * dense_n ** 3)
+    square = bound_lib.DenseGemm("fwd", "dense", 1, dense_n, dense_n, dense_n)
+    fn, args = bound_lib.dense_program(square, seed=timing_lib.DENSE_PEAK_SEED)
+    out[f"dense {dense_n}^3"] = (fn, args, square.flops)
   t, d, f, e, top_k, _, _ = CASES[case]
   if dense_bound:
     for gemm in bound_lib.ffn_gemms(t, d, f, e, top_k):

@@ -239,7 +239,6 @@ class Runner:
     for gemm in gemms:
       fn, args = bound_lib.dense_program(gemm, jnp.dtype(case.dtype))
       ms[gemm.name] = timing_lib.time_fn(fn, *args, **self.time_kwargs).median_s * 1e3
-      del fn, args
     sums = bound_lib.phase_sums(ms, gemms)
     print(f"  dense GEMMs of the shape: fwd {sums['fwd']:.3f} ms, fwd+bwd "
           f"{sums['fwd+bwd']:.3f} ms ({', '.join(f'{k} {v:.3f}' for k, v in ms.items())})",
