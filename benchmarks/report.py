@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from benchmarks import cases as cases_lib
+from benchmarks import grouping_cost
 
 JMOE = "jmoe"
 GIB = 2 ** 30
@@ -243,6 +244,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
          for r in tgt]), ""]
   lines += ["## Results", "", _md_table(list(TABLE_COLUMNS), table_rows(results)), ""]
   lines += _dense_bound_section(results)
+  lines += _grouping_cost_section(results)
   lines += _speedup_section(results)
   lines += _best_other_section(results)
   lines += _utilisation_section(results)
@@ -324,6 +326,48 @@ def _dense_bound_section(results) -> list[str]:
                   fmt(r["target_ms"], ".4g"), fmt(ratio(r["target_ms"], r["dense_ms"]),
                                                    ".2f"),
                   fmt(r["jmoe_ms"], ".4g"), fmt(ratio(r["jmoe_ms"], r["dense_ms"]), ".2f")]
+                 for r in rows]), ""]
+
+
+def grouping_cost_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """Per case with a grouping cost (`benchmarks.grouping_cost`) and forward
+  GEMM: the grouped kernel's ms per group-size variant, the dense dot's ms
+  (`dense_bound`) and the ratios that split the gap."""
+  rows = []
+  for case in results["cases"]:
+    cost = case.get("grouping_cost")
+    if not cost:
+      continue
+    dense = (case.get("dense_bound") or {}).get("gemms", {})
+    for name, ms in cost["gemms"].items():
+      rows.append({"case": case["name"], "gemm": name, "dense_ms": dense.get(name),
+                   **{f"{v}_ms": ms.get(v) for v in grouping_cost.VARIANTS},
+                   **grouping_cost.ratios(ms, dense.get(name)),
+                   "padded_rows": cost["padded_rows"], "block_m": cost["block_m"]})
+  return rows
+
+
+def _grouping_cost_section(results) -> list[str]:
+  rows = grouping_cost_rows(results)
+  if not rows:
+    return []
+  return [
+      "## What grouping costs (forward GEMMs)", "",
+      "Each forward GEMM as `jmoe.grouped_matmul` (the plain grouped kernel on rows "
+      "sorted by expert; `benchmarks/grouping_cost.py`) with the case's routed group "
+      "sizes, uniform ones (`rows / e` each) and one group, beside the dense XLA dot "
+      "of the Dense-GEMM bound. `kernel` = one group / dense (the kernel against the "
+      "library), `weights` = uniform / one group (streaming `e` weight matrices), "
+      "`padding` = routed / uniform (the experts' part-empty last tiles), `total` = "
+      "routed / dense. `padded rows`: rows the tiles compute beyond the routed ones.", "",
+      _md_table(["case", "GEMM", "dense ms", "one group ms", "uniform ms", "routed ms",
+                 "kernel", "weights", "padding", "total", "padded rows"],
+                [[r["case"], r["gemm"], fmt(r["dense_ms"], ".4g"),
+                  fmt(r["one_group_ms"], ".4g"), fmt(r["uniform_ms"], ".4g"),
+                  fmt(r["routed_ms"], ".4g"), fmt(r["kernel"], ".3f"),
+                  fmt(r["weights"], ".3f"), fmt(r["padding"], ".3f"),
+                  fmt(r["total"], ".3f"),
+                  f"{r['padded_rows']:.1%} ({r['block_m']}-row tiles)"]
                  for r in rows]), ""]
 
 

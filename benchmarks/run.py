@@ -48,17 +48,20 @@ import numpy as np  # noqa: E402
 
 from benchmarks import cases as cases_lib  # noqa: E402
 from benchmarks import dense_bound as bound_lib  # noqa: E402
+from benchmarks import grouping_cost as grouping_lib  # noqa: E402
 from benchmarks import implementations as impls_lib  # noqa: E402
 from benchmarks import memory as memory_lib  # noqa: E402
 from benchmarks import stage_profile as profile_lib  # noqa: E402
 from benchmarks import report as report_lib  # noqa: E402
 from benchmarks import timing as timing_lib  # noqa: E402
 from jmoe._env import env_overrides  # noqa: E402
+from jmoe.ops.grouped_matmul import block_m_for as gmm_block_m  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EINSUM_IMPLS = ("ref-einsum", "ref-einsum-bf16")
-# Cases whose GEMMs are also timed as dense dots (`Runner.dense_bound`): those
-# with targets, and the CPU's tiny ones (so the path runs there too).
+# Cases whose GEMMs are also timed as dense dots (`Runner.dense_bound`) and as
+# grouped GEMMs with other group sizes (`Runner.grouping_cost`): those with
+# targets, and the CPU's tiny ones (so the path runs there too).
 DENSE_BOUND_GROUPS = ("main", "cpu")
 GIB = report_lib.GIB
 # The staged jmoe profile launches the fused op's kernels; beyond this relative
@@ -245,6 +248,31 @@ class Runner:
           flush=True)
     return {"gemms": ms, "fwd": sums["fwd"], "fwdbwd": sums["fwd+bwd"]}
 
+  def grouping_cost(self, case, counts) -> dict[str, Any]:
+    """The case's forward GEMMs as `jmoe.grouped_matmul` with the routed,
+    uniform and one-group sizes (`benchmarks.grouping_cost`), timed like the
+    implementations: `{"gemms": {name: {variant: ms}}, "padded_rows": fraction,
+    "block_m": rows per tile}`."""
+    backend = impls_lib.jmoe_backend()
+    gemms = [g for g in bound_lib.ffn_gemms(case.tokens, case.d_model, case.d_ff,
+                                            case.experts, case.top_k, case.gated)
+             if g.phase == "fwd"]
+    kwargs = self._time_kwargs("jmoe")
+    out = {}
+    for gemm in gemms:
+      out[gemm.name] = {}
+      for variant in grouping_lib.VARIANTS:
+        sizes = grouping_lib.group_sizes(counts, variant)
+        fn, args = grouping_lib.grouped_program(gemm, sizes, jnp.dtype(case.dtype), backend)
+        with env_overrides({"JMOE_AUTOTUNE": "0"} if self._jmoe_pinned(case) else {}):
+          out[gemm.name][variant] = timing_lib.time_fn(fn, *args, **kwargs).median_s * 1e3
+    block_m = gmm_block_m(sum(counts), len(counts), backend)
+    print("  grouped GEMMs (routed / uniform / one group): " + ", ".join(
+        f"{name} " + " / ".join(f"{v:.3f}" for v in ms.values()) for name, ms in out.items())
+          + " ms", flush=True)
+    return {"gemms": out, "block_m": block_m,
+            "padded_rows": grouping_lib.padded_rows(counts, block_m)}
+
   def memory_probes(self, case_list, impls: list[str]) -> None:
     for case in case_list:
       for name in impls:
@@ -299,8 +327,9 @@ class Runner:
                 "results are reused")
       src = next(c for c in self.results["cases"] if c["name"] == cached[0]["case"])
       case_row["utilisation"] = src["utilisation"]
-      if "dense_bound" in src:
-        case_row["dense_bound"] = src["dense_bound"]
+      for key in ("dense_bound", "grouping_cost"):
+        if key in src:
+          case_row[key] = src[key]
       self.results["results"].extend(
           {**r, "case": case.name, "reused_from": r["case"]} for r in cached)
       return
@@ -344,6 +373,13 @@ class Runner:
         print(f"  {row['impl']:16s} {row['mode']:7s} skipped: {row['reason']}")
     del x, params, dy, oracle_out
     gc.collect()
+    if case.group in DENSE_BOUND_GROUPS and case_row["utilisation"]:
+      try:
+        case_row["grouping_cost"] = self.grouping_cost(
+            case, case_row["utilisation"]["tokens_per_expert"])
+      except Exception as e:  # noqa: BLE001  (recorded, shown, never hidden)
+        self.note(f"{case.name}: grouping cost not measured: {_short(e)}")
+      gc.collect()
     self.results["results"].extend(rows)
     self._reuse[case.shape_key] = rows
 

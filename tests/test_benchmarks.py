@@ -316,6 +316,59 @@ def _row(case, impl, mode, ms):
   return {"case": case, "impl": impl, "mode": mode, "status": "ok", "median_ms": ms}
 
 
+def test_grouping_cost_sizes_padding_and_ratios():
+  """The group sizes of each variant keep the rows; padded rows count each
+  group's last tile; the ratios split routed / dense into their factors."""
+  from benchmarks import grouping_cost  # pylint: disable=import-outside-toplevel
+
+  counts = [130, 0, 64, 63]
+  assert grouping_cost.group_sizes(counts, "routed").tolist() == counts
+  assert grouping_cost.group_sizes(counts, "uniform").tolist() == [64, 64, 64, 65]
+  assert grouping_cost.group_sizes(counts, "one_group").tolist() == [257]
+  with pytest.raises(ValueError, match="variant"):
+    grouping_cost.group_sizes(counts, "sorted")
+  # Tiles of 64 rows: 3 + 0 + 1 + 1 = 5 tiles = 320 rows for 257.
+  assert grouping_cost.padded_rows(counts, 64) == pytest.approx(320 / 257 - 1)
+  r = grouping_cost.ratios({"routed": 6.0, "uniform": 5.0, "one_group": 4.0}, 2.0)
+  assert r == {"kernel": 2.0, "weights": 1.25, "padding": 1.2, "total": 3.0}
+  assert r["kernel"] * r["weights"] * r["padding"] == pytest.approx(r["total"])
+  assert grouping_cost.ratios({"routed": 6.0}, None)["total"] is None
+
+
+def test_grouping_cost_program_multiplies_each_group_by_its_weights():
+  from benchmarks import dense_bound  # pylint: disable=import-outside-toplevel
+  from benchmarks import grouping_cost  # pylint: disable=import-outside-toplevel
+
+  gemm = dense_bound.DenseGemm("fwd", "up", 1, 40, 16, 24)
+  sizes = np.array([7, 0, 33], np.int32)
+  fn, (a, b, s) = grouping_cost.grouped_program(gemm, sizes, jnp.float32, "reference")
+  assert a.shape == (40, 16) and b.shape == (3, 16, 24) and s.tolist() == sizes.tolist()
+  a_np, b_np = np.asarray(a), np.asarray(b)
+  want = np.concatenate([a_np[:7] @ b_np[0], a_np[7:] @ b_np[2]])
+  np.testing.assert_allclose(np.asarray(fn(a, b, s)), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="forward-shaped"):
+    grouping_cost.grouped_program(dense_bound.DenseGemm("bwd", "dW_up", 2, 8, 8, 8),
+                                  sizes, jnp.float32, "reference")
+
+
+def test_grouping_cost_rows_and_section():
+  results = {"cases": [
+      {"name": "deepseek", "dense_bound": {"gemms": {"up": 0.8, "down": 0.4}},
+       "grouping_cost": {"gemms": {"up": {"routed": 0.96, "uniform": 0.87,
+                                          "one_group": 0.83},
+                                   "down": {"routed": 0.52, "uniform": 0.49,
+                                            "one_group": 0.46}},
+                         "padded_rows": 0.083, "block_m": 128}},
+      {"name": "small"}]}
+  rows = report.grouping_cost_rows(results)
+  assert [(r["case"], r["gemm"]) for r in rows] == [("deepseek", "up"), ("deepseek", "down")]
+  assert rows[0]["total"] == pytest.approx(0.96 / 0.8)
+  assert rows[1]["padding"] == pytest.approx(0.52 / 0.49)
+  text = "\n".join(report._grouping_cost_section(results))  # pylint: disable=protected-access
+  assert "## What grouping costs" in text and "8.3% (128-row tiles)" in text
+  assert report._grouping_cost_section({"cases": [{"name": "x"}]}) == []  # pylint: disable=protected-access
+
+
 def test_best_other_finds_the_fastest_other_at_every_point():
   results = {
       "cases": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
@@ -484,12 +537,21 @@ def test_run_writes_json_markdown_and_plots(tmp_path):
   assert list(bound["gemms"]) == ["up", "down", "dh", "dx", "dW_up", "dW_down"]
   assert bound["fwd"] == pytest.approx(bound["gemms"]["up"] + bound["gemms"]["down"])
   assert bound["fwdbwd"] == pytest.approx(sum(bound["gemms"].values()))
+  if "jmoe" in impls:
+    cost = saved["cases"][0]["grouping_cost"]
+    assert set(cost["gemms"]) == {"up", "down"}
+    for ms in cost["gemms"].values():
+      assert set(ms) == {"routed", "uniform", "one_group"} and min(ms.values()) > 0
+    assert 0 <= cost["padded_rows"] < 1
   assert [p["stage"] for p in saved["profile"]] == [
       "router", "align/permute", "up GEMM", "down GEMM + combine"]
   md = (out / "report.md").read_text()
   assert "python -m benchmarks.run --preset cpu" in md
-  for section in ("## Method", "## Implementations", "## Results", "## Memory",
-                  "## Per-stage profile", "## Dense-GEMM bound", "speedup.png"):
+  sections = ["## Method", "## Implementations", "## Results", "## Memory",
+              "## Per-stage profile", "## Dense-GEMM bound", "speedup.png"]
+  if "jmoe" in impls:
+    sections.append("## What grouping costs (forward GEMMs)")
+  for section in sections:
     assert section in md, section
   assert results["meta"]["slug"] == "cpu"
 
