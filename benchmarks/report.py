@@ -354,7 +354,7 @@ def _grouping_cost_section(results) -> list[str]:
   return [
       "## What grouping costs (forward GEMMs)", "",
       "Each forward GEMM as `jmoe.grouped_matmul` (the plain grouped kernel on rows "
-      "sorted by expert; `benchmarks/grouping_cost.py`) with the case's routed group "
+      "sorted by expert, pinned tiles; `benchmarks/grouping_cost.py`) with the case's routed group "
       "sizes, uniform ones (`rows / e` each) and one group, beside the dense XLA dot "
       "of the Dense-GEMM bound. `kernel` = one group / dense (the kernel against the "
       "library), `weights` = uniform / one group (streaming `e` weight matrices), "

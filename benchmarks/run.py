@@ -251,8 +251,10 @@ class Runner:
   def grouping_cost(self, case, counts) -> dict[str, Any]:
     """The case's forward GEMMs as `jmoe.grouped_matmul` with the routed,
     uniform and one-group sizes (`benchmarks.grouping_cost`), timed like the
-    implementations: `{"gemms": {name: {variant: ms}}, "padded_rows": fraction,
-    "block_m": rows per tile}`."""
+    implementations, with jmoe's pinned tiles (`JMOE_AUTOTUNE=0`: the same
+    config for the three variants, and no autotuning time):
+    `{"gemms": {name: {variant: ms}}, "padded_rows": fraction, "block_m": rows
+    per tile}`."""
     backend = impls_lib.jmoe_backend()
     gemms = [g for g in bound_lib.ffn_gemms(case.tokens, case.d_model, case.d_ff,
                                             case.experts, case.top_k, case.gated)
@@ -264,7 +266,7 @@ class Runner:
       for variant in grouping_lib.VARIANTS:
         sizes = grouping_lib.group_sizes(counts, variant)
         fn, args = grouping_lib.grouped_program(gemm, sizes, jnp.dtype(case.dtype), backend)
-        with env_overrides({"JMOE_AUTOTUNE": "0"} if self._jmoe_pinned(case) else {}):
+        with env_overrides({"JMOE_AUTOTUNE": "0"}):
           out[gemm.name][variant] = timing_lib.time_fn(fn, *args, **kwargs).median_s * 1e3
     block_m = gmm_block_m(sum(counts), len(counts), backend)
     print("  grouped GEMMs (routed / uniform / one group): " + ", ".join(
