@@ -75,12 +75,14 @@ def grouped_program(gemm: DenseGemm, sizes: np.ndarray, dtype, backend: str,
   return fn, (a, b, jnp.asarray(sizes, jnp.int32))
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+  """`a / b`, or None where either is missing (or `b` is 0)."""
+  return None if a is None or not b else a / b
+
+
 def ratios(ms: dict[str, float], dense_ms: float | None) -> dict[str, float | None]:
   """The gap split (module docstring) from `{variant: ms}` and the dense dot's ms."""
-  def div(a, b):
-    return None if a is None or not b else a / b
-
-  return {"kernel": div(ms.get("one_group"), dense_ms),
-          "weights": div(ms.get("uniform"), ms.get("one_group")),
-          "padding": div(ms.get("routed"), ms.get("uniform")),
-          "total": div(ms.get("routed"), dense_ms)}
+  return {"kernel": ratio(ms.get("one_group"), dense_ms),
+          "weights": ratio(ms.get("uniform"), ms.get("one_group")),
+          "padding": ratio(ms.get("routed"), ms.get("uniform")),
+          "total": ratio(ms.get("routed"), dense_ms)}

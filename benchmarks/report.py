@@ -308,10 +308,7 @@ def _dense_bound_section(results) -> list[str]:
   rows = dense_bound_rows(results)
   if not rows:
     return []
-
-  def ratio(v, base):
-    return None if v is None or not base else v / base
-
+  ratio = grouping_cost.ratio
   return [
       "## Dense-GEMM bound", "",
       "The case's six GEMMs (up, down; dh, dx, dW_up, dW_down) as dense bf16 XLA "

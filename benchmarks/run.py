@@ -260,13 +260,13 @@ class Runner:
                                             case.experts, case.top_k, case.gated)
              if g.phase == "fwd"]
     kwargs = self._time_kwargs("jmoe")
-    out = {}
-    for gemm in gemms:
-      out[gemm.name] = {}
-      for variant in grouping_lib.VARIANTS:
-        sizes = grouping_lib.group_sizes(counts, variant)
-        fn, args = grouping_lib.grouped_program(gemm, sizes, jnp.dtype(case.dtype), backend)
-        with env_overrides({"JMOE_AUTOTUNE": "0"}):
+    out = {gemm.name: {} for gemm in gemms}
+    with env_overrides({"JMOE_AUTOTUNE": "0"}):
+      for gemm in gemms:
+        for variant in grouping_lib.VARIANTS:
+          sizes = grouping_lib.group_sizes(counts, variant)
+          fn, args = grouping_lib.grouped_program(gemm, sizes, jnp.dtype(case.dtype),
+                                                  backend)
           out[gemm.name][variant] = timing_lib.time_fn(fn, *args, **kwargs).median_s * 1e3
     block_m = gmm_block_m(sum(counts), len(counts), backend)
     print("  grouped GEMMs (routed / uniform / one group): " + ", ".join(
