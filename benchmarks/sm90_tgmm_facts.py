@@ -52,6 +52,31 @@ def build(cfg, flags, ka, n, out_type="*bf16", a_columns=False):
       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def build_gluon(config, ka, n, transpose=False, programs=132):
+  """The sm_90 build of the Gluon tgmm (`jmoe.kernels.tgmm_gluon`) for a
+  `jmoe.ops.tgmm.TgmmConfig`, bf16 operands and output, with jax-triton's
+  hints (also used by tests/test_ops_tgmm.py). `ka`, `n` only document the
+  call: the kernel takes its sizes at run time."""
+  del ka, n
+  from triton.experimental.gluon._runtime import GluonASTSource  # pylint: disable=import-outside-toplevel
+
+  from jmoe.kernels import tgmm_gluon  # pylint: disable=import-outside-toplevel
+
+  fn = tgmm_gluon._tgmm_gluon_kernel  # pylint: disable=protected-access
+  sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "group_offsets_ptr": "*i32",
+         "a_col_offsets_ptr": "*i32", "G": "i32", "MB": "i32", "KA_Q": "i32",
+         "N_Q": "i32", "MA_Q": "i32", "out_ptr": "*bf16"}
+  const = dict(OUT_TRANSPOSED=transpose, NUM_PROGRAMS=programs,
+               NUM_BUFFERS=config.num_stages, **config.metaparams())
+  sig.update({k: "constexpr" for k in const})
+  pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
+  attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
+  constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
+  return triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
+                        target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": config.num_warps})
+
+
 def facts(compiled) -> dict:
   ptx = compiled.asm["ptx"]
   with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:

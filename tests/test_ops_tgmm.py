@@ -476,6 +476,47 @@ def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():
   assert re.search(r"ld\.global(\.\w+)*\.v4", ptx)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_sm90_gluon_build(transpose):
+  """The Gluon tgmm builds for the H100 with its default tile: TMA loads
+  completing on mbarriers, wgmma from shared memory (both operands), a TMA
+  store, one warp group pair (no warp specialisation: jaxlib launches
+  `num_warps` warps) and shared memory within the H100's 227 KiB."""
+  from benchmarks import sm90_tgmm_facts  # pylint: disable=import-outside-toplevel
+
+  try:
+    compiled = sm90_tgmm_facts.build_gluon(TgmmConfig(), 2048, 1408, transpose)
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"cannot build Gluon for sm_90 here: {type(e).__name__}: {e}")
+  ptx = compiled.asm["ptx"]
+  assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared::cluster\.global\.mbarrier", ptx)
+  assert re.search(r"cp\.async\.bulk\.tensor\.3d\.global\.shared", ptx)
+  assert "mbarrier.try_wait" in ptx
+  assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.bf16\.bf16", ptx)
+  assert not _WGMMA_REGISTER_A.search(ptx), "wgmma A operand from registers"
+  assert compiled.metadata.num_warps == 8
+  assert compiled.metadata.shared <= 227 * 1024
+
+
+def test_gluon_kernel_choice(monkeypatch):
+  """`JMOE_TGMM_KERNEL=gluon` runs only where the Gluon kernel can (an sm_90
+  GPU, 16-bit operands and output, the TMA kernel's call shapes), and says why
+  not otherwise; it is never picked by "auto" (not measured faster yet)."""
+  from jmoe.ops import _gluon  # pylint: disable=import-outside-toplevel
+  from jmoe.kernels import tgmm as plain_kernels  # pylint: disable=import-outside-toplevel
+  from jmoe.kernels import tgmm_gluon  # pylint: disable=import-outside-toplevel
+
+  assert _gluon.is_gluon(tgmm_gluon._tgmm_gluon_kernel)  # pylint: disable=protected-access
+  assert not _gluon.is_gluon(plain_kernels.tgmm_kernel_heuristic)
+  monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "gluon")
+  with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL=gluon needs.*backend 'interpret'"):
+    tgmm_lib.tgmm_kernel("interpret", BF16, 48, 32, False, "xla_columns")
+  with pytest.raises(ValueError, match="JMOE_TGMM_KERNEL=gluon needs.*out_dtype float32"):
+    tgmm_lib.tgmm_kernel("triton", BF16, 48, 32, False, "xla_columns", np.float32)
+  monkeypatch.delenv(tgmm_lib.TGMM_KERNEL_ENV)
+  assert tgmm_lib.tgmm_kernel("interpret", BF16, 48, 32, False, "xla_columns") == "tma"
+
+
 def test_prescale_launches_the_unscaled_kernel(rng, monkeypatch):
   """`row_scale_mode="prescale"` (also the default) runs the kernel with neither
   `HAS_SCALE` nor `HAS_A_INDEX` (the configs built in
@@ -576,8 +617,9 @@ class TestTgmmTriton(TgmmTestBase):
       (49152, 2048, 2816, 64, False),  # deepseek-like dW_up (skewed)
       (49152, 2048, 1408, 64, True),  # deepseek-like dW_down^T: partial tiles
   ])
-  @pytest.mark.parametrize("tma_store", ["0", "1"])
-  def test_tma_moe_shapes_bf16(self, monkeypatch, m, ka, n, g, transpose, tma_store):
+  @pytest.mark.parametrize("kernel,tma_store", [("tma", "0"), ("tma", "1"), ("gluon", "1")])
+  def test_tma_moe_shapes_bf16(self, monkeypatch, m, ka, n, g, transpose, kernel,
+                               tma_store):
     rng = helpers.rng_for(f"tgmm-tma-{m}-{ka}-{n}-{g}")
     ka_, kb = jax.random.split(jax.random.key(int(rng.integers(1 << 30))))
     t = m // 2
@@ -590,17 +632,39 @@ class TestTgmmTriton(TgmmTestBase):
                            out_dtype=jnp.bfloat16)
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
     plain = jax.jit(fn)(a, b, sizes)
-    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, kernel)
     monkeypatch.setenv(tgmm_lib.TMA_STORE_ENV, tma_store)
     out = jax.jit(fn)(a, b, sizes)
     bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
-    assert bool(jnp.all(bits(out) == bits(plain))), "TMA and plain kernels differ"
+    assert bool(jnp.all(bits(out) == bits(plain))), f"{kernel} and plain kernels differ"
     expected = jax.jit(functools.partial(tgmm_reference, a_row_index=index))(a, b, sizes)
     if transpose:
       expected = jnp.swapaxes(expected, 1, 2)
     err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - expected))
                 / jnp.max(jnp.abs(expected)))
     assert err <= 1e-2, f"relative error {err:.3e}"
+
+  @pytest.mark.parametrize("shape", TMA_SHAPES, ids=str)
+  @pytest.mark.parametrize("transpose", [False, True])
+  @pytest.mark.parametrize("config", [TgmmConfig(), TgmmConfig(32, 64, 64, 4, 4, 3)],
+                           ids=["128x256", "64x64"])
+  def test_gluon_kernel(self, rng, monkeypatch, shape, transpose, config):
+    # The Gluon kernel (jmoe.kernels.tgmm_gluon) gives exactly the plain
+    # columns-mode kernel's numbers at the same tile (same steps in the same
+    # order), including zeros for empty groups and clipped edge tiles.
+    a, b, sizes, kw = _inputs(rng, *shape, BF16, OPTIONS[1])
+    kw.pop("b_row_index", None)  # it reads b's rows in order
+    b = b[:shape[0]]
+    fn = functools.partial(self._tgmm, gather_mode="xla_columns", config=config,
+                           transpose_out=transpose, out_dtype=BF16, **kw)
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
+    plain = jax.jit(fn)(a, b, sizes)
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "gluon")
+    out = jax.jit(fn)(a, b, sizes)
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint16),
+                                  np.asarray(plain).view(np.uint16))
+    want = _oracle(a, b, sizes, **kw)
+    helpers.assert_close(out, np.swapaxes(want, 1, 2) if transpose else want, BF16)
 
   def test_float32_tf32(self, rng):
     a, b, sizes, kw = _inputs(rng, 1000, 600, 300, 8, "zeros", np.float32, OPTIONS[1])

@@ -304,7 +304,7 @@ def weight_grad_tma(backend: str, dtype: Any, d: int, f: int, pf: int) -> bool:
   from jmoe.ops import tgmm as tgmm_lib  # pylint: disable=import-outside-toplevel
 
   return all(
-      tgmm_lib.tgmm_kernel(backend, dtype, d, n, False, "xla_columns") == "tma"
+      tgmm_lib.tgmm_kernel(backend, dtype, d, n, False, "xla_columns") in ("tma", "gluon")
       for n in (f, pf)
   )
 

@@ -83,7 +83,10 @@ COLUMN_ALIGN = 64
 # 9.49 ms, 64 experts 2.38 -> 2.16 ms (against the row layout), small 0.35 ->
 # 0.30 ms. `JMOE_TGMM_TMA_FLATTEN`, `JMOE_TGMM_TMA_BOUNDED` and
 # `JMOE_TGMM_TMA_STORE` set its `FLATTEN`, `B_BOUNDED` and `TMA_STORE` switches.
-TGMM_KERNELS = ("auto", "plain", "tma")
+# "gluon" (`jmoe.kernels.tgmm_gluon`, sm_90 GPU only, 16-bit output): the same
+# persistent TMA tgmm written in Gluon, its loads pipelined across output
+# tiles (`gluon_eligible`); launched through `jmoe.ops._gluon`.
+TGMM_KERNELS = ("auto", "plain", "tma", "gluon")
 TGMM_KERNEL_ENV = "JMOE_TGMM_KERNEL"
 TMA_FLATTEN_ENV = "JMOE_TGMM_TMA_FLATTEN"
 TMA_BOUNDED_ENV = "JMOE_TGMM_TMA_BOUNDED"
@@ -97,6 +100,7 @@ class TmaOptions:
   flatten: bool = False  # measured equal (H100, session 6)
   b_bounded: bool = True  # no reads past a group; <= 2 % slower
   tma_store: bool = True  # 3-4 % faster than st.global
+  gluon: bool = False  # the Gluon kernel (`TGMM_KERNELS`); ignores the above
 
   @classmethod
   def from_env(cls) -> TmaOptions:
@@ -122,15 +126,41 @@ def tma_available(backend: str) -> bool:
   return backend == "interpret" or (backend == "triton" and _hidden_scratch.supported())
 
 
+def gluon_eligible(backend: str, dtype: Any, out_dtype: Any) -> str:
+  """Why the Gluon tgmm cannot run a TMA-eligible call ("" when it can): it is
+  compiled for sm_90 only, runs on the GPU only (Gluon has no interpreter) and
+  stores a 16-bit tile (a float32 one does not fit in shared memory beside its
+  operand ring)."""
+  if backend != "triton":
+    return f"backend {backend!r} (Gluon kernels run on the GPU only)"
+  if not (is_dtype(dtype, HALF_DTYPES) and is_dtype(out_dtype, HALF_DTYPES)):
+    return (f"operand dtype {np.dtype(dtype).name}, out_dtype "
+            f"{np.dtype(out_dtype).name} (both must be bfloat16 / float16)")
+  capability = getattr(jax.devices("gpu")[0], "compute_capability", "")
+  if str(capability) != "9.0":
+    return f"GPU compute capability {capability!r} (needs 9.0)"
+  return ""
+
+
 def tgmm_kernel(backend: str, dtype: Any, ka: int, n: int, has_b_index: bool,
-                gather_mode: str) -> str:
-  """`"tma"` or `"plain"`: the kernel `tgmm` launches (see `TGMM_KERNELS`).
+                gather_mode: str, out_dtype: Any = None) -> str:
+  """`"gluon"`, `"tma"` or `"plain"`: the kernel `tgmm` launches (see
+  `TGMM_KERNELS`).
 
   Raises:
-    ValueError: `JMOE_TGMM_KERNEL=tma` for a call the TMA kernel cannot run.
+    ValueError: `JMOE_TGMM_KERNEL=tma` / `gluon` for a call that kernel cannot run.
   """
   choice = env_choice(TGMM_KERNEL_ENV, TGMM_KERNELS, "auto")
   eligible = tma_eligible(dtype, ka, n, has_b_index, gather_mode)
+  if choice == "gluon":
+    why = gluon_eligible(backend, dtype, dtype if out_dtype is None else out_dtype)
+    if why or not eligible:
+      raise ValueError(
+          f"{TGMM_KERNEL_ENV}=gluon needs what the TMA kernel needs (16-bit operands, "
+          'gather_mode="xla_columns", no b_row_index, ka and n multiples of 16) '
+          f"and a 16-bit out_dtype on an sm_90 GPU; here: "
+          f"{why or 'the TMA kernel cannot run this call'}")
+    return "gluon"
   if choice == "tma" and not eligible:
     raise ValueError(
         f'{TGMM_KERNEL_ENV}=tma needs bfloat16 / float16 operands, '
@@ -423,6 +453,9 @@ def _launch_tma(a_t, a_col_offsets, b, offsets, g, out_shape, input_precision,
   config = config or TgmmConfig()  # None: the GPU default (it does not autotune)
   tiles = g * -(-ka // config.block_k) * -(-n // config.block_n)
   programs = max(1, min(persistent_programs(backend), tiles))
+  if tma.gluon:
+    return _launch_gluon(a_t, a_col_offsets, b, offsets, g, out_shape, config,
+                         programs, transpose_out)
   return kernel_call(
       kernels._tgmm_tma_kernel,  # pylint: disable=protected-access
       a_t, b, offsets, a_col_offsets, g, mb, ka // 16, n // 16, ma // 16,
@@ -440,6 +473,33 @@ def _launch_tma(a_t, a_col_offsets, b, offsets, g, out_shape, input_precision,
       FLATTEN=tma.flatten,
       num_warps=config.num_warps,
       num_stages=config.num_stages,
+      **config.metaparams(),
+  )
+
+
+def _launch_gluon(a_t, a_col_offsets, b, offsets, g, out_shape, config, programs,
+                  transpose_out: bool) -> jax.Array:
+  """`jmoe.kernels.tgmm_gluon` (GPU only): the tile of `config`, its
+  `num_stages` as the depth of the operand ring."""
+  from jmoe.kernels import tgmm_gluon as kernels  # pylint: disable=import-outside-toplevel
+  from jmoe.ops import _gluon  # pylint: disable=import-outside-toplevel
+  from jmoe.ops._call import kernel_call  # pylint: disable=import-outside-toplevel
+
+  _gluon.install()
+  ka, ma = a_t.shape
+  mb, n = b.shape
+  return kernel_call(
+      kernels._tgmm_gluon_kernel,  # pylint: disable=protected-access
+      a_t, b, offsets, a_col_offsets, g, mb, ka // 16, n // 16, ma // 16,
+      out_shape=out_shape,
+      grid=(programs,),
+      backend="triton",
+      name="jmoe_tgmm_gluon",
+      scratch_bytes_per_program=3 * 128,
+      OUT_TRANSPOSED=transpose_out,
+      NUM_PROGRAMS=programs,
+      NUM_BUFFERS=config.num_stages,
+      num_warps=config.num_warps,
       **config.metaparams(),
   )
 
@@ -571,9 +631,10 @@ def tgmm(
     )
     return jnp.swapaxes(out, 1, 2) if transpose_out else out
   tma = None
-  if tgmm_kernel(backend, a.dtype, a.shape[1], b.shape[1], b_row_index is not None,
-                 gather_mode) == "tma":
-    tma = TmaOptions.from_env()
+  kind = tgmm_kernel(backend, a.dtype, a.shape[1], b.shape[1], b_row_index is not None,
+                     gather_mode, out_dtype)
+  if kind in ("tma", "gluon"):
+    tma = dataclasses.replace(TmaOptions.from_env(), gluon=kind == "gluon")
   op = _tgmm_fn(m, out_dtype, input_precision, backend, config, row_scale_mode,
                 gather_mode, bool(transpose_out), tma)
   return op(a, b, group_sizes, a_row_index, b_row_index, row_scale)
