@@ -52,17 +52,18 @@ def build(cfg, flags, ka, n, out_type="*bf16", a_columns=False):
       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-def build_gluon(config, ka, n, transpose=False, programs=132):
+def build_gluon(config, ka, n, transpose=False, programs=132, ws=False):
   """The sm_90 build of the Gluon tgmm (`jmoe.kernels.tgmm_gluon`) for a
   `jmoe.ops.tgmm.TgmmConfig`, bf16 operands and output, with jax-triton's
-  hints (also used by tests/test_ops_tgmm.py). `ka`, `n` only document the
-  call: the kernel takes its sizes at run time."""
+  hints (also used by tests/test_ops_tgmm.py); `ws`: the warp-specialised
+  kernel. `ka`, `n` only document the call: the kernel takes its sizes at run
+  time."""
   del ka, n
   from triton.experimental.gluon._runtime import GluonASTSource  # pylint: disable=import-outside-toplevel
 
   from jmoe.kernels import tgmm_gluon  # pylint: disable=import-outside-toplevel
 
-  fn = tgmm_gluon._tgmm_gluon_kernel  # pylint: disable=protected-access
+  fn = tgmm_gluon._tgmm_gluon_ws_kernel if ws else tgmm_gluon._tgmm_gluon_kernel  # pylint: disable=protected-access
   sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "group_offsets_ptr": "*i32",
          "a_col_offsets_ptr": "*i32", "G": "i32", "MB": "i32", "KA_Q": "i32",
          "N_Q": "i32", "MA_Q": "i32", "out_ptr": "*bf16"}

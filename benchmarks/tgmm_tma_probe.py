@@ -51,7 +51,12 @@ VARIANTS = {  # label: (env, config); "rows": the row layout of both gradients
     "tma 128x128w4": ({"JMOE_TGMM_KERNEL": "tma", "JMOE_TGMM_TMA_BOUNDED": "0"},
                       TgmmConfig(64, 128, 128, 8, 4, 3)),
     # The Gluon kernel: num_stages is its operand ring (loads NUM_BUFFERS - 2 ahead).
-    "gluon 128x256 s3": ({"JMOE_TGMM_KERNEL": "gluon"}, TgmmConfig()),
+    "gluon 128x256 s3": ({"JMOE_TGMM_KERNEL": "gluon", "JMOE_TGMM_GLUON_WS": "0"},
+                         TgmmConfig()),
+    "gluon ws 128x256 s3": ({"JMOE_TGMM_KERNEL": "gluon", "JMOE_TGMM_GLUON_WS": "1"},
+                            TgmmConfig()),
+    "gluon ws 128x256 bm32 s6": ({"JMOE_TGMM_KERNEL": "gluon", "JMOE_TGMM_GLUON_WS": "1"},
+                                 TgmmConfig(32, 128, 256, 8, 8, 6)),
     "gluon 128x256 bm32 s6": ({"JMOE_TGMM_KERNEL": "gluon"},
                               TgmmConfig(32, 128, 256, 8, 8, 6)),
     "gluon 128x128 s4": ({"JMOE_TGMM_KERNEL": "gluon"}, TgmmConfig(64, 128, 128, 8, 8, 4)),

@@ -22,6 +22,7 @@ import pytest
 
 import helpers
 import oracle
+from jmoe.ops import _call
 from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
 
@@ -109,18 +110,38 @@ class GroupedMatmulTestBase:
     sizes = _group_sizes(rng, m, g, kind)
     d_out = helpers.normal(rng, (m, n), BF16)
 
+    # The (B_TMA, PERSISTENT, FLATTEN) of every plain-kernel launch each
+    # variant traces: the switch must reach the kernel, not just the env.
+    launches = []
+    kernel_call = _call.kernel_call
+
+    def spy(kernel, *args, **kw):
+      if kw.get("name") == "jmoe_grouped_matmul":
+        launches.append((kw["B_TMA"], kw["PERSISTENT"], kw["FLATTEN"]))
+      return kernel_call(kernel, *args, **kw)
+
+    monkeypatch.setattr(_call, "kernel_call", spy)
+
     def run():
+      launches.clear()
       out, vjp = jax.vjp(lambda a, b: self._gmm(a, b, sizes), lhs, rhs)
       return [np.asarray(v.astype(jnp.float32)) for v in (out, *vjp(d_out))]
 
-    outs = {}
+    outs, flags = {}, {}
     for mode in gmm_lib.GEMM_TMA_MODES:
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, mode)
       outs[mode] = run()
+      flags[mode] = set(launches)
     # Persistent with the item and K loops kept apart (JMOE_GEMM_FLATTEN=0).
+    # JMOE_GEMM_TMA goes back to "auto" first: left at the loop's last mode
+    # ("off") this variant used to re-run "off" instead of the nested loop.
+    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "auto")
     monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
     outs["nested"] = run()
-    monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "auto")
+    flags["nested"] = set(launches)
+    assert flags == {"auto": {(True, True, True)}, "persistent": {(True, True, True)},
+                     "tiles": {(True, False, False)}, "off": {(False, False, False)},
+                     "nested": {(True, True, False)}}, flags
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     expected, vjp = jax.vjp(lambda a, b: _ragged_dot_f32(a, b, sizes), f32(lhs), f32(rhs))
     want = (expected, *vjp(f32(d_out)))

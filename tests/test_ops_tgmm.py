@@ -72,6 +72,23 @@ def _group_sizes(rng, m: int, g: int, kind: str) -> np.ndarray:
   return rng.multinomial(total, probs / probs.sum()).astype(np.int32)
 
 
+@pytest.fixture
+def launched(monkeypatch):
+  """The names of the kernels `jmoe.ops._call.kernel_call` launches (recorded at
+  trace time): shows that an env-selected kernel really ran."""
+  from jmoe.ops import _call  # pylint: disable=import-outside-toplevel
+
+  names = []
+  original = _call.kernel_call
+
+  def record(*args, name="", **kwargs):
+    names.append(name)
+    return original(*args, name=name, **kwargs)
+
+  monkeypatch.setattr(_call, "kernel_call", record)
+  return names
+
+
 def _inputs(rng, m, ka, n, g, kind, dtype, options):
   """`(a, b, group_sizes, kwargs)` with fresh random data (never zeros)."""
   has_ai, has_bi, has_s = options
@@ -272,7 +289,8 @@ class TgmmTestBase:
   @pytest.mark.parametrize("options", OPTIONS, ids=str)
   @pytest.mark.parametrize("switches", TMA_SWITCHES, ids=str)
   @pytest.mark.parametrize("transpose", [False, True])
-  def test_tma_kernel(self, rng, monkeypatch, shape, options, switches, transpose):
+  def test_tma_kernel(self, rng, monkeypatch, launched, shape, options, switches,
+                      transpose):
     # The persistent TMA kernel (jmoe.kernels.tgmm_tma) gives exactly the
     # plain columns-mode kernel's numbers (same tiles, same steps; the rows it
     # reads past a group's end meet zero columns of a), and the oracle's.
@@ -282,11 +300,12 @@ class TgmmTestBase:
     fn = functools.partial(self._tgmm, gather_mode="xla_columns",
                            transpose_out=transpose, **kw)
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
-    plain = jax.jit(fn)(a, b, sizes)
+    plain = jax.jit(lambda *x: fn(*x))(a, b, sizes)  # fresh: traced with the switch
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
     for name, value in zip((tgmm_lib.TMA_BOUNDED_ENV, tgmm_lib.TMA_STORE_ENV), switches):
       monkeypatch.setenv(name, value)
-    out = jax.jit(fn)(a, b, sizes)
+    out = jax.jit(lambda *x: fn(*x))(a, b, sizes)
+    assert launched[-1] == "jmoe_tgmm_tma", launched
     np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
     want = _oracle(a, b, sizes, **kw)
     helpers.assert_close(out, np.swapaxes(want, 1, 2) if transpose else want, BF16)
@@ -476,16 +495,18 @@ def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():
   assert re.search(r"ld\.global(\.\w+)*\.v4", ptx)
 
 
+@pytest.mark.parametrize("ws", [False, True])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_sm90_gluon_build(transpose):
+def test_sm90_gluon_build(transpose, ws):
   """The Gluon tgmm builds for the H100 with its default tile: TMA loads
   completing on mbarriers, wgmma from shared memory (both operands), a TMA
-  store, one warp group pair (no warp specialisation: jaxlib launches
-  `num_warps` warps) and shared memory within the H100's 227 KiB."""
+  store, two consumer warp groups (plus, with `ws`, a producer warp group:
+  `jmoe.ops._gluon` launches the total) and shared memory within the H100's
+  227 KiB."""
   from benchmarks import sm90_tgmm_facts  # pylint: disable=import-outside-toplevel
 
   try:
-    compiled = sm90_tgmm_facts.build_gluon(TgmmConfig(), 2048, 1408, transpose)
+    compiled = sm90_tgmm_facts.build_gluon(TgmmConfig(), 2048, 1408, transpose, ws=ws)
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"cannot build Gluon for sm_90 here: {type(e).__name__}: {e}")
   ptx = compiled.asm["ptx"]
@@ -494,7 +515,7 @@ def test_sm90_gluon_build(transpose):
   assert "mbarrier.try_wait" in ptx
   assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.bf16\.bf16", ptx)
   assert not _WGMMA_REGISTER_A.search(ptx), "wgmma A operand from registers"
-  assert compiled.metadata.num_warps == 8
+  assert compiled.metadata.num_warps == (12 if ws else 8)
   assert compiled.metadata.shared <= 227 * 1024
 
 
@@ -618,8 +639,8 @@ class TestTgmmTriton(TgmmTestBase):
       (49152, 2048, 1408, 64, True),  # deepseek-like dW_down^T: partial tiles
   ])
   @pytest.mark.parametrize("kernel,tma_store", [("tma", "0"), ("tma", "1"), ("gluon", "1")])
-  def test_tma_moe_shapes_bf16(self, monkeypatch, m, ka, n, g, transpose, kernel,
-                               tma_store):
+  def test_tma_moe_shapes_bf16(self, monkeypatch, launched, m, ka, n, g, transpose,
+                               kernel, tma_store):
     rng = helpers.rng_for(f"tgmm-tma-{m}-{ka}-{n}-{g}")
     ka_, kb = jax.random.split(jax.random.key(int(rng.integers(1 << 30))))
     t = m // 2
@@ -631,10 +652,11 @@ class TestTgmmTriton(TgmmTestBase):
                            gather_mode="xla_columns", transpose_out=transpose,
                            out_dtype=jnp.bfloat16)
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
-    plain = jax.jit(fn)(a, b, sizes)
+    plain = jax.jit(lambda *x: fn(*x))(a, b, sizes)  # fresh: traced with the switch
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, kernel)
     monkeypatch.setenv(tgmm_lib.TMA_STORE_ENV, tma_store)
-    out = jax.jit(fn)(a, b, sizes)
+    out = jax.jit(lambda *x: fn(*x))(a, b, sizes)
+    assert launched[-1].startswith(f"jmoe_tgmm_{kernel}"), launched
     bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
     assert bool(jnp.all(bits(out) == bits(plain))), f"{kernel} and plain kernels differ"
     expected = jax.jit(functools.partial(tgmm_reference, a_row_index=index))(a, b, sizes)
@@ -648,7 +670,8 @@ class TestTgmmTriton(TgmmTestBase):
   @pytest.mark.parametrize("transpose", [False, True])
   @pytest.mark.parametrize("config", [TgmmConfig(), TgmmConfig(32, 64, 64, 4, 4, 3)],
                            ids=["128x256", "64x64"])
-  def test_gluon_kernel(self, rng, monkeypatch, shape, transpose, config):
+  @pytest.mark.parametrize("ws", ["0", "1"])
+  def test_gluon_kernel(self, rng, monkeypatch, launched, shape, transpose, config, ws):
     # The Gluon kernel (jmoe.kernels.tgmm_gluon) gives exactly the plain
     # columns-mode kernel's numbers at the same tile (same steps in the same
     # order), including zeros for empty groups and clipped edge tiles.
@@ -658,9 +681,11 @@ class TestTgmmTriton(TgmmTestBase):
     fn = functools.partial(self._tgmm, gather_mode="xla_columns", config=config,
                            transpose_out=transpose, out_dtype=BF16, **kw)
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
-    plain = jax.jit(fn)(a, b, sizes)
+    plain = jax.jit(lambda *x: fn(*x))(a, b, sizes)  # fresh: traced with the switch
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "gluon")
-    out = jax.jit(fn)(a, b, sizes)
+    monkeypatch.setenv(tgmm_lib.GLUON_WS_ENV, ws)
+    out = jax.jit(lambda *x: fn(*x))(a, b, sizes)
+    assert launched[-1] == f"jmoe_tgmm_gluon{'_ws' if ws == '1' else ''}", launched
     np.testing.assert_array_equal(np.asarray(out).view(np.uint16),
                                   np.asarray(plain).view(np.uint16))
     want = _oracle(a, b, sizes, **kw)

@@ -15,11 +15,14 @@ pipeline at the end of every tile (TMA loads of the next tile start only after
 the epilogue). Gluon's explicit `mbarrier` / TMA / `warpgroup_mma` let one
 loop run over the program's whole stream of (tile, step) items:
 
-- The loads run `NUM_BUFFERS - 2` items ahead of the MMAs, across tile ends,
+- The loads run `NUM_BUFFERS - 1` items ahead of the MMAs, across tile ends,
   so the next tile's operands arrive while this tile's epilogue runs.
 - The epilogue stores by TMA and does not wait for it; the store buffer is
   waited on only before the next epilogue writes it.
-- Tiles of groups with no rows get zeros in a first pass (no items).
+- Per-tile state (group, offsets, step count) is loaded a whole tile ahead,
+  so no global load sits between two items.
+- Tiles of groups with no rows have no items; the consumer stores their zeros
+  when it skips them.
 
 Each item is one `[BLOCK_K, BLOCK_M] x [BLOCK_M, BLOCK_N]` wgmma. Rows of `b`
 past a group's end are read (the next group's rows, or TMA's zeros past `MB`);
@@ -63,18 +66,29 @@ def _tile_steps(group_offsets_ptr, gi, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _next_busy_tile(tile, num_tiles, per_group, group_offsets_ptr,
-                    NUM_PROGRAMS: gl.constexpr, BLOCK_K: gl.constexpr,
-                    BLOCK_M: gl.constexpr):
+def _busy_tile(tile, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+               a_col_offsets_ptr, c_smem, out_desc, STORE_EMPTY: gl.constexpr,
+               NUM_PROGRAMS: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+               GROUP_SIZE: gl.constexpr, OUT_TRANSPOSED: gl.constexpr,
+               acc_layout: gl.constexpr):
   """The first tile at or after `tile` (stride `NUM_PROGRAMS`) whose group has
-  rows, or `num_tiles` and later when there is none."""
-  gi = gl.minimum(tile // per_group, num_tiles // per_group - 1)
-  _, steps = _tile_steps(group_offsets_ptr, gi, BLOCK_M)
+  rows: `(tile, gi, k0, n0, start, a_start, steps)`; `tile >= num_tiles` when
+  there is none. With `STORE_EMPTY` it stores zeros into the tiles it skips."""
+  gi, pid_k, pid_n = _tile_coords(gl.minimum(tile, num_tiles - 1), per_group, tiles_k,
+                                  tiles_n, GROUP_SIZE)
+  start, steps = _tile_steps(group_offsets_ptr, gi, BLOCK_M)
   while (tile < num_tiles) & (steps == 0):
+    if STORE_EMPTY:
+      _store_tile(gl.zeros((BLOCK_K, BLOCK_N), gl.float32, acc_layout), c_smem,
+                  out_desc, gi, pid_k * BLOCK_K, pid_n * BLOCK_N, BLOCK_K, BLOCK_N,
+                  OUT_TRANSPOSED)
     tile += NUM_PROGRAMS
-    gi = gl.minimum(tile // per_group, num_tiles // per_group - 1)
-    _, steps = _tile_steps(group_offsets_ptr, gi, BLOCK_M)
-  return tile
+    gi, pid_k, pid_n = _tile_coords(gl.minimum(tile, num_tiles - 1), per_group,
+                                    tiles_k, tiles_n, GROUP_SIZE)
+    start, steps = _tile_steps(group_offsets_ptr, gi, BLOCK_M)
+  a_start = gl.load(a_col_offsets_ptr + gi)
+  return tile, gi, pid_k * BLOCK_K, pid_n * BLOCK_N, start, a_start, gl.maximum(steps, 1)
 
 
 @gluon.jit
@@ -96,6 +110,40 @@ def _store_tile(acc, c_smem, out_desc, gi, k0, n0, BLOCK_K: gl.constexpr,
 
 
 @gluon.jit
+def _issue_loads(p_item, p_step, p_tile, p_k0, p_n0, p_start, p_a_start, p_steps,
+                 pn_tile, pn_k0, pn_n0, pn_start, pn_a_start, pn_steps, a_desc, b_desc,
+                 a_bufs, b_bufs, bars, num_tiles, per_group, tiles_k, tiles_n,
+                 group_offsets_ptr, a_col_offsets_ptr, c_smem, out_desc,
+                 NUM_BUFFERS: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+                 GROUP_SIZE: gl.constexpr, OUT_TRANSPOSED: gl.constexpr,
+                 acc_layout: gl.constexpr):
+  """The producer: TMA loads of item `p_item` (step `p_step` of tile `p_tile`)
+  into slot `p_item % NUM_BUFFERS`, then the cursor one item on (nothing once
+  the program's tiles are done). Returns the cursor state."""
+  if p_tile < num_tiles:
+    slot = p_item % NUM_BUFFERS
+    bar = bars.index(slot)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    row = p_step * BLOCK_M
+    tma.async_copy_global_to_shared(a_desc, [p_k0, p_a_start + row], bar,
+                                    a_bufs.index(slot))
+    tma.async_copy_global_to_shared(b_desc, [p_start + row, p_n0], bar, b_bufs.index(slot))
+    p_item += 1
+    p_step += 1
+    if p_step == p_steps:
+      p_step = 0
+      p_tile, p_k0, p_n0, p_start, p_a_start, p_steps = (
+          pn_tile, pn_k0, pn_n0, pn_start, pn_a_start, pn_steps)
+      pn_tile, _, pn_k0, pn_n0, pn_start, pn_a_start, pn_steps = _busy_tile(
+          pn_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n,
+          group_offsets_ptr, a_col_offsets_ptr, c_smem, out_desc, False, NUM_PROGRAMS,
+          BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  return (p_item, p_step, p_tile, p_k0, p_n0, p_start, p_a_start, p_steps, pn_tile,
+          pn_k0, pn_n0, pn_start, pn_a_start, pn_steps)
+
+
+@gluon.jit
 def _tgmm_gluon_kernel(
     # Inputs.
     a_ptr,  # [KA, MA] bfloat16 / float16: group rows as columns
@@ -113,14 +161,14 @@ def _tgmm_gluon_kernel(
     # Meta-parameters.
     OUT_TRANSPOSED: gl.constexpr,
     NUM_PROGRAMS: gl.constexpr,
-    NUM_BUFFERS: gl.constexpr,  # operand ring depth (loads run NUM_BUFFERS-2 ahead)
+    NUM_BUFFERS: gl.constexpr,  # operand ring depth (loads run NUM_BUFFERS-1 ahead)
     BLOCK_M: gl.constexpr,  # rows per step (divides 64)
     BLOCK_K: gl.constexpr,  # output tile rows
     BLOCK_N: gl.constexpr,  # output tile columns
     GROUP_SIZE: gl.constexpr,
 ):
   num_warps: gl.constexpr = gl.num_warps()
-  gl.static_assert(NUM_BUFFERS >= 3, "loads run NUM_BUFFERS - 2 items ahead")
+  gl.static_assert(NUM_BUFFERS >= 2, "loads run NUM_BUFFERS - 1 items ahead")
   gl.static_assert(num_warps % 4 == 0, "whole warp groups")
   dtype: gl.constexpr = a_ptr.dtype.element_ty
   KA = KA_Q * 16
@@ -158,65 +206,211 @@ def _tgmm_gluon_kernel(
   num_tiles = G * per_group
   pid = gl.program_id(0)
 
-  # Pass 1: zeros for the tiles of empty groups; count the items of the rest.
-  total = 0
-  zeros = gl.zeros((BLOCK_K, BLOCK_N), gl.float32, acc_layout)
-  for tile in range(pid, num_tiles, NUM_PROGRAMS):
-    gi, pid_k, pid_n = _tile_coords(tile, per_group, tiles_k, tiles_n, GROUP_SIZE)
-    _, steps = _tile_steps(group_offsets_ptr, gi, BLOCK_M)
-    total += steps
-    if steps == 0:
-      _store_tile(zeros, c_smem, out_desc, gi, pid_k * BLOCK_K, pid_n * BLOCK_N,
-                  BLOCK_K, BLOCK_N, OUT_TRANSPOSED)
-
-  # Pass 2: one loop over the (tile, step) items. The producer cursor runs
-  # AHEAD items in front of the consumer cursor.
-  AHEAD: gl.constexpr = NUM_BUFFERS - 2
-  load_bytes: gl.constexpr = (BLOCK_K * BLOCK_M + BLOCK_M * BLOCK_N) * dtype.primitive_bitwidth // 8
-
-  p_tile = _next_busy_tile(pid, num_tiles, per_group, group_offsets_ptr,
-                           NUM_PROGRAMS, BLOCK_K, BLOCK_M)
+  # One loop over the program's (tile, step) items: the consumer cursor (c_*)
+  # issues the MMA of item `c_item`, then the producer cursor (p_*) the loads
+  # of item `c_item + NUM_BUFFERS - 1` into the slot that MMA `c_item - 1`
+  # (now complete) read. Each cursor also holds the state of its next busy
+  # tile (pn_*, cn_*), loaded a whole tile early, so no global load sits
+  # between two items.
+  c_tile, c_gi, c_k0, c_n0, _, _, c_steps = _busy_tile(
+      pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
+      c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+      OUT_TRANSPOSED, acc_layout)
+  cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
+      c_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+      a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N,
+      GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  p_tile, _, p_k0, p_n0, p_start, p_a_start, p_steps = _busy_tile(
+      pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
+      c_smem, out_desc, False, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+      OUT_TRANSPOSED, acc_layout)
+  pn_tile, _, pn_k0, pn_n0, pn_start, pn_a_start, pn_steps = _busy_tile(
+      p_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+      a_col_offsets_ptr, c_smem, out_desc, False, NUM_PROGRAMS, BLOCK_M, BLOCK_K,
+      BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  p_item = 0
   p_step = 0
-  c_tile = p_tile
+  for _ in range(NUM_BUFFERS - 1):
+    (p_item, p_step, p_tile, p_k0, p_n0, p_start, p_a_start, p_steps, pn_tile, pn_k0,
+     pn_n0, pn_start, pn_a_start, pn_steps) = _issue_loads(
+         p_item, p_step, p_tile, p_k0, p_n0, p_start, p_a_start, p_steps, pn_tile,
+         pn_k0, pn_n0, pn_start, pn_a_start, pn_steps, a_desc, b_desc, a_bufs, b_bufs,
+         bars, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+         a_col_offsets_ptr, c_smem, out_desc, NUM_BUFFERS, NUM_PROGRAMS, BLOCK_M,
+         BLOCK_K, BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  c_item = 0
   c_step = 0
   acc = gl.zeros((BLOCK_K, BLOCK_N), gl.float32, acc_layout)
-  for item in range(total + AHEAD):
-    # Producer: the loads of item `item` (none past the end).
-    if item < total:
-      gi, pid_k, pid_n = _tile_coords(p_tile, per_group, tiles_k, tiles_n, GROUP_SIZE)
-      start, steps = _tile_steps(group_offsets_ptr, gi, BLOCK_M)
-      a_start = gl.load(a_col_offsets_ptr + gi)
-      slot = item % NUM_BUFFERS
-      bar = bars.index(slot)
-      mbarrier.expect(bar, load_bytes)
-      tma.async_copy_global_to_shared(a_desc, [pid_k * BLOCK_K, a_start + p_step * BLOCK_M],
-                                      bar, a_bufs.index(slot))
-      tma.async_copy_global_to_shared(b_desc, [start + p_step * BLOCK_M, pid_n * BLOCK_N],
-                                      bar, b_bufs.index(slot))
-      p_step += 1
-      if p_step == steps:
-        p_step = 0
-        p_tile = _next_busy_tile(p_tile + NUM_PROGRAMS, num_tiles, per_group,
-                                 group_offsets_ptr, NUM_PROGRAMS, BLOCK_K, BLOCK_M)
-    # Consumer: the MMA of item `item - AHEAD`.
-    if item >= AHEAD:
-      c_item = item - AHEAD
-      slot = c_item % NUM_BUFFERS
-      mbarrier.wait(bars.index(slot), (c_item // NUM_BUFFERS) & 1)
-      acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc,
-                          use_acc=c_step > 0, is_async=True)
-      # At most this MMA in flight: the previous item's buffers are free.
-      acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-      gi, pid_k, pid_n = _tile_coords(c_tile, per_group, tiles_k, tiles_n, GROUP_SIZE)
-      _, steps = _tile_steps(group_offsets_ptr, gi, BLOCK_M)
-      c_step += 1
-      if c_step == steps:
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        _store_tile(acc, c_smem, out_desc, gi, pid_k * BLOCK_K, pid_n * BLOCK_N,
-                    BLOCK_K, BLOCK_N, OUT_TRANSPOSED)
-        c_step = 0
-        c_tile = _next_busy_tile(c_tile + NUM_PROGRAMS, num_tiles, per_group,
-                                 group_offsets_ptr, NUM_PROGRAMS, BLOCK_K, BLOCK_M)
+  while c_tile < num_tiles:
+    slot = c_item % NUM_BUFFERS
+    mbarrier.wait(bars.index(slot), (c_item // NUM_BUFFERS) & 1)
+    acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc,
+                        use_acc=c_step > 0, is_async=True)
+    # At most this MMA in flight: the previous item's slot is free.
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    (p_item, p_step, p_tile, p_k0, p_n0, p_start, p_a_start, p_steps, pn_tile, pn_k0,
+     pn_n0, pn_start, pn_a_start, pn_steps) = _issue_loads(
+         p_item, p_step, p_tile, p_k0, p_n0, p_start, p_a_start, p_steps, pn_tile,
+         pn_k0, pn_n0, pn_start, pn_a_start, pn_steps, a_desc, b_desc, a_bufs, b_bufs,
+         bars, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+         a_col_offsets_ptr, c_smem, out_desc, NUM_BUFFERS, NUM_PROGRAMS, BLOCK_M,
+         BLOCK_K, BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+    c_item += 1
+    c_step += 1
+    if c_step == c_steps:
+      acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+      _store_tile(acc, c_smem, out_desc, c_gi, c_k0, c_n0, BLOCK_K, BLOCK_N,
+                  OUT_TRANSPOSED)
+      c_step = 0
+      c_tile, c_gi, c_k0, c_n0, c_steps = cn_tile, cn_gi, cn_k0, cn_n0, cn_steps
+      cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
+          cn_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n,
+          group_offsets_ptr, a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS,
+          BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
   tma.store_wait(pendings=0)
   for i in gl.static_range(NUM_BUFFERS):
     mbarrier.invalidate(bars.index(i))
+
+
+# ----------------------------------------------------------------------------
+# Warp-specialised variant: one producer warp issues the TMA loads, the
+# `num_warps` consumer warps (two warp groups at 128 rows) run the MMAs and the
+# epilogue. The producer waits on `empty[slot]` (released by the consumers once
+# the MMA that read the slot is complete), so the loads run up to NUM_BUFFERS
+# items ahead, and neither side waits at the other's CTA-wide barriers (the
+# single-partition kernel syncs all warps around every TMA issue).
+# ----------------------------------------------------------------------------
+
+
+@gluon.jit
+def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, c_smem, out_desc,
+                 group_offsets_ptr, a_col_offsets_ptr, num_tiles, per_group, tiles_k,
+                 tiles_n, NUM_BUFFERS: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+                 GROUP_SIZE: gl.constexpr, OUT_TRANSPOSED: gl.constexpr,
+                 acc_layout: gl.constexpr):
+  p_tile, _, k0, n0, start, a_start, steps = _busy_tile(
+      gl.program_id(0), num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+      a_col_offsets_ptr, c_smem, out_desc, False, NUM_PROGRAMS, BLOCK_M, BLOCK_K,
+      BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  p_item = 0
+  while p_tile < num_tiles:
+    for step in range(steps):
+      slot = p_item % NUM_BUFFERS
+      # The first round passes at once (parity 1 of a fresh barrier).
+      mbarrier.wait(empty.index(slot), ((p_item // NUM_BUFFERS) & 1) ^ 1)
+      bar = ready.index(slot)
+      mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+      row = step * BLOCK_M
+      tma.async_copy_global_to_shared(a_desc, [k0, a_start + row], bar, a_bufs.index(slot))
+      tma.async_copy_global_to_shared(b_desc, [start + row, n0], bar, b_bufs.index(slot))
+      p_item += 1
+    p_tile, _, k0, n0, start, a_start, steps = _busy_tile(
+        p_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+        a_col_offsets_ptr, c_smem, out_desc, False, NUM_PROGRAMS, BLOCK_M, BLOCK_K,
+        BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+
+
+@gluon.jit
+def _ws_consumer(a_bufs, b_bufs, ready, empty, c_smem, out_desc, group_offsets_ptr,
+                 a_col_offsets_ptr, num_tiles, per_group, tiles_k, tiles_n,
+                 NUM_BUFFERS: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+                 GROUP_SIZE: gl.constexpr, OUT_TRANSPOSED: gl.constexpr,
+                 acc_layout: gl.constexpr):
+  pid = gl.program_id(0)
+  c_tile, c_gi, c_k0, c_n0, _, _, c_steps = _busy_tile(
+      pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
+      c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+      OUT_TRANSPOSED, acc_layout)
+  cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
+      c_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+      a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N,
+      GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  c_item = 0
+  c_step = 0
+  acc = gl.zeros((BLOCK_K, BLOCK_N), gl.float32, acc_layout)
+  while c_tile < num_tiles:
+    slot = c_item % NUM_BUFFERS
+    mbarrier.wait(ready.index(slot), (c_item // NUM_BUFFERS) & 1)
+    acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc,
+                        use_acc=c_step > 0, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    # The previous item's MMA is complete: its slot goes back to the producer.
+    mbarrier.arrive(empty.index((c_item + NUM_BUFFERS - 1) % NUM_BUFFERS), pred=c_item > 0)
+    c_item += 1
+    c_step += 1
+    if c_step == c_steps:
+      acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+      _store_tile(acc, c_smem, out_desc, c_gi, c_k0, c_n0, BLOCK_K, BLOCK_N,
+                  OUT_TRANSPOSED)
+      c_step = 0
+      c_tile, c_gi, c_k0, c_n0, c_steps = cn_tile, cn_gi, cn_k0, cn_n0, cn_steps
+      cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
+          cn_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n,
+          group_offsets_ptr, a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS,
+          BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _tgmm_gluon_ws_kernel(
+    a_ptr, b_ptr, group_offsets_ptr, a_col_offsets_ptr, G, MB, KA_Q, N_Q, MA_Q, out_ptr,
+    OUT_TRANSPOSED: gl.constexpr,
+    NUM_PROGRAMS: gl.constexpr,
+    NUM_BUFFERS: gl.constexpr,  # operand ring depth (loads run up to this far ahead)
+    BLOCK_M: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    GROUP_SIZE: gl.constexpr,
+):
+  """`_tgmm_gluon_kernel`'s arguments and result; warp-specialised (above)."""
+  num_warps: gl.constexpr = gl.num_warps()
+  gl.static_assert(num_warps % 4 == 0, "whole warp groups")
+  dtype: gl.constexpr = a_ptr.dtype.element_ty
+  KA = KA_Q * 16
+  N = N_Q * 16
+  MA = MA_Q * 16
+  a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
+  b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+  a_desc = tma.make_tensor_descriptor(a_ptr, [KA, MA], [MA, 1], [BLOCK_K, BLOCK_M], a_layout)
+  b_desc = tma.make_tensor_descriptor(b_ptr, [MB, N], [N, 1], [BLOCK_M, BLOCK_N], b_layout)
+  if OUT_TRANSPOSED:
+    c_shape: gl.constexpr = [1, BLOCK_N, BLOCK_K]
+    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(c_shape, dtype)
+    out_desc = tma.make_tensor_descriptor(out_ptr, [G, N, KA], [N * KA, KA, 1], c_shape,
+                                          c_layout)
+  else:
+    c_shape: gl.constexpr = [1, BLOCK_K, BLOCK_N]
+    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(c_shape, dtype)
+    out_desc = tma.make_tensor_descriptor(out_ptr, [G, KA, N], [KA * N, N, 1], c_shape,
+                                          c_layout)
+  acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+      version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+
+  a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_K, BLOCK_M], a_layout)
+  b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_N], b_layout)
+  c_smem = gl.allocate_shared_memory(dtype, c_shape, c_layout)
+  ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+  empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+  for i in gl.static_range(NUM_BUFFERS):
+    mbarrier.init(ready.index(i), count=1)
+    mbarrier.init(empty.index(i), count=1)
+
+  tiles_k = gl.cdiv(KA, BLOCK_K)
+  tiles_n = gl.cdiv(N, BLOCK_N)
+  per_group = tiles_k * tiles_n
+  num_tiles = G * per_group
+  gl.warp_specialize([
+      (_ws_consumer, (a_bufs, b_bufs, ready, empty, c_smem, out_desc, group_offsets_ptr,
+                      a_col_offsets_ptr, num_tiles, per_group, tiles_k, tiles_n,
+                      NUM_BUFFERS, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+                      OUT_TRANSPOSED, acc_layout)),
+      (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, c_smem, out_desc,
+                      group_offsets_ptr, a_col_offsets_ptr, num_tiles, per_group, tiles_k,
+                      tiles_n, NUM_BUFFERS, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N,
+                      GROUP_SIZE, OUT_TRANSPOSED, acc_layout)),
+  ], [1], [48])
+  for i in gl.static_range(NUM_BUFFERS):
+    mbarrier.invalidate(ready.index(i))
+    mbarrier.invalidate(empty.index(i))

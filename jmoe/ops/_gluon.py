@@ -14,8 +14,11 @@ for a Gluon kernel only (`JITFunction.is_gluon()`), the two jax-triton module
 globals it calls (`code_gen.ast_to_ttir`, `compile_ttir_inplace`) take those
 Gluon steps; every other kernel compiles as before. The choice is a
 thread-local flag set around the call, so concurrent compilations of Triton
-kernels are unaffected. Kernels that are not warp-specialised only: jaxlib
-launches `num_warps` warps (a `gl.warp_specialize` kernel needs more).
+kernels are unaffected. jaxlib launches the warp count of the `TritonKernel`
+that jax-triton builds from the requested `num_warps`; a `gl.warp_specialize`
+kernel runs more warps (its workers': `ttg.total-num-warps`, which `make_llir`
+writes into the metadata), so for those the wrapper returns a `TritonKernel`
+built with the total instead.
 
 Like `jmoe.ops._hidden_scratch`, this depends on jax-triton's lowering, so it
 is enabled only for the version pairs in `_hidden_scratch.SUPPORTED` (tested
@@ -32,6 +35,8 @@ from typing import Any
 _LOCK = threading.Lock()
 _INSTALLED = False
 _GLUON = threading.local()  # .active: a Gluon kernel is being compiled
+# id(jax-triton's TritonKernel) -> (it, the same kernel launching all its warps)
+_WARP_SPECIALIZED: dict[int, tuple[Any, Any]] = {}
 
 
 def is_gluon(fn: Any) -> bool:
@@ -51,7 +56,7 @@ def _gluon_module(fn, src, options, codegen_fns, context, module_map):
   from triton.experimental.gluon._runtime import GluonASTSource  # pylint: disable=import-outside-toplevel
 
   capability = int("".join(c for c in options.arch if c.isdigit()))
-  gluon_src = GluonASTSource(fn, src.signature, src.constexprs, src.attrs)
+  gluon_src = GluonASTSource(fn, src.signature, src.constants, src.attrs)
   return gluon_src.make_ir(GPUTarget("cuda", capability, 32), options,
                            codegen_fns, module_map, context)
 
@@ -104,6 +109,7 @@ def install() -> None:
       ttgir = backend.gluon_to_ttgir(module, metadata, options, compute_capability)
       llir = backend.make_llir(ttgir, metadata, options, compute_capability)
       ptx = backend.make_ptx(llir, metadata, options, compute_capability)
+      _GLUON.compiled = (metadata["name"], metadata["num_warps"], metadata["shared"], ptx)
       return triton_lib.CompilationResult(
           binary=ptx, name=metadata["name"], shared_mem_bytes=metadata["shared"],
           ttgir=None, llir=None)
@@ -113,10 +119,22 @@ def install() -> None:
       if not is_gluon(fn):
         return original_get(backend_init_func, platform, fn, *args, **kwargs)
       _GLUON.active = True
+      _GLUON.compiled = None
       try:
-        return original_get(backend_init_func, platform, fn, *args, **kwargs)
+        kernel, attrs = original_get(backend_init_func, platform, fn, *args, **kwargs)
+        compiled = _GLUON.compiled  # None: jax-triton's cache had the kernel
       finally:
         _GLUON.active = False
+      if compiled is not None and compiled[1] != kwargs["num_warps"]:
+        name, total_warps, shared, ptx = compiled
+        capability = kwargs["compute_capability"]
+        if capability is None:
+          capability = triton_lib.triton_kernel_call_lib.get_compute_capability(0)
+        _WARP_SPECIALIZED[id(kernel)] = (kernel, triton_lib.triton_kernel_call_lib.TritonKernel(
+            name, total_warps, kwargs["num_ctas"], shared, ptx, "", capability))
+      if id(kernel) in _WARP_SPECIALIZED:
+        return _WARP_SPECIALIZED[id(kernel)][1], attrs
+      return kernel, attrs
 
     triton_lib.code_gen = _CodeGen()
     triton_lib.compile_ttir_inplace = compile_ttir_inplace

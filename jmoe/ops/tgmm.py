@@ -87,6 +87,9 @@ COLUMN_ALIGN = 64
 # persistent TMA tgmm written in Gluon, its loads pipelined across output
 # tiles (`gluon_eligible`); launched through `jmoe.ops._gluon`.
 TGMM_KERNELS = ("auto", "plain", "tma", "gluon")
+# The Gluon kernel's schedule (`JMOE_TGMM_GLUON_WS`): warp-specialised (1, the
+# default: a producer warp and the consumer warp groups) or one partition (0).
+GLUON_WS_ENV = "JMOE_TGMM_GLUON_WS"
 TGMM_KERNEL_ENV = "JMOE_TGMM_KERNEL"
 TMA_FLATTEN_ENV = "JMOE_TGMM_TMA_FLATTEN"
 TMA_BOUNDED_ENV = "JMOE_TGMM_TMA_BOUNDED"
@@ -488,13 +491,14 @@ def _launch_gluon(a_t, a_col_offsets, b, offsets, g, out_shape, config, programs
   _gluon.install()
   ka, ma = a_t.shape
   mb, n = b.shape
+  ws = env_flag(GLUON_WS_ENV, True)
   return kernel_call(
-      kernels._tgmm_gluon_kernel,  # pylint: disable=protected-access
+      kernels._tgmm_gluon_ws_kernel if ws else kernels._tgmm_gluon_kernel,  # pylint: disable=protected-access
       a_t, b, offsets, a_col_offsets, g, mb, ka // 16, n // 16, ma // 16,
       out_shape=out_shape,
       grid=(programs,),
       backend="triton",
-      name="jmoe_tgmm_gluon",
+      name="jmoe_tgmm_gluon_ws" if ws else "jmoe_tgmm_gluon",
       scratch_bytes_per_program=3 * 128,
       OUT_TRANSPOSED=transpose_out,
       NUM_PROGRAMS=programs,
