@@ -125,7 +125,7 @@ def install() -> None:
         compiled = _GLUON.compiled  # None: jax-triton's cache had the kernel
       finally:
         _GLUON.active = False
-      if compiled is not None and compiled[1] != kwargs["num_warps"]:
+      if compiled is not None and compiled[1] != (kwargs["num_warps"] or 4):
         name, total_warps, shared, ptx = compiled
         capability = kwargs["compute_capability"]
         if capability is None:
