@@ -119,6 +119,69 @@ def _store_tile(acc, c_smem, out_desc, gi, k0, n0, BLOCK_K: gl.constexpr,
     tma.async_copy_shared_to_global(out_desc, [gi, k0, n0], c_smem)
 
 
+@gluon.constexpr_function
+def _acc_layout(num_warps, BLOCK_N):
+  """The wgmma accumulator layout of a `[BLOCK_K, BLOCK_N]` tile: warps stacked
+  along its rows (a warp group per 64 rows)."""
+  return gl.NVMMADistributedLayout(
+      version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+
+
+@gluon.jit
+def _operands(a_ptr, b_ptr, out_ptr, G, MB, KA_Q, N_Q, MA_Q, OUT_TRANSPOSED: gl.constexpr,
+              NUM_BUFFERS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+              BLOCK_N: gl.constexpr):
+  """Both schedules' setup: the TMA descriptors of `a`, `b` and `out` (3-D, so
+  edge tiles clip per group), the operand ring and the store buffer in shared
+  memory, and the tile grid `(tiles_k, tiles_n, per_group, num_tiles)`."""
+  dtype: gl.constexpr = a_ptr.dtype.element_ty
+  KA = KA_Q * 16
+  N = N_Q * 16
+  MA = MA_Q * 16
+  a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
+  b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+  a_desc = tma.make_tensor_descriptor(a_ptr, [KA, MA], [MA, 1], [BLOCK_K, BLOCK_M], a_layout)
+  b_desc = tma.make_tensor_descriptor(b_ptr, [MB, N], [N, 1], [BLOCK_M, BLOCK_N], b_layout)
+  if OUT_TRANSPOSED:
+    c_shape: gl.constexpr = [1, BLOCK_N, BLOCK_K]
+    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(c_shape, dtype)
+    out_desc = tma.make_tensor_descriptor(out_ptr, [G, N, KA], [N * KA, KA, 1], c_shape,
+                                          c_layout)
+  else:
+    c_shape: gl.constexpr = [1, BLOCK_K, BLOCK_N]
+    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(c_shape, dtype)
+    out_desc = tma.make_tensor_descriptor(out_ptr, [G, KA, N], [KA * N, N, 1], c_shape,
+                                          c_layout)
+  a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_K, BLOCK_M], a_layout)
+  b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_N], b_layout)
+  c_smem = gl.allocate_shared_memory(dtype, c_shape, c_layout)
+  tiles_k = gl.cdiv(KA, BLOCK_K)
+  tiles_n = gl.cdiv(N, BLOCK_N)
+  per_group = tiles_k * tiles_n
+  return (a_desc, b_desc, out_desc, a_bufs, b_bufs, c_smem, tiles_k, tiles_n, per_group,
+          G * per_group)
+
+
+@gluon.jit
+def _finish_tile(acc, c_smem, out_desc, c_gi, c_k0, c_n0, cn_tile, cn_gi, cn_k0, cn_n0,
+                 cn_steps, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+                 a_col_offsets_ptr, NUM_PROGRAMS: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                 OUT_TRANSPOSED: gl.constexpr, acc_layout: gl.constexpr):
+  """The consumer's end of a tile: waits for its last MMA, stores it, and moves
+  the cursor on: the next busy tile becomes current and the one after it is
+  looked up (zeros stored into the empty tiles passed). Returns the tile's
+  result and the cursor `(c_tile, c_gi, c_k0, c_n0, c_steps, cn_...)`."""
+  acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+  _store_tile(acc, c_smem, out_desc, c_gi, c_k0, c_n0, BLOCK_K, BLOCK_N, OUT_TRANSPOSED)
+  nn_tile, nn_gi, nn_k0, nn_n0, _, _, nn_steps = _busy_tile(
+      cn_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+      a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N,
+      GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  return (acc, cn_tile, cn_gi, cn_k0, cn_n0, cn_steps, nn_tile, nn_gi, nn_k0, nn_n0,
+          nn_steps)
+
+
 @gluon.jit
 def _issue_loads(p_item, p_step, p_tile, p_k0, p_n0, p_start, p_a_start, p_steps,
                  pn_tile, pn_k0, pn_n0, pn_start, pn_a_start, pn_steps, a_desc, b_desc,
@@ -180,40 +243,14 @@ def _tgmm_gluon_kernel(
   num_warps: gl.constexpr = gl.num_warps()
   gl.static_assert(NUM_BUFFERS >= 2, "loads run NUM_BUFFERS - 1 items ahead")
   gl.static_assert(num_warps % 4 == 0, "whole warp groups")
-  dtype: gl.constexpr = a_ptr.dtype.element_ty
-  KA = KA_Q * 16
-  N = N_Q * 16
-  MA = MA_Q * 16
-
-  a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
-  b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-  a_desc = tma.make_tensor_descriptor(a_ptr, [KA, MA], [MA, 1], [BLOCK_K, BLOCK_M], a_layout)
-  b_desc = tma.make_tensor_descriptor(b_ptr, [MB, N], [N, 1], [BLOCK_M, BLOCK_N], b_layout)
-  if OUT_TRANSPOSED:
-    c_shape: gl.constexpr = [1, BLOCK_N, BLOCK_K]
-    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(c_shape, dtype)
-    out_desc = tma.make_tensor_descriptor(out_ptr, [G, N, KA], [N * KA, KA, 1], c_shape,
-                                          c_layout)
-  else:
-    c_shape: gl.constexpr = [1, BLOCK_K, BLOCK_N]
-    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(c_shape, dtype)
-    out_desc = tma.make_tensor_descriptor(out_ptr, [G, KA, N], [KA * N, N, 1], c_shape,
-                                          c_layout)
-
-  acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-      version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
-
-  a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_K, BLOCK_M], a_layout)
-  b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_N], b_layout)
-  c_smem = gl.allocate_shared_memory(dtype, c_shape, c_layout)
+  (a_desc, b_desc, out_desc, a_bufs, b_bufs, c_smem, tiles_k, tiles_n, per_group,
+   num_tiles) = _operands(a_ptr, b_ptr, out_ptr, G, MB, KA_Q, N_Q, MA_Q, OUT_TRANSPOSED,
+                          NUM_BUFFERS, BLOCK_M, BLOCK_K, BLOCK_N)
+  acc_layout: gl.constexpr = _acc_layout(num_warps, BLOCK_N)
   bars = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
   for i in gl.static_range(NUM_BUFFERS):
     mbarrier.init(bars.index(i), count=1)
 
-  tiles_k = gl.cdiv(KA, BLOCK_K)
-  tiles_n = gl.cdiv(N, BLOCK_N)
-  per_group = tiles_k * tiles_n
-  num_tiles = G * per_group
   pid = gl.program_id(0)
 
   # One loop over the program's (tile, step) items: the consumer cursor (c_*)
@@ -268,15 +305,13 @@ def _tgmm_gluon_kernel(
     c_item += 1
     c_step += 1
     if c_step == c_steps:
-      acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-      _store_tile(acc, c_smem, out_desc, c_gi, c_k0, c_n0, BLOCK_K, BLOCK_N,
-                  OUT_TRANSPOSED)
       c_step = 0
-      c_tile, c_gi, c_k0, c_n0, c_steps = cn_tile, cn_gi, cn_k0, cn_n0, cn_steps
-      cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
-          cn_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n,
-          group_offsets_ptr, a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS,
-          BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+      (acc, c_tile, c_gi, c_k0, c_n0, c_steps, cn_tile, cn_gi, cn_k0, cn_n0,
+       cn_steps) = _finish_tile(
+           acc, c_smem, out_desc, c_gi, c_k0, c_n0, cn_tile, cn_gi, cn_k0, cn_n0,
+           cn_steps, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+           a_col_offsets_ptr, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+           OUT_TRANSPOSED, acc_layout)
   tma.store_wait(pendings=0)
   for i in gl.static_range(NUM_BUFFERS):
     mbarrier.invalidate(bars.index(i))
@@ -351,15 +386,13 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_smem, out_desc, group_offsets_p
     c_item += 1
     c_step += 1
     if c_step == c_steps:
-      acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-      _store_tile(acc, c_smem, out_desc, c_gi, c_k0, c_n0, BLOCK_K, BLOCK_N,
-                  OUT_TRANSPOSED)
       c_step = 0
-      c_tile, c_gi, c_k0, c_n0, c_steps = cn_tile, cn_gi, cn_k0, cn_n0, cn_steps
-      cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
-          cn_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n,
-          group_offsets_ptr, a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS,
-          BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+      (acc, c_tile, c_gi, c_k0, c_n0, c_steps, cn_tile, cn_gi, cn_k0, cn_n0,
+       cn_steps) = _finish_tile(
+           acc, c_smem, out_desc, c_gi, c_k0, c_n0, cn_tile, cn_gi, cn_k0, cn_n0,
+           cn_steps, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+           a_col_offsets_ptr, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+           OUT_TRANSPOSED, acc_layout)
   tma.store_wait(pendings=0)
 
 
@@ -377,40 +410,15 @@ def _tgmm_gluon_ws_kernel(
   """`_tgmm_gluon_kernel`'s arguments and result; warp-specialised (above)."""
   num_warps: gl.constexpr = gl.num_warps()
   gl.static_assert(num_warps % 4 == 0, "whole warp groups")
-  dtype: gl.constexpr = a_ptr.dtype.element_ty
-  KA = KA_Q * 16
-  N = N_Q * 16
-  MA = MA_Q * 16
-  a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
-  b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-  a_desc = tma.make_tensor_descriptor(a_ptr, [KA, MA], [MA, 1], [BLOCK_K, BLOCK_M], a_layout)
-  b_desc = tma.make_tensor_descriptor(b_ptr, [MB, N], [N, 1], [BLOCK_M, BLOCK_N], b_layout)
-  if OUT_TRANSPOSED:
-    c_shape: gl.constexpr = [1, BLOCK_N, BLOCK_K]
-    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(c_shape, dtype)
-    out_desc = tma.make_tensor_descriptor(out_ptr, [G, N, KA], [N * KA, KA, 1], c_shape,
-                                          c_layout)
-  else:
-    c_shape: gl.constexpr = [1, BLOCK_K, BLOCK_N]
-    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(c_shape, dtype)
-    out_desc = tma.make_tensor_descriptor(out_ptr, [G, KA, N], [KA * N, N, 1], c_shape,
-                                          c_layout)
-  acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-      version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
-
-  a_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_K, BLOCK_M], a_layout)
-  b_bufs = gl.allocate_shared_memory(dtype, [NUM_BUFFERS, BLOCK_M, BLOCK_N], b_layout)
-  c_smem = gl.allocate_shared_memory(dtype, c_shape, c_layout)
+  (a_desc, b_desc, out_desc, a_bufs, b_bufs, c_smem, tiles_k, tiles_n, per_group,
+   num_tiles) = _operands(a_ptr, b_ptr, out_ptr, G, MB, KA_Q, N_Q, MA_Q, OUT_TRANSPOSED,
+                          NUM_BUFFERS, BLOCK_M, BLOCK_K, BLOCK_N)
+  acc_layout: gl.constexpr = _acc_layout(num_warps, BLOCK_N)
   ready = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
   empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
   for i in gl.static_range(NUM_BUFFERS):
     mbarrier.init(ready.index(i), count=1)
     mbarrier.init(empty.index(i), count=1)
-
-  tiles_k = gl.cdiv(KA, BLOCK_K)
-  tiles_n = gl.cdiv(N, BLOCK_N)
-  per_group = tiles_k * tiles_n
-  num_tiles = G * per_group
   gl.warp_specialize([
       (_ws_consumer, (a_bufs, b_bufs, ready, empty, c_smem, out_desc, group_offsets_ptr,
                       a_col_offsets_ptr, num_tiles, per_group, tiles_k, tiles_n,
