@@ -31,6 +31,24 @@ def x64():
     yield
 
 
+@pytest.fixture
+def launched(monkeypatch):
+  """`(name, keyword arguments)` of every kernel `jmoe.ops._call.kernel_call`
+  launches, recorded at trace time: shows that an env-selected kernel or
+  variant really ran (a reused trace records nothing)."""
+  from jmoe.ops import _call  # pylint: disable=import-outside-toplevel
+
+  calls = []
+  original = _call.kernel_call
+
+  def record(*args, **kwargs):
+    calls.append((kwargs.get("name", ""), kwargs))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(_call, "kernel_call", record)
+  return calls
+
+
 def _triton_unavailable_reason() -> str | None:
   try:
     from jmoe._backend import triton_unavailable_reason  # noqa: PLC0415

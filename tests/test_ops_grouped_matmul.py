@@ -22,7 +22,6 @@ import pytest
 
 import helpers
 import oracle
-from jmoe.ops import _call
 from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
 
@@ -98,7 +97,7 @@ class GroupedMatmulTestBase:
 
   @pytest.mark.parametrize("m,k,n,g,kind", [(37, 40, 24, 4, "zeros"), (50, 48, 72, 5, "under"),
                                              (70, 16, 40, 1, "all"), (29, 56, 8, 3, "one")])
-  def test_tma_modes(self, rng, monkeypatch, m, k, n, g, kind):
+  def test_tma_modes(self, rng, monkeypatch, launched, m, k, n, g, kind):
     # bf16 with k, n multiples of 8: both operands by TMA (the forward and
     # d_lhs have no row gather), one program per SM ("persistent") or per work
     # item ("tiles"), against cp.async loads ("off"): K tails, partial column
@@ -112,18 +111,12 @@ class GroupedMatmulTestBase:
 
     # The (B_TMA, PERSISTENT, FLATTEN) of every plain-kernel launch each
     # variant traces: the switch must reach the kernel, not just the env.
-    launches = []
-    kernel_call = _call.kernel_call
-
-    def spy(kernel, *args, **kw):
-      if kw.get("name") == "jmoe_grouped_matmul":
-        launches.append((kw["B_TMA"], kw["PERSISTENT"], kw["FLATTEN"]))
-      return kernel_call(kernel, *args, **kw)
-
-    monkeypatch.setattr(_call, "kernel_call", spy)
+    def plain_flags():
+      return {(kw["B_TMA"], kw["PERSISTENT"], kw["FLATTEN"])
+              for name, kw in launched if name == "jmoe_grouped_matmul"}
 
     def run():
-      launches.clear()
+      launched.clear()
       out, vjp = jax.vjp(lambda a, b: self._gmm(a, b, sizes), lhs, rhs)
       return [np.asarray(v.astype(jnp.float32)) for v in (out, *vjp(d_out))]
 
@@ -131,14 +124,14 @@ class GroupedMatmulTestBase:
     for mode in gmm_lib.GEMM_TMA_MODES:
       monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, mode)
       outs[mode] = run()
-      flags[mode] = set(launches)
+      flags[mode] = plain_flags()
     # Persistent with the item and K loops kept apart (JMOE_GEMM_FLATTEN=0).
     # JMOE_GEMM_TMA goes back to "auto" first: left at the loop's last mode
     # ("off") this variant used to re-run "off" instead of the nested loop.
     monkeypatch.setenv(gmm_lib.GEMM_TMA_ENV, "auto")
     monkeypatch.setenv(gmm_lib.GEMM_FLATTEN_ENV, "0")
     outs["nested"] = run()
-    flags["nested"] = set(launches)
+    flags["nested"] = plain_flags()
     assert flags == {"auto": {(True, True, True)}, "persistent": {(True, True, True)},
                      "tiles": {(True, False, False)}, "off": {(False, False, False)},
                      "nested": {(True, True, False)}}, flags
