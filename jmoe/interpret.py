@@ -161,6 +161,16 @@ def _patch_language():
   import triton.language as tl
   from triton.runtime import interpreter
 
+  try:
+    # Triton imports Gluon's language lazily, from inside a launch (argument
+    # specialisation), and Gluon binds `triton.language.core.static_range` and
+    # friends at import: imported while they are patched, it keeps the
+    # interpreter's stand-ins for good, and every later Gluon build fails
+    # ("Only `range` and `static_range` iterators are currently supported").
+    # Importing it first, unpatched, keeps it whole.
+    import triton.experimental.gluon.language  # noqa: F401
+  except ImportError:  # a Triton without Gluon
+    pass
   anchor = types.FunctionType(
       (lambda: None).__code__, {"tl": tl, "core": tl.core}, "_anchor"
   )

@@ -354,3 +354,28 @@ def test_hidden_scratch_guard(monkeypatch):
         {"name": "k", "global_scratch_size": 384})
   monkeypatch.setattr(compiling, "budget", None)
   _hidden_scratch._check_scratch_size({"global_scratch_size": 4096})  # pylint: disable=protected-access
+
+
+def test_interpreter_leaves_gluon_whole():
+  """An interpreted launch that is the first to make Triton import Gluon's
+  language (it does so lazily, inside the launch, while the interpreter has
+  `triton.language` patched) must leave Gluon bound to the real
+  `static_range`; else every later Gluon build fails. A fresh process, so
+  that Gluon is not imported yet."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  code = (
+      "import sys, jax.numpy as jnp, triton.language.core as core\n"
+      "real = core.static_range\n"
+      "assert 'triton.experimental.gluon.language' not in sys.modules\n"
+      "from jmoe.ops.tgmm import tgmm\n"
+      "a = jnp.ones((8, 16), jnp.float32)\n"
+      "tgmm(a, a, jnp.array([8], jnp.int32), backend='interpret').block_until_ready()\n"
+      "from triton.experimental.gluon import language as gl\n"
+      "assert gl.static_range is real, gl.static_range\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
