@@ -12,7 +12,6 @@ the reference with the float64 loop `oracle.expert_ffn`.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import pytest
 
 import helpers
 import oracle
+import sm90
 from jmoe import reference
 from jmoe.ops import act_bwd as act_bwd_lib
 from jmoe.ops import expert_ffn as ffn_lib
@@ -558,7 +558,8 @@ class TestExpertFfnInterpret(ExpertFfnTestBase):
 
 def _sm90_act_bwd_build(cfg: gmm_lib.GemmConfig, f: int, d: int, gated: bool):
   """`_grouped_gemm_act_bwd_kernel` built for the H100 on the host (bf16, the
-  pointer hints jax-triton gives) with `cfg`'s tiles: `(ptx, cubin, shared)`."""
+  pointer hints jax-triton gives) with `cfg`'s tiles: `(ptx, cubin, shared)`.
+  Callers `sm90.require()` first; a build error raises."""
   # pylint: disable=import-outside-toplevel,protected-access
   import triton
   from triton.backends.compiler import GPUTarget
@@ -579,32 +580,20 @@ def _sm90_act_bwd_build(cfg: gmm_lib.GemmConfig, f: int, d: int, gated: bool):
   full_sig = {name: sig.get(name, "constexpr") for name in fn.arg_names}
   attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
            if name in sig}
-  try:
-    compiled = triton.compile(ASTSource(fn, full_sig, constexprs=const, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 128), options=options)
-  except Exception as err:  # pylint: disable=broad-except
-    pytest.skip(f"cannot build for sm_90 here: {type(err).__name__}: {err}")
+  compiled = triton.compile(ASTSource(fn, full_sig, constexprs=const, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 128), options=options)
   return compiled.asm["ptx"], compiled.asm["cubin"], compiled.metadata.shared
 
 
 def _cubin_resources(cubin: bytes, tmp_path) -> dict[str, int]:
   """`{"REG": .., "STACK": .., "LOCAL": ..}` from `cuobjdump -res-usage`."""
   import re  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
 
-  import triton  # pylint: disable=import-outside-toplevel
-
-  tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                      "cuobjdump")
-  if not os.path.exists(tool):
-    tool = shutil.which("cuobjdump")
-  if tool is None:
-    pytest.skip("no cuobjdump to read the register use")
   path = tmp_path / "act_bwd.cubin"
   path.write_bytes(cubin)
-  out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True,
-                       check=True).stdout
+  out = subprocess.run([sm90.cuobjdump_path(), "-res-usage", str(path)],
+                       capture_output=True, text=True, check=True).stdout
   return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
 
 
@@ -617,6 +606,7 @@ def test_sm90_act_bwd_split_builds_without_spills(tmp_path, monkeypatch, f, d):
   fits."""
   import re  # pylint: disable=import-outside-toplevel
 
+  sm90.require(cuobjdump=True)
   monkeypatch.setenv(gmm_lib.ACT_BWD_SPLIT_ENV, "1")
   cfg = gmm_lib.default_config("act_bwd", 128, f, d, "triton", gated=True)
   assert (cfg.block_n, cfg.split_n) == (64, 2)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import helpers
+import sm90
 from jmoe.ops import tgmm as tgmm_lib
 from jmoe.ops.tgmm import GATHER_MODES, ROW_SCALE_MODES, TgmmConfig, tgmm, tgmm_reference
 
@@ -418,15 +419,14 @@ class TestTgmmInterpret(TgmmTestBase):
 def _sm90_build(flags, ka=2048, n=1408, cfg=None, a_columns=False):
   """Compiles the kernel for the H100 on the host, with the argument hints that
   jax-triton gives (16-byte aligned pointers, none for scalars); skips the test
-  where this host cannot build for sm_90."""
+  where this host has no sm_90 toolchain (`sm90.require`), and a build error
+  fails it."""
+  sm90.require()
   from benchmarks import sm90_tgmm_facts  # pylint: disable=import-outside-toplevel
   from jmoe.kernels import tgmm as kernels  # pylint: disable=import-outside-toplevel
 
-  try:
-    return sm90_tgmm_facts.build(cfg or kernels.TGMM_CONFIGS[0], flags, ka, n,
-                                 out_type="*fp32", a_columns=a_columns)
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f"cannot build for sm_90 here: {type(e).__name__}: {e}")
+  return sm90_tgmm_facts.build(cfg or kernels.TGMM_CONFIGS[0], flags, ka, n,
+                               out_type="*fp32", a_columns=a_columns)
 
 
 # wgmma with the A operand from registers: `{acc}, {a registers}, desc_b`
@@ -486,12 +486,10 @@ def test_sm90_gluon_build(transpose, ws):
   store, two consumer warp groups (plus, with `ws`, a producer warp group:
   `jmoe.ops._gluon` launches the total) and shared memory within the H100's
   227 KiB."""
+  sm90.require()
   from benchmarks import sm90_tgmm_facts  # pylint: disable=import-outside-toplevel
 
-  try:
-    compiled = sm90_tgmm_facts.build_gluon(TgmmConfig(), 2048, 1408, transpose, ws=ws)
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f"cannot build Gluon for sm_90 here: {type(e).__name__}: {e}")
+  compiled = sm90_tgmm_facts.build_gluon(TgmmConfig(), 2048, 1408, transpose, ws=ws)
   ptx = compiled.asm["ptx"]
   assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared::cluster\.global\.mbarrier", ptx)
   assert re.search(r"cp\.async\.bulk\.tensor\.3d\.global\.shared", ptx)

@@ -29,7 +29,8 @@ act_bwd_g; up and act_bwd by cp.async). The PTX must feed `wgmma` from TMA tile 
 (`cp.async.bulk.tensor`) and 16-byte `cp.async` copies only, with no 2-byte
 global loads; Triton's global scratch must fit what the launch provides (128
 bytes per descriptor); shared memory must fit the H100's 227 KB, and `cuobjdump -res-usage` must show no stack (no
-register spills). Skipped where the host cannot build for sm_90.
+register spills). Skipped only where the host has no sm_90 toolchain
+(`sm90.require`); a build error fails the test.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from unittest import mock
 
 import pytest
 
+import sm90
 from benchmarks.cases import CASES
 from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
@@ -56,39 +57,6 @@ H100_SHARED = 232448  # bytes of shared memory per block (227 KB)
 def _params():
   return [pytest.param(case, stage, id=f"{case}-{stage}")
           for case in CASE_NAMES for stage in STAGES]
-
-
-@functools.cache
-def _sm90_unavailable() -> str | None:
-  """Why this host cannot build a kernel for sm_90, or None if it can."""
-  # pylint: disable=import-outside-toplevel
-  try:
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    @triton.jit
-    def _copy_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
-      offs = tl.arange(0, BLOCK)
-      tl.store(y_ptr + offs, tl.load(x_ptr + offs))
-
-    triton.compile(
-        ASTSource(_copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32",
-                                 "BLOCK": "constexpr"}, constexprs={"BLOCK": 128}),
-        target=GPUTarget("cuda", 90, 128),
-    )
-  except Exception as err:  # pylint: disable=broad-except
-    return f"{type(err).__name__}: {err}"
-  return None
-
-
-def _cuobjdump() -> str | None:
-  import triton  # pylint: disable=import-outside-toplevel
-
-  tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                      "cuobjdump")
-  return tool if os.path.exists(tool) else shutil.which("cuobjdump")
 
 
 H100_SMS = 132
@@ -190,8 +158,8 @@ def _build(case_name: str, stage: str) -> dict:
     path = os.path.join(tmp, f"{stage}.cubin")
     with open(path, "wb") as fh:
       fh.write(compiled.asm["cubin"])
-    out = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run([sm90.cuobjdump_path(), "-res-usage", path],
+                         capture_output=True, text=True, check=True).stdout
   res = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
   return {"ptx": compiled.asm["ptx"], "ttgir": compiled.asm["ttgir"],
           "shared": compiled.metadata.shared,
@@ -203,11 +171,7 @@ def _build(case_name: str, stage: str) -> dict:
 def sm90_build(monkeypatch):
   """`build(case, stage)` with the default (non-autotuned) configs."""
   monkeypatch.delenv(gmm_lib.ACT_BWD_SPLIT_ENV, raising=False)
-  reason = _sm90_unavailable()
-  if reason is not None:
-    pytest.skip(f"cannot build for sm_90 here: {reason}")
-  if _cuobjdump() is None:
-    pytest.skip("no cuobjdump to read the register use")
+  sm90.require(cuobjdump=True)
   return _build
 
 
