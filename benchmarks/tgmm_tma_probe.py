@@ -98,7 +98,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("--cases", default="big,e64")
   parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="timing rounds; 0 runs each variant once, untimed (for ncu)")
   args = parser.parse_args(argv)
   labels = args.variants.split(",")
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
       fns[label] = fn
       print(f"  {name} {label}: vs first variant dW_up {errs[0]:.1e}, "
             f"dW_down {errs[1]:.1e}", flush=True)
+    if not args.rounds:
+      continue
     times = {label: [] for label in labels}
     for _ in range(args.rounds):
       for label in labels:
