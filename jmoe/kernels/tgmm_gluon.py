@@ -163,6 +163,26 @@ def _operands(a_ptr, b_ptr, out_ptr, G, MB, KA_Q, N_Q, MA_Q, OUT_TRANSPOSED: gl.
 
 
 @gluon.jit
+def _consumer_start(pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+                    a_col_offsets_ptr, c_smem, out_desc, NUM_PROGRAMS: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+                    GROUP_SIZE: gl.constexpr, OUT_TRANSPOSED: gl.constexpr,
+                    acc_layout: gl.constexpr):
+  """The consumer's cursor at the start (both schedules): program `pid`'s first
+  busy tile and the one after it (zeros stored into the empty tiles passed), as
+  `(c_tile, c_gi, c_k0, c_n0, c_steps, cn_tile, cn_gi, cn_k0, cn_n0, cn_steps)`."""
+  c_tile, c_gi, c_k0, c_n0, _, _, c_steps = _busy_tile(
+      pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
+      c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+      OUT_TRANSPOSED, acc_layout)
+  cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
+      c_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
+      a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N,
+      GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  return c_tile, c_gi, c_k0, c_n0, c_steps, cn_tile, cn_gi, cn_k0, cn_n0, cn_steps
+
+
+@gluon.jit
 def _finish_tile(acc, c_smem, out_desc, c_gi, c_k0, c_n0, cn_tile, cn_gi, cn_k0, cn_n0,
                  cn_steps, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
                  a_col_offsets_ptr, NUM_PROGRAMS: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -259,14 +279,11 @@ def _tgmm_gluon_kernel(
   # (now complete) read. Each cursor also holds the state of its next busy
   # tile (pn_*, cn_*), loaded a whole tile early, so no global load sits
   # between two items.
-  c_tile, c_gi, c_k0, c_n0, _, _, c_steps = _busy_tile(
-      pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
-      c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
-      OUT_TRANSPOSED, acc_layout)
-  cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
-      c_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
-      a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N,
-      GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  (c_tile, c_gi, c_k0, c_n0, c_steps, cn_tile, cn_gi, cn_k0, cn_n0,
+   cn_steps) = _consumer_start(
+       pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
+       c_smem, out_desc, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+       OUT_TRANSPOSED, acc_layout)
   p_tile, _, p_k0, p_n0, p_start, p_a_start, p_steps = _busy_tile(
       pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
       c_smem, out_desc, False, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
@@ -364,14 +381,11 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_smem, out_desc, group_offsets_p
                  GROUP_SIZE: gl.constexpr, OUT_TRANSPOSED: gl.constexpr,
                  acc_layout: gl.constexpr):
   pid = gl.program_id(0)
-  c_tile, c_gi, c_k0, c_n0, _, _, c_steps = _busy_tile(
-      pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
-      c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
-      OUT_TRANSPOSED, acc_layout)
-  cn_tile, cn_gi, cn_k0, cn_n0, _, _, cn_steps = _busy_tile(
-      c_tile + NUM_PROGRAMS, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr,
-      a_col_offsets_ptr, c_smem, out_desc, True, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N,
-      GROUP_SIZE, OUT_TRANSPOSED, acc_layout)
+  (c_tile, c_gi, c_k0, c_n0, c_steps, cn_tile, cn_gi, cn_k0, cn_n0,
+   cn_steps) = _consumer_start(
+       pid, num_tiles, per_group, tiles_k, tiles_n, group_offsets_ptr, a_col_offsets_ptr,
+       c_smem, out_desc, NUM_PROGRAMS, BLOCK_M, BLOCK_K, BLOCK_N, GROUP_SIZE,
+       OUT_TRANSPOSED, acc_layout)
   c_item = 0
   c_step = 0
   acc = gl.zeros((BLOCK_K, BLOCK_N), gl.float32, acc_layout)
