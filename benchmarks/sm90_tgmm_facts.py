@@ -52,6 +52,30 @@ def build(cfg, flags, ka, n, out_type="*bf16", a_columns=False):
       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def build_tma(config, a_rows=False, transpose=False, programs=132):
+  """The sm_90 build of the persistent TMA tgmm (`jmoe.kernels.tgmm_tma`) for a
+  `jmoe.ops.tgmm.TgmmConfig`, bf16 operands and output, its default switches
+  (`jmoe.ops.tgmm.TmaOptions`), `a` as columns or (`a_rows`) rows, with
+  jax-triton's hints (also used by tests/test_ops_tgmm.py)."""
+  from jmoe.kernels import tgmm_tma  # pylint: disable=import-outside-toplevel
+  from jmoe.ops.tgmm import TmaOptions  # pylint: disable=import-outside-toplevel
+
+  options = TmaOptions()
+  sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "group_offsets_ptr": "*i32",
+         "a_col_offsets_ptr": "*i32", "G": "i32", "MB": "i32", "KA_Q": "i32",
+         "N_Q": "i32", "MA_Q": "i32", "out_ptr": "*bf16"}
+  const = dict(OUT_TRANSPOSED=transpose, A_ROWS=a_rows, B_BOUNDED=options.b_bounded,
+               TMA_STORE=options.tma_store, DOT_F32=False, INPUT_PRECISION="ieee",
+               NUM_PROGRAMS=programs, FLATTEN=options.flatten, **config.metaparams())
+  sig.update({k: "constexpr" for k in const})
+  pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
+  attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
+  return triton.compile(
+      ASTSource(tgmm_tma._tgmm_tma_kernel, sig, constexprs=const, attrs=attrs),  # pylint: disable=protected-access
+      target=GPUTarget("cuda", 90, 128),
+      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
 def build_gluon(config, ka, n, transpose=False, programs=132, ws=False):
   """The sm_90 build of the Gluon tgmm (`jmoe.kernels.tgmm_gluon`) for a
   `jmoe.ops.tgmm.TgmmConfig`, bf16 operands and output, with jax-triton's

@@ -258,6 +258,49 @@ class ExpertFfnTestBase:
     helpers.assert_variant_matches(tma_outs, plain_outs, want, BF16, self.BACKEND,
                                    ("y", "x", "weights", "up", "down"), "tma: ")
 
+  @pytest.mark.parametrize("router_scale", ["up", "down"])
+  def test_share_sorted_rows(self, rng, monkeypatch, launched, router_scale):
+    # JMOE_SHARE_SORTED_ROWS=1: the forward's sorted copy of x (read by the up
+    # GEMM by TMA) and the backward's sorted copy of dy (read by the dh GEMM)
+    # are also the weight gradients' row-major operands (tgmm "xla_rows"):
+    # no column copy is made, the TMA tgmm runs both. Same numbers as the
+    # columns layout (bit for bit under the interpreter: same steps), within
+    # the bf16 bound of the reference; dropped copies leave idle slots.
+    from jmoe.ops.tgmm import TGMM_KERNEL_ENV  # pylint: disable=import-outside-toplevel
+
+    for name in (gmm_lib.GATHER_ROWS_ENV, TGMM_KERNEL_ENV, act_bwd_lib.ACT_BWD_ENV):
+      monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(ffn_lib.ROUTER_SCALE_ENV, router_scale)
+    args = _inputs(rng, 37, 48, 32, 5, 3, "swiglu", BF16, 0.3)
+    ct = helpers.normal(rng, (37, 48), np.float32)
+    run = functools.partial(_outputs_and_grads, args=args, ct=ct)
+    fn = functools.partial(self._ffn, activation="swiglu")
+    names = ("y", "x", "weights", "up", "down")
+    monkeypatch.setenv(ffn_lib.SHARE_SORTED_ROWS_ENV, "0")
+    base = run(fn)
+    assert "jmoe_gather_columns" in [name for name, _ in launched]
+    del launched[:]
+    monkeypatch.setenv(ffn_lib.SHARE_SORTED_ROWS_ENV, "1")
+    assert ffn_lib.share_sorted_rows(self.BACKEND, BF16, 48, 32, 64)
+    got = run(fn)
+    kernels = [name for name, _ in launched]
+    assert "jmoe_gather_columns" not in kernels, kernels
+    assert kernels.count("jmoe_gather_rows") == 2, kernels
+    tgmm_calls = [kw for name, kw in launched if name == "jmoe_tgmm_tma"]
+    assert [kw["A_ROWS"] for kw in tgmm_calls] == [True, True], kernels
+    want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
+    helpers.assert_variant_matches(got, base, want, BF16, self.BACKEND, names, "shared: ")
+    # Where it does not apply: not a multiple of 16, float32, the fused
+    # activation backward, the Gluon tgmm.
+    assert not ffn_lib.share_sorted_rows(self.BACKEND, BF16, 40, 24, 48)
+    assert not ffn_lib.share_sorted_rows(self.BACKEND, np.float32, 48, 32, 64)
+    assert not ffn_lib.share_sorted_rows("reference", BF16, 48, 32, 64)
+    monkeypatch.setenv(act_bwd_lib.ACT_BWD_ENV, "fused")
+    assert not ffn_lib.share_sorted_rows(self.BACKEND, BF16, 48, 32, 64)
+    monkeypatch.delenv(act_bwd_lib.ACT_BWD_ENV)
+    monkeypatch.setenv(TGMM_KERNEL_ENV, "gluon")
+    assert not ffn_lib.share_sorted_rows(self.BACKEND, BF16, 48, 32, 64)
+
   @pytest.mark.parametrize("act_bwd", ["two_pass", "fused"])
   def test_gemm_tma_modes(self, rng, monkeypatch, act_bwd):
     # JMOE_GEMM_TMA: the grouped GEMMs load weight tiles (and the down / dx

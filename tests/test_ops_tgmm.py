@@ -209,6 +209,8 @@ class TgmmTestBase:
     np.testing.assert_array_equal(outs["xla"], outs["kernel"])
     # "xla_columns" feeds the same rows as K-major tiles: same dots, same steps.
     np.testing.assert_array_equal(outs["xla"], outs["xla_columns"])
+    # "xla_rows" runs the plain kernel as "xla" (n = 33: no TMA kernel).
+    np.testing.assert_array_equal(outs["xla"], outs["xla_rows"])
 
   @pytest.mark.parametrize("shape", SHAPES, ids=str)
   @pytest.mark.parametrize("copy", ["kernel", "reference"])
@@ -237,7 +239,7 @@ class TgmmTestBase:
     np.testing.assert_array_equal(np.asarray(a_t, np.float32), want)
 
   @pytest.mark.parametrize("shape", SHAPES[2:6], ids=str)
-  @pytest.mark.parametrize("mode", ["xla", "xla_columns"])
+  @pytest.mark.parametrize("mode", ["xla", "xla_columns", "xla_rows"])
   def test_transpose_out(self, rng, shape, mode):
     # The kernel stores each group's tile transposed: exactly the swapped
     # output of the plain call; gradients (XLA's tgmm_vjp) follow the swap.
@@ -273,18 +275,21 @@ class TgmmTestBase:
   @pytest.mark.parametrize("options", OPTIONS, ids=str)
   @pytest.mark.parametrize("switches", TMA_SWITCHES, ids=str)
   @pytest.mark.parametrize("transpose", [False, True])
+  @pytest.mark.parametrize("mode", ["xla_columns", "xla_rows"])
   def test_tma_kernel(self, rng, monkeypatch, launched, shape, options, switches,
-                      transpose):
+                      transpose, mode):
     # The persistent TMA kernel (jmoe.kernels.tgmm_tma) gives exactly the
     # plain columns-mode kernel's numbers (same tiles, same steps; the rows it
-    # reads past a group's end meet zero columns of a), and the oracle's.
+    # reads past a group's end meet zero columns of a, or with "xla_rows"
+    # zero rows: a's descriptor ends at the group's last row), and the oracle's.
     a, b, sizes, kw = _inputs(rng, *shape, BF16, options)
     kw.pop("b_row_index", None)  # the TMA kernel reads b's rows in order
     b = b[:shape[0]]
-    fn = functools.partial(self._tgmm, gather_mode="xla_columns",
-                           transpose_out=transpose, **kw)
+    plain_fn = functools.partial(self._tgmm, gather_mode="xla_columns",
+                                 transpose_out=transpose, **kw)
+    fn = functools.partial(self._tgmm, gather_mode=mode, transpose_out=transpose, **kw)
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
-    plain = jax.jit(lambda *x: fn(*x))(a, b, sizes)  # fresh: traced with the switch
+    plain = jax.jit(lambda *x: plain_fn(*x))(a, b, sizes)  # fresh: traced with the switch
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
     for name, value in zip((tgmm_lib.TMA_BOUNDED_ENV, tgmm_lib.TMA_STORE_ENV), switches):
       monkeypatch.setenv(name, value)
@@ -307,6 +312,22 @@ class TgmmTestBase:
     out = self._tgmm(a, b, sizes, gather_mode="xla_columns")
     assert np.all(np.isfinite(np.asarray(out)))
     helpers.assert_close(out, _oracle(a, b, sizes), BF16)
+
+  def test_tma_rows_read_no_rows_past_the_groups(self, rng, monkeypatch):
+    # "xla_rows": rows of a past each group's end (the next group's, then inf
+    # past sum(group_sizes)) never reach a dot, with b's descriptor unbounded.
+    m, ka, n, g = 130, 48, 32, 4
+    a, b, _, _ = _inputs(rng, m, ka, n, g, "under", BF16, OPTIONS[0])
+    sizes = np.array([30, 0, 41, 20], np.int32)  # 91 of 130 rows
+    a = np.asarray(a).copy()
+    a[91:] = np.inf
+    monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
+    monkeypatch.setenv(tgmm_lib.TMA_BOUNDED_ENV, "0")
+    for transpose in (False, True):
+      out = self._tgmm(a, b, sizes, gather_mode="xla_rows", transpose_out=transpose)
+      assert np.all(np.isfinite(np.asarray(out)))
+      want = _oracle(a, b, sizes)
+      helpers.assert_close(out, np.swapaxes(want, 1, 2) if transpose else want, BF16)
 
   def test_tma_kernel_errors(self, rng, monkeypatch):
     a, b, sizes, _ = _inputs(rng, 37, 48, 33, 4, "random", BF16, OPTIONS[0])
@@ -336,6 +357,8 @@ class TgmmTestBase:
     assert choice(40, 32, False, "xla_columns") == "plain"
     assert choice(48, 32, True, "xla_columns") == "plain"
     assert choice(48, 32, False, "xla") == "plain"
+    assert choice(48, 32, False, "xla_rows") == "tma"
+    assert choice(48, 33, False, "xla_rows") == "plain"
     assert tgmm_lib.tgmm_kernel(self.BACKEND, np.float32, 48, 32, False,
                                 "xla_columns") == "plain"
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "plain")
@@ -476,6 +499,28 @@ def test_sm90_in_kernel_row_scale_feeds_wgmma_from_registers():
   ptx = _sm90_build((False, True, True)).asm["ptx"]
   assert _WGMMA_REGISTER_A.search(ptx)
   assert re.search(r"ld\.global(\.\w+)*\.v4", ptx)
+
+
+@pytest.mark.parametrize("a_rows", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_sm90_tma_build(transpose, a_rows):
+  """The persistent TMA tgmm builds for the H100 with its default tile and
+  switches: both operands by TMA into shared memory, m64n256k16 wgmma with A
+  from shared memory (also with `A_ROWS`: the row-major tile is fed
+  transposed, an MN-major operand, not moved through registers), a TMA store,
+  no spills, shared memory within 227 KiB."""
+  sm90.require()
+  from benchmarks import sm90_tgmm_facts  # pylint: disable=import-outside-toplevel
+
+  compiled = sm90_tgmm_facts.build_tma(TgmmConfig(), a_rows=a_rows, transpose=transpose)
+  ptx = compiled.asm["ptx"]
+  loads = re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::cluster\.global", ptx)
+  assert len(loads) >= 2, "both operand tiles by TMA"
+  assert re.search(r"cp\.async\.bulk\.tensor\.3d\.global\.shared", ptx)
+  assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.bf16\.bf16", ptx)
+  assert not _WGMMA_REGISTER_A.search(ptx), "wgmma A operand from registers"
+  assert "ld.local" not in ptx and "st.local" not in ptx
+  assert compiled.metadata.shared <= 227 * 1024
 
 
 @pytest.mark.parametrize("ws", [False, True])

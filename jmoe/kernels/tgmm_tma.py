@@ -7,7 +7,11 @@ group `gi` with logical rows `r in [offsets[gi], offsets[gi + 1])`,
 
 where `a [KA, MA]` holds each group's rows as columns from a multiple of 64,
 zero-filled to the next one (`jmoe.ops.tgmm.group_columns`), and `b [MB, N]`
-is row-major.
+is row-major. With `A_ROWS`, `a [MB, KA]` is row-major instead, logical row
+`r` at row `r` (`gather_mode="xla_rows"`: e.g. the sorted copy a grouped GEMM
+read by TMA, no transposed copy): each tile's `a` descriptor ends at the
+group's last row (TMA reads zeros past it), and the `[BLOCK_M, BLOCK_K]` tile
+is fed to the dot transposed (an MN-major wgmma operand in shared memory).
 
 Why a second kernel: the plain-pointer tgmm loses 3-4 us per 128x256 output
 tile to pipeline fill and epilogue (benchmarks/results/sweep_h100.md, session
@@ -43,20 +47,21 @@ from jmoe.kernels.swizzle import band_swizzle
 @triton.jit
 def _tgmm_tma_kernel(
     # Inputs.
-    a_ptr,  # [KA, MA] bfloat16 / float16: group rows as columns
+    a_ptr,  # [KA, MA] bfloat16 / float16: group rows as columns ([MB, KA] rows: A_ROWS)
     b_ptr,  # [MB, N] same dtype, row-major
     group_offsets_ptr,  # [g + 1] int32, non-decreasing, offsets[0] == 0
-    a_col_offsets_ptr,  # [g] int32, first column of group gi in a
+    a_col_offsets_ptr,  # [g] int32, first column of group gi in a (unread: A_ROWS)
     # Sizes.
     G,  # groups
     MB,  # rows of b
     KA_Q,  # KA // 16
     N_Q,  # N // 16
-    MA_Q,  # MA // 16
+    MA_Q,  # MA // 16 (unread: A_ROWS)
     # Outputs.
     out_ptr,  # [g, KA, N] (or [g, N, KA] with OUT_TRANSPOSED)
     # Meta-parameters.
     OUT_TRANSPOSED: tl.constexpr,
+    A_ROWS: tl.constexpr,  # a is [MB, KA] row-major (see above)
     B_BOUNDED: tl.constexpr,  # per-tile b descriptor ending at the group end
     TMA_STORE: tl.constexpr,  # store the tile by TMA (else st.global)
     DOT_F32: tl.constexpr,  # upcast dot operands to float32 (interpreter)
@@ -71,8 +76,9 @@ def _tgmm_tma_kernel(
   KA = KA_Q * 16
   N = N_Q * 16
   MA = MA_Q * 16
-  a_desc = tl.make_tensor_descriptor(
-      a_ptr, shape=[KA, MA], strides=[MA, 1], block_shape=[BLOCK_K, BLOCK_M])
+  if not A_ROWS:
+    a_desc = tl.make_tensor_descriptor(
+        a_ptr, shape=[KA, MA], strides=[MA, 1], block_shape=[BLOCK_K, BLOCK_M])
   b_desc = tl.make_tensor_descriptor(
       b_ptr, shape=[MB, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
 
@@ -95,7 +101,6 @@ def _tgmm_tma_kernel(
     pid_k, pid_n = band_swizzle(tile % per_group, tiles_k, tiles_n, GROUP_SIZE)
     start = tl.load(group_offsets_ptr + gi)
     end = tl.load(group_offsets_ptr + gi + 1)
-    a_start = tl.load(a_col_offsets_ptr + gi)
     k0 = pid_k * BLOCK_K
     n0 = pid_n * BLOCK_N
     if B_BOUNDED:
@@ -103,9 +108,18 @@ def _tgmm_tma_kernel(
           b_ptr, shape=[end, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     else:
       tile_b = b_desc
+    if A_ROWS:
+      tile_a = tl.make_tensor_descriptor(
+          a_ptr, shape=[end, KA], strides=[KA, 1], block_shape=[BLOCK_M, BLOCK_K])
+      a_start = start
+    else:
+      a_start = tl.load(a_col_offsets_ptr + gi)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for r in range(0, end - start, BLOCK_M):
-      a = a_desc.load([k0, a_start + r])
+      if A_ROWS:
+        a = tl.trans(tile_a.load([a_start + r, k0]))
+      else:
+        a = a_desc.load([k0, a_start + r])
       b = tile_b.load([start + r, n0])
       if DOT_F32:
         a = a.to(tl.float32)

@@ -50,7 +50,7 @@ def _elementwise_blocks(backend: str) -> dict[str, int]:
 
 
 def act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend,
-                  impl=None):
+                  impl=None, dy_rows=None):
   """Backward stage 1: `(d_pre [tk, pf], dwp [tk, c] float32)` from `dy [t, d]`.
 
   Args:
@@ -63,14 +63,19 @@ def act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend,
     activation: the FFN activation.
     backend: `"triton"` or `"interpret"`.
     impl: `"two_pass"` or `"fused"`; default `act_bwd_impl()`.
+    dy_rows: optional `[tk, d]` rows of `dy` sorted by slot (`dy[al.token]`),
+      which the two-pass GEMM then reads instead of gathering (the fused one
+      gathers from `dy` always).
   """
   impl = impl or act_bwd_impl()
   if impl == "fused":
     return _act_bwd_fused(dy, down, al, w_sorted, pre, block_m, activation, backend)
-  return _act_bwd_two_pass(dy, down, al, w_sorted, pre, block_m, activation, backend)
+  return _act_bwd_two_pass(dy, down, al, w_sorted, pre, block_m, activation, backend,
+                           dy_rows)
 
 
-def _act_bwd_two_pass(dy, down, al, w_sorted, pre, block_m, activation, backend):
+def _act_bwd_two_pass(dy, down, al, w_sorted, pre, block_m, activation, backend,
+                      dy_rows=None):
   """`act_bwd_stage` as a grouped GEMM storing `g`, then an elementwise kernel."""
   import triton  # pylint: disable=import-outside-toplevel
 
@@ -81,8 +86,9 @@ def _act_bwd_two_pass(dy, down, al, w_sorted, pre, block_m, activation, backend)
   e, f, d = down.shape
   del e
   g = gmm_lib.grouped_gemm(
-      dy, down, al.tiles, n=f, k=d, rows=tk, strides_b=(f * d, 1, d),
-      block_m=block_m, out_dtype=pre.dtype, backend=backend, row_index=al.token,
+      dy if dy_rows is None else dy_rows, down, al.tiles, n=f, k=d, rows=tk,
+      strides_b=(f * d, 1, d), block_m=block_m, out_dtype=pre.dtype, backend=backend,
+      row_index=al.token if dy_rows is None else None,
       name="jmoe_expert_act_bwd_g",
   )
   blocks = _elementwise_blocks(backend)

@@ -50,11 +50,11 @@ import jax
 import jax.numpy as jnp
 
 from jmoe._checks import check_expert_kernels
-from jmoe._env import env_choice
+from jmoe._env import env_choice, env_flag
 from jmoe.ops import align as align_lib
 from jmoe.ops import grouped_matmul as gmm_lib
 from jmoe.ops.act_bwd import GATE_ACTIVATION as _GATE_ACTIVATION
-from jmoe.ops.act_bwd import act_bwd_stage
+from jmoe.ops.act_bwd import act_bwd_impl, act_bwd_stage
 from jmoe.reference.activations import ACTIVATIONS
 from jmoe.reference.activations import is_gated as _is_gated
 
@@ -190,17 +190,23 @@ def plan(expert_ids, kept, weights, num_experts, backend, impl=None):
   return al, w_sorted, block_m
 
 
-def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None):
+def up_stage(x, up, al, block_m, activation, backend, save, row_scale=None,
+             x_rows=None):
   """Stage 2: `h [tk, f]` (and the pre-activation `[tk, pf]` if `save`).
 
   With `row_scale [tk]` float32, `h = row_scale * act(...)` (scaled in float32
-  in the epilogue, then rounded once); `pre` stays unscaled.
+  in the epilogue, then rounded once); `pre` stays unscaled. `x_rows [tk, d]`:
+  `x`'s rows already sorted by slot (`share_sorted_rows`), read instead of
+  `x` (else `grouped_matmul.sorted_rows` decides).
   """
   t, d, e, pf, f, gated = _dims(x, up, activation)
   del t, e
   tk = al.token.shape[0]
   num_tiles = al.tiles.shape[1]
-  rows, token = gmm_lib.sorted_rows(x, al.token, up.shape[0], backend)
+  if x_rows is None:
+    rows, token = gmm_lib.sorted_rows(x, al.token, up.shape[0], backend)
+  else:
+    rows, token = x_rows, None
   tma = gmm_lib.tma_flags("act", backend, x.dtype, (d * pf, pf, 1), up.shape[0],
                           None if token is not None else tk, d)
   return gmm_lib.gemm_call(
@@ -255,20 +261,39 @@ def _forward(x, expert_ids, weights, kept, up, down, activation, backend, save,
              scale_stage):
   al, w_sorted, block_m = plan(expert_ids, kept, weights, up.shape[0], backend)
   w_up, w_down = router_scale_args(w_sorted, scale_stage)
-  h, pre = up_stage(x, up, al, block_m, activation, backend, save, row_scale=w_up)
+  _, d, _, pf, f, _ = _dims(x, up, activation)
+  x_rows = None
+  if save and share_sorted_rows(backend, x.dtype, d, f, pf):
+    x_rows = gmm_lib.gather_rows(x, al.token, backend)
+  h, pre = up_stage(x, up, al, block_m, activation, backend, save, row_scale=w_up,
+                    x_rows=x_rows)
   o = down_stage(h, down, al, w_down, block_m, backend)
   y = combine(o, al.pos, x.dtype, backend)
-  residuals = (x, up, down, al, w_sorted, h, pre) if save else None
+  residuals = (x, up, down, al, w_sorted, h, pre, x_rows) if save else None
   return y, residuals
 
 
-def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backend):
+def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backend,
+                      x_rows=None, dy_rows=None):
   """Backward stage 2: `(d_up [e, d, pf], d_down [e, f, d])` with tgmm.
 
-  `w_sorted` None: `h` holds the scaled rows already (router scale "up")."""
+  `w_sorted` None: `h` holds the scaled rows already (router scale "up").
+  `x_rows`, `dy_rows` `[tk, d]`: the rows of `x` and `dy` sorted by slot, read
+  row-major by the TMA tgmm (`share_sorted_rows`), else None."""
   from jmoe.ops.tgmm import tgmm  # pylint: disable=import-outside-toplevel
 
   rows, groups = h.shape[0], al.group_sizes.shape[0]
+  if x_rows is not None:
+    config = gmm_lib.tgmm_config(backend, rows, groups, tma=True)
+    d_down = tgmm(
+        dy_rows, h, al.group_sizes, row_scale=w_sorted, out_dtype=down_dtype,
+        backend=backend, config=config, gather_mode="xla_rows", transpose_out=True,
+    )
+    d_up = tgmm(
+        x_rows, d_pre, al.group_sizes, out_dtype=up_dtype, backend=backend,
+        config=config, gather_mode="xla_rows",
+    )
+    return d_up, d_down
   tma = weight_grad_tma(backend, x.dtype, x.shape[1], h.shape[1], d_pre.shape[1])
   config = gmm_lib.tgmm_config(backend, rows, groups, tma=tma)
   if dw_down_layout(rows, groups, tma) == "columns":
@@ -294,6 +319,34 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
 
 DW_DOWN_ENV = "JMOE_DW_DOWN"
 DW_DOWN_LAYOUTS = ("rows", "columns")
+
+# `JMOE_SHARE_SORTED_ROWS` (default 0 until measured): with the persistent TMA
+# tgmm for both weight gradients, the forward copies `x`'s rows sorted by slot
+# at every size (`jmoe.kernels.gather_rows`), its up GEMM reads them by TMA and
+# keeps them for the backward; the backward copies `dy`'s rows so too for the
+# dh GEMM (by TMA). dW_up and dW_down then read those two copies row-major
+# (tgmm `gather_mode="xla_rows"`) instead of two transposed, group-padded
+# column copies (`jmoe.kernels.gather_columns`): one `[tk, d]` write and read
+# less per weight gradient, for one `[tk, d]` residual more.
+SHARE_SORTED_ROWS_ENV = "JMOE_SHARE_SORTED_ROWS"
+
+
+def share_sorted_rows(backend: str, dtype: Any, d: int, f: int, pf: int) -> bool:
+  """Whether the weight gradients read the GEMMs' sorted row copies (see
+  `SHARE_SORTED_ROWS_ENV`): set, the two-pass activation backward, and the
+  TMA tgmm for both `"xla_rows"` calls (16-bit operands, `d`, `f`, `pf`
+  multiples of 16, a backend that can launch it; not with
+  `JMOE_TGMM_KERNEL=gluon`, whose kernel reads columns only)."""
+  from jmoe.ops import tgmm as tgmm_lib  # pylint: disable=import-outside-toplevel
+
+  if backend == "reference" or not env_flag(SHARE_SORTED_ROWS_ENV, False):
+    return False
+  if act_bwd_impl() != "two_pass":
+    return False
+  if env_choice(tgmm_lib.TGMM_KERNEL_ENV, tgmm_lib.TGMM_KERNELS, "auto") == "gluon":
+    return False
+  return all(tgmm_lib.tgmm_kernel(backend, dtype, d, n, False, "xla_rows") == "tma"
+             for n in (f, pf))
 
 
 def weight_grad_tma(backend: str, dtype: Any, d: int, f: int, pf: int) -> bool:
@@ -345,13 +398,16 @@ def dx_stage(d_pre, up, al, block_m, backend):
 
 
 def _backward(activation, backend, scale_stage, residuals, dy):
-  x, up, down, al, w_sorted, h, pre = residuals
+  x, up, down, al, w_sorted, h, pre, x_rows = residuals
   block_m = gmm_lib.block_m_for(h.shape[0], up.shape[0], backend)
   dy = dy.astype(x.dtype)
-  d_pre, dwp = act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend)
+  dy_rows = None if x_rows is None else gmm_lib.gather_rows(dy, al.token, backend)
+  d_pre, dwp = act_bwd_stage(dy, down, al, w_sorted, pre, block_m, activation, backend,
+                             dy_rows=dy_rows)
   _, w_down = router_scale_args(w_sorted, scale_stage)
   d_up, d_down = weight_grad_stage(
-      x, dy, h, d_pre, al, w_down, up.dtype, down.dtype, backend
+      x, dy, h, d_pre, al, w_down, up.dtype, down.dtype, backend,
+      x_rows=x_rows, dy_rows=dy_rows,
   )
   dxc = dx_stage(d_pre, up, al, block_m, backend)
   dx, d_weights = combine(dxc, al.pos, x.dtype, backend, dwp=dwp)

@@ -22,7 +22,9 @@ group, float32 accumulation, no atomics: bit-identical repeats). With
 `gather_mode="xla_columns"` it reads `a` as the columns of a transposed,
 group-padded copy (`group_columns`, made by `jmoe.kernels.gather_columns`), and
 `transpose_out=True` returns `[g, n, ka]`; that layout runs on the persistent
-TMA kernel `jmoe.kernels.tgmm_tma` where it applies (`tgmm_kernel`). Its oracle is
+TMA kernel `jmoe.kernels.tgmm_tma` where it applies (`tgmm_kernel`), as does
+`gather_mode="xla_rows"` (row-major `a`, no copy when it is already in row
+order). Its oracle is
 `tgmm_reference` below (`jax.lax.ragged_dot_general` with a ragged contracting
 dimension).
 """
@@ -69,7 +71,13 @@ ROW_SCALE_MODE_ENV = "JMOE_TGMM_ROW_SCALE_MODE"
 # (`group_columns`), so the kernel's `a` tile is K-major for wgmma and needs no
 # row mask. With no `a_row_index` it transposes `a` itself. Measured on the
 # H100: see `expert_ffn.dw_up_gather_mode` for where it is used.
-GATHER_MODES = ("xla", "kernel", "xla_columns")
+# "xla_rows": the rows as "xla" (`a` as given when there is no `a_row_index`,
+# e.g. a sorted copy a grouped GEMM already read by TMA), read row-major by the
+# TMA kernel (`A_ROWS`: per-tile descriptors end at the group's last row, the
+# tile is an MN-major wgmma operand), so no transposed copy is made; the plain
+# kernel runs it as "xla". See `expert_ffn.share_sorted_rows`.
+GATHER_MODES = ("xla", "kernel", "xla_columns", "xla_rows")
+TMA_GATHER_MODES = ("xla_columns", "xla_rows")
 GATHER_MODE_ENV = "JMOE_TGMM_GATHER"
 COLUMN_ALIGN = 64
 
@@ -117,7 +125,7 @@ def tma_eligible(dtype: Any, ka: int, n: int, has_b_index: bool,
   """Whether the TMA tgmm can run this call (see `TGMM_KERNELS`): 16-bit
   operands (its one tile config is sized for them)."""
   return (is_dtype(dtype, HALF_DTYPES)
-          and gather_mode == "xla_columns" and not has_b_index
+          and gather_mode in TMA_GATHER_MODES and not has_b_index
           and ka % 16 == 0 and n % 16 == 0)
 
 
@@ -157,6 +165,8 @@ def tgmm_kernel(backend: str, dtype: Any, ka: int, n: int, has_b_index: bool,
   eligible = tma_eligible(dtype, ka, n, has_b_index, gather_mode)
   if choice == "gluon":
     why = gluon_eligible(backend, dtype, dtype if out_dtype is None else out_dtype)
+    if gather_mode != "xla_columns":
+      why = why or f"gather_mode={gather_mode!r}"
     if why or not eligible:
       raise ValueError(
           f"{TGMM_KERNEL_ENV}=gluon needs what the TMA kernel needs (16-bit operands, "
@@ -167,7 +177,7 @@ def tgmm_kernel(backend: str, dtype: Any, ka: int, n: int, has_b_index: bool,
   if choice == "tma" and not eligible:
     raise ValueError(
         f'{TGMM_KERNEL_ENV}=tma needs bfloat16 / float16 operands, '
-        'gather_mode="xla_columns", no b_row_index and ka, n multiples of 16; '
+        f"gather_mode in {TMA_GATHER_MODES}, no b_row_index and ka, n multiples of 16; "
         f"got dtype {np.dtype(dtype).name}, gather_mode={gather_mode!r}, "
         f"b_row_index {'set' if has_b_index else 'None'}, ka={ka}, n={n}")
   if choice == "auto":
@@ -372,9 +382,14 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
   if row_scale is not None and row_scale_mode == "prescale":
     a = prescale_rows(a, a_row_index, row_scale)
     a_row_index = row_scale = None
-  if a_row_index is not None and gather_mode == "xla":
+  if a_row_index is not None and gather_mode in ("xla", "xla_rows"):
     a = jnp.take(a, a_row_index, axis=0, mode="clip")
     a_row_index = None
+  if gather_mode == "xla_rows" and row_scale is not None:
+    raise ValueError('gather_mode="xla_rows" needs row_scale_mode="prescale"')
+  if gather_mode == "xla_rows" and tma is not None:
+    return _launch_tma(a, None, b, group_offsets(group_sizes, m), g, out_shape,
+                       input_precision, backend, config, tma, transpose_out)
   offsets = group_offsets(group_sizes, m)
   dummy_index = jnp.zeros((1,), jnp.int32)
   a_col_offsets = None
@@ -447,27 +462,31 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
 def _launch_tma(a_t, a_col_offsets, b, offsets, g, out_shape, input_precision,
                 backend, config, tma: TmaOptions, transpose_out: bool) -> jax.Array:
   """`jmoe.kernels.tgmm_tma` on `a_t [ka, m_pad]` (`group_columns`) and `b`;
-  `config` already checked by `_launch` (block_m divides `COLUMN_ALIGN`)."""
+  `config` already checked by `_launch` (block_m divides `COLUMN_ALIGN`).
+  `a_col_offsets` None: `a_t` is `[m, ka]` row-major instead (`"xla_rows"`)."""
   from jmoe.kernels import tgmm_tma as kernels  # pylint: disable=import-outside-toplevel
   from jmoe.ops._call import kernel_call, persistent_programs  # pylint: disable=import-outside-toplevel
 
-  ka, ma = a_t.shape
+  a_rows = a_col_offsets is None
+  ka, ma = (a_t.shape[1], 0) if a_rows else a_t.shape
   mb, n = b.shape
   config = config or TgmmConfig()  # None: the GPU default (it does not autotune)
   tiles = g * -(-ka // config.block_k) * -(-n // config.block_n)
   programs = max(1, min(persistent_programs(backend), tiles))
-  if tma.gluon:
+  if tma.gluon:  # `tgmm_kernel` gives "gluon" for "xla_columns" only
     return _launch_gluon(a_t, a_col_offsets, b, offsets, g, out_shape, config,
                          programs, transpose_out)
   return kernel_call(
       kernels._tgmm_tma_kernel,  # pylint: disable=protected-access
-      a_t, b, offsets, a_col_offsets, g, mb, ka // 16, n // 16, ma // 16,
+      a_t, b, offsets, offsets if a_rows else a_col_offsets, g, mb, ka // 16,
+      n // 16, ma // 16,
       out_shape=out_shape,
       grid=(programs,),
       backend=backend,
       name="jmoe_tgmm_tma",
       scratch_bytes_per_program=4 * 128,
       OUT_TRANSPOSED=transpose_out,
+      A_ROWS=a_rows,
       B_BOUNDED=tma.b_bounded,
       TMA_STORE=tma.tma_store,
       DOT_F32=backend == "interpret",
@@ -595,7 +614,9 @@ def tgmm(
       without `a_row_index`: XLA writes the rows as columns of a transposed,
       group-padded `[ka, m_pad]` copy, `group_columns`; the kernel's `a` tile
       is then K-major, and where `tgmm_kernel` allows, the persistent TMA
-      kernel runs). Same numbers in every mode.
+      kernel runs); or `"xla_rows"` (the rows as `"xla"`, read row-major by
+      the TMA kernel where `tgmm_kernel` allows: no transposed copy). Same
+      numbers in every mode.
     transpose_out: return `[g, n, ka]` (each group's `out[gi].T`, stored so by
       the kernel) instead of `[g, ka, n]`.
     backend: `"auto"`, `"triton"`, `"interpret"` or `"reference"`.
