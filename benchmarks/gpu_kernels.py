@@ -153,13 +153,23 @@ def bench_case(name, reps, with_reference, with_moe, be="triton"):
   ms, _, _ = time_fn(comb_fn, o, al.pos, reps=reps)
   row("combine (k-way gather-sum)", ms, None, f"{(tk * d * 4 + t * d * 2) / ms / 1e9:.0f} GB/s")
   dy = jax.random.normal(jax.random.key(7), (t, d), jnp.bfloat16)
-  ab_fn = jax.jit(lambda dy, dn, al, w, pre: ffn.act_bwd_stage(dy, dn, al, w, pre, block_m, act, be))
+  # JMOE_SHARE_SORTED_ROWS: the dy copy counts in the act bwd row, the x copy
+  # (made by the op's forward) in the tgmm row.
+  share = ffn.share_sorted_rows(be, x.dtype, d, f, up.shape[2])
+
+  def rows_of(a, al):
+    return ffn.gmm_lib.gather_rows(a, al.token, be) if share else None
+
+  ab_fn = jax.jit(lambda dy, dn, al, w, pre: ffn.act_bwd_stage(
+      dy, dn, al, w, pre, block_m, act, be, dy_rows=rows_of(dy, al)))
   d_pre, dwp = ab_fn(dy, down, al, w_sorted, pre)
   ms, _, _ = time_fn(ab_fn, dy, down, al, w_sorted, pre, reps=reps)
   row("act bwd GEMM (dy @ down^T + epi)", ms, 2.0 * tk * d * f)
-  wg_fn = jax.jit(lambda x, dy, h, dp, al, w: ffn.weight_grad_stage(
-      x, dy, h, dp, al, w, jnp.bfloat16, jnp.bfloat16, be))
-  ms, _, _ = time_fn(wg_fn, x, dy, h, d_pre, al, w_down, reps=reps)
+  dy_rows = jax.jit(rows_of)(dy, al)
+  wg_fn = jax.jit(lambda x, dy, h, dp, al, w, dy_rows: ffn.weight_grad_stage(
+      x, dy, h, dp, al, w, jnp.bfloat16, jnp.bfloat16, be, x_rows=rows_of(x, al),
+      dy_rows=dy_rows))
+  ms, _, _ = time_fn(wg_fn, x, dy, h, d_pre, al, w_down, dy_rows, reps=reps)
   row("tgmm dW_down + dW_up", ms, 2.0 * tk * f * d + 2.0 * tk * d * 2 * f)
   dx_fn = jax.jit(lambda dp, u, al: ffn.dx_stage(dp, u, al, block_m, be))
   dxc = dx_fn(d_pre, up, al)

@@ -260,7 +260,7 @@ class ExpertFfnTestBase:
 
   @pytest.mark.parametrize("router_scale", ["up", "down"])
   def test_share_sorted_rows(self, rng, monkeypatch, launched, router_scale):
-    # JMOE_SHARE_SORTED_ROWS=1: the forward's sorted copy of x (read by the up
+    # JMOE_SHARE_SORTED_ROWS=1 (default): the forward's sorted copy of x (read by the up
     # GEMM by TMA) and the backward's sorted copy of dy (read by the dh GEMM)
     # are also the weight gradients' row-major operands (tgmm "xla_rows"):
     # no column copy is made, the TMA tgmm runs both. Same numbers as the
@@ -280,7 +280,7 @@ class ExpertFfnTestBase:
     base = run(fn)
     assert "jmoe_gather_columns" in [name for name, _ in launched]
     del launched[:]
-    monkeypatch.setenv(ffn_lib.SHARE_SORTED_ROWS_ENV, "1")
+    monkeypatch.delenv(ffn_lib.SHARE_SORTED_ROWS_ENV)  # the default
     assert ffn_lib.share_sorted_rows(self.BACKEND, BF16, 48, 32, 64)
     got = run(fn)
     kernels = [name for name, _ in launched]

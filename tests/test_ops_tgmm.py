@@ -313,16 +313,19 @@ class TgmmTestBase:
     assert np.all(np.isfinite(np.asarray(out)))
     helpers.assert_close(out, _oracle(a, b, sizes), BF16)
 
-  def test_tma_rows_read_no_rows_past_the_groups(self, rng, monkeypatch):
-    # "xla_rows": rows of a past each group's end (the next group's, then inf
-    # past sum(group_sizes)) never reach a dot, with b's descriptor unbounded.
+  @pytest.mark.parametrize("bounded", ["1", "0"])
+  def test_tma_rows_read_no_rows_past_the_groups(self, rng, monkeypatch, bounded):
+    # "xla_rows": the bounded operand (b, or a with JMOE_TGMM_TMA_BOUNDED=0)
+    # is never read past a group's end: inf in its rows past sum(group_sizes)
+    # reaches no dot, and the other operand's rows past a group's end (the
+    # next group's) meet zeros.
     m, ka, n, g = 130, 48, 32, 4
     a, b, _, _ = _inputs(rng, m, ka, n, g, "under", BF16, OPTIONS[0])
     sizes = np.array([30, 0, 41, 20], np.int32)  # 91 of 130 rows
-    a = np.asarray(a).copy()
-    a[91:] = np.inf
+    a, b = np.asarray(a).copy(), np.asarray(b).copy()
+    (b if bounded == "1" else a)[91:] = np.inf
     monkeypatch.setenv(tgmm_lib.TGMM_KERNEL_ENV, "tma")
-    monkeypatch.setenv(tgmm_lib.TMA_BOUNDED_ENV, "0")
+    monkeypatch.setenv(tgmm_lib.TMA_BOUNDED_ENV, bounded)
     for transpose in (False, True):
       out = self._tgmm(a, b, sizes, gather_mode="xla_rows", transpose_out=transpose)
       assert np.all(np.isfinite(np.asarray(out)))
@@ -521,6 +524,8 @@ def test_sm90_tma_build(transpose, a_rows):
   assert not _WGMMA_REGISTER_A.search(ptx), "wgmma A operand from registers"
   assert "ld.local" not in ptx and "st.local" not in ptx
   assert compiled.metadata.shared <= 227 * 1024
+  # Its descriptors fit the scratch its launch provides.
+  assert compiled.metadata.global_scratch_size <= tgmm_lib.tma_scratch_bytes(a_rows)
 
 
 @pytest.mark.parametrize("ws", [False, True])

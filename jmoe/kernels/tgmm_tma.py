@@ -9,9 +9,11 @@ where `a [KA, MA]` holds each group's rows as columns from a multiple of 64,
 zero-filled to the next one (`jmoe.ops.tgmm.group_columns`), and `b [MB, N]`
 is row-major. With `A_ROWS`, `a [MB, KA]` is row-major instead, logical row
 `r` at row `r` (`gather_mode="xla_rows"`: e.g. the sorted copy a grouped GEMM
-read by TMA, no transposed copy): each tile's `a` descriptor ends at the
-group's last row (TMA reads zeros past it), and the `[BLOCK_M, BLOCK_K]` tile
-is fed to the dot transposed (an MN-major wgmma operand in shared memory).
+read by TMA, no transposed copy), and the `[BLOCK_M, BLOCK_K]` tile is fed to
+the dot transposed (an MN-major wgmma operand in shared memory). There are no
+zero columns then, so exactly one operand's per-tile descriptor ends at the
+group's last row: `b`'s with `B_BOUNDED`, else `a`'s. The other operand's rows
+past the group's end (finite values) meet TMA's zeros.
 
 Why a second kernel: the plain-pointer tgmm loses 3-4 us per 128x256 output
 tile to pipeline fill and epilogue (benchmarks/results/sweep_h100.md, session
@@ -63,6 +65,7 @@ def _tgmm_tma_kernel(
     OUT_TRANSPOSED: tl.constexpr,
     A_ROWS: tl.constexpr,  # a is [MB, KA] row-major (see above)
     B_BOUNDED: tl.constexpr,  # per-tile b descriptor ending at the group end
+                              # (A_ROWS: else a's)
     TMA_STORE: tl.constexpr,  # store the tile by TMA (else st.global)
     DOT_F32: tl.constexpr,  # upcast dot operands to float32 (interpreter)
     INPUT_PRECISION: tl.constexpr,
@@ -76,7 +79,10 @@ def _tgmm_tma_kernel(
   KA = KA_Q * 16
   N = N_Q * 16
   MA = MA_Q * 16
-  if not A_ROWS:
+  if A_ROWS:
+    a_desc = tl.make_tensor_descriptor(
+        a_ptr, shape=[MB, KA], strides=[KA, 1], block_shape=[BLOCK_M, BLOCK_K])
+  else:
     a_desc = tl.make_tensor_descriptor(
         a_ptr, shape=[KA, MA], strides=[MA, 1], block_shape=[BLOCK_K, BLOCK_M])
   b_desc = tl.make_tensor_descriptor(
@@ -108,9 +114,11 @@ def _tgmm_tma_kernel(
           b_ptr, shape=[end, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     else:
       tile_b = b_desc
+    tile_a = a_desc
     if A_ROWS:
-      tile_a = tl.make_tensor_descriptor(
-          a_ptr, shape=[end, KA], strides=[KA, 1], block_shape=[BLOCK_M, BLOCK_K])
+      if not B_BOUNDED:
+        tile_a = tl.make_tensor_descriptor(
+            a_ptr, shape=[end, KA], strides=[KA, 1], block_shape=[BLOCK_M, BLOCK_K])
       a_start = start
     else:
       a_start = tl.load(a_col_offsets_ptr + gi)
@@ -119,7 +127,7 @@ def _tgmm_tma_kernel(
       if A_ROWS:
         a = tl.trans(tile_a.load([a_start + r, k0]))
       else:
-        a = a_desc.load([k0, a_start + r])
+        a = tile_a.load([k0, a_start + r])
       b = tile_b.load([start + r, n0])
       if DOT_F32:
         a = a.to(tl.float32)

@@ -29,8 +29,11 @@ Backward (`custom_vjp`, every GEMM in Triton):
            (`JMOE_ACT_BWD=fused`: one GEMM with that epilogue.)
   dW_down  tgmm(h, dy, b_row_index=token, row_scale=w)   `jmoe.ops.tgmm`
   dW_up    tgmm(x, d_pre, a_row_index=token)
-           (above `JMOE_WGRAD_MIN_ROWS` rows per expert: `x`, and `dy` for
-           dW_down = (dy^T h)^T, as K-major columns of a transposed copy,
+           (default with the TMA tgmm, `share_sorted_rows`: `x` and `dy` as
+           row-major copies sorted by slot, which the up and dh GEMMs read
+           by TMA first, and dW_down = (dy^T h)^T; otherwise above
+           `JMOE_WGRAD_MIN_ROWS` rows per expert: `x`, and `dy` for dW_down,
+           as K-major columns of a transposed copy,
            `dw_up_gather_mode` / `dw_down_layout`)
   dx       `_grouped_gemm_kernel`: d_pre @ up[e]^T per slot (`slot_rows_dtype`), then the
            combine kernel sums the k slots of each token and the partial
@@ -320,26 +323,30 @@ def weight_grad_stage(x, dy, h, d_pre, al, w_sorted, up_dtype, down_dtype, backe
 DW_DOWN_ENV = "JMOE_DW_DOWN"
 DW_DOWN_LAYOUTS = ("rows", "columns")
 
-# `JMOE_SHARE_SORTED_ROWS` (default 0 until measured): with the persistent TMA
+# `JMOE_SHARE_SORTED_ROWS` (default 1; 0 restores the column copies): with the persistent TMA
 # tgmm for both weight gradients, the forward copies `x`'s rows sorted by slot
 # at every size (`jmoe.kernels.gather_rows`), its up GEMM reads them by TMA and
 # keeps them for the backward; the backward copies `dy`'s rows so too for the
 # dh GEMM (by TMA). dW_up and dW_down then read those two copies row-major
 # (tgmm `gather_mode="xla_rows"`) instead of two transposed, group-padded
-# column copies (`jmoe.kernels.gather_columns`): one `[tk, d]` write and read
-# less per weight gradient, for one `[tk, d]` residual more.
+# column copies (`jmoe.kernels.gather_columns`) and their XLA index building,
+# for one `[tk, d]` residual more. Measured on the H100 (session 17,
+# `benchmarks/results/h100-sweeps/session17/`; interleaved A/B, 8 rounds,
+# `benchmarks.ab_env`): fwd+bwd 5.807 -> 5.545 ms at 64 experts (traced kernel
+# time 5.246 -> 5.055: dh -0.08 by TMA, up -0.05, copies and glue -0.04, the
+# row-major tgmm equal), 0.963 -> 0.920 ms on the small case; forward unchanged.
 SHARE_SORTED_ROWS_ENV = "JMOE_SHARE_SORTED_ROWS"
 
 
 def share_sorted_rows(backend: str, dtype: Any, d: int, f: int, pf: int) -> bool:
   """Whether the weight gradients read the GEMMs' sorted row copies (see
-  `SHARE_SORTED_ROWS_ENV`): set, the two-pass activation backward, and the
+  `SHARE_SORTED_ROWS_ENV`): on (the default), the two-pass activation backward, and the
   TMA tgmm for both `"xla_rows"` calls (16-bit operands, `d`, `f`, `pf`
   multiples of 16, a backend that can launch it; not with
   `JMOE_TGMM_KERNEL=gluon`, whose kernel reads columns only)."""
   from jmoe.ops import tgmm as tgmm_lib  # pylint: disable=import-outside-toplevel
 
-  if backend == "reference" or not env_flag(SHARE_SORTED_ROWS_ENV, False):
+  if backend == "reference" or not env_flag(SHARE_SORTED_ROWS_ENV, True):
     return False
   if act_bwd_impl() != "two_pass":
     return False
