@@ -290,6 +290,18 @@ class ExpertFfnTestBase:
     assert [kw["A_ROWS"] for kw in tgmm_calls] == [True, True], kernels
     want = run(functools.partial(reference.expert_ffn, activation="swiglu"))
     helpers.assert_variant_matches(got, base, want, BF16, self.BACKEND, names, "shared: ")
+    # Under vmap (the kept x rows are a batched residual) and remat.
+    x, ids, weights, kept, up, down = args
+    x2 = np.stack([x, helpers.normal(rng, x.shape, BF16)])
+
+    def grad_up(x):
+      return jax.grad(jax.checkpoint(lambda u: jnp.sum(
+          fn(x, ids, weights, kept, u, down).astype(jnp.float32) * ct)))(up)
+
+    batched = jax.jit(jax.vmap(grad_up))(x2)
+    for i in range(2):
+      helpers.assert_close(batched[i], jax.jit(grad_up)(x2[i]), BF16, kind="grad",
+                           err_msg=f"vmap item {i}")
     # Where it does not apply: not a multiple of 16, float32, the fused
     # activation backward, the Gluon tgmm.
     assert not ffn_lib.share_sorted_rows(self.BACKEND, BF16, 40, 24, 48)
