@@ -43,13 +43,23 @@ def build(cfg, flags, ka, n, out_type="*bf16", a_columns=False):
       KA_MULT=kernels.stride_multiple(ka), N_MULT=kernels.stride_multiple(n),
       EVEN_K=ka % cfg.kwargs["BLOCK_K"] == 0, EVEN_N=n % cfg.kwargs["BLOCK_N"] == 0,
       **cfg.kwargs)
-  sig.update({k: "constexpr" for k in const})
+  return _compile_sm90(kernels._tgmm_kernel, sig, const, cfg.num_warps, cfg.num_stages)  # pylint: disable=protected-access
+
+
+def _pointer_hints(sig):
+  """jax-triton's argument hints: every pointer 16-byte aligned (none on scalars)."""
   pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
-  attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
+  return {(i,): [["tt.divisibility", 16]] for i in pointers}
+
+
+def _compile_sm90(fn, sig, const, num_warps, num_stages):
+  """`fn` built for the H100 with the argument types `sig`, the constexprs
+  `const` (added to the signature) and jax-triton's hints."""
+  sig = {**sig, **{k: "constexpr" for k in const}}
   return triton.compile(
-      ASTSource(kernels._tgmm_kernel, sig, constexprs=const, attrs=attrs),  # pylint: disable=protected-access
+      ASTSource(fn, sig, constexprs=const, attrs=_pointer_hints(sig)),
       target=GPUTarget("cuda", 90, 128),
-      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+      options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def build_tma(config, a_rows=False, transpose=False, programs=132):
@@ -67,13 +77,8 @@ def build_tma(config, a_rows=False, transpose=False, programs=132):
   const = dict(OUT_TRANSPOSED=transpose, A_ROWS=a_rows, B_BOUNDED=options.b_bounded,
                TMA_STORE=options.tma_store, DOT_F32=False, INPUT_PRECISION="ieee",
                NUM_PROGRAMS=programs, FLATTEN=options.flatten, **config.metaparams())
-  sig.update({k: "constexpr" for k in const})
-  pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
-  attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
-  return triton.compile(
-      ASTSource(tgmm_tma._tgmm_tma_kernel, sig, constexprs=const, attrs=attrs),  # pylint: disable=protected-access
-      target=GPUTarget("cuda", 90, 128),
-      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+  return _compile_sm90(tgmm_tma._tgmm_tma_kernel, sig, const, config.num_warps,  # pylint: disable=protected-access
+                       config.num_stages)
 
 
 def build_gluon(config, ka, n, transpose=False, programs=132, ws=False):
@@ -94,10 +99,8 @@ def build_gluon(config, ka, n, transpose=False, programs=132, ws=False):
   const = dict(OUT_TRANSPOSED=transpose, NUM_PROGRAMS=programs,
                NUM_BUFFERS=config.num_stages, **config.metaparams())
   sig.update({k: "constexpr" for k in const})
-  pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
-  attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
   constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
-  return triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
+  return triton.compile(GluonASTSource(fn, sig, constexprs, _pointer_hints(sig)),
                         target=GPUTarget("cuda", 90, 32),
                         options={"num_warps": config.num_warps})
 

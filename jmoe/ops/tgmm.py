@@ -389,10 +389,10 @@ def _launch(a, b, group_sizes, a_row_index, b_row_index, row_scale, *, m,
     a_row_index = None
   if gather_mode == "xla_rows" and row_scale is not None:
     raise ValueError('gather_mode="xla_rows" needs row_scale_mode="prescale"')
-  if gather_mode == "xla_rows" and tma is not None:
-    return _launch_tma(a, None, b, group_offsets(group_sizes, m), g, out_shape,
-                       input_precision, backend, config, tma, transpose_out)
   offsets = group_offsets(group_sizes, m)
+  if gather_mode == "xla_rows" and tma is not None:
+    return _launch_tma(a, None, b, offsets, g, out_shape, input_precision, backend,
+                       config, tma, transpose_out)
   dummy_index = jnp.zeros((1,), jnp.int32)
   a_col_offsets = None
   if gather_mode == "xla_columns":
