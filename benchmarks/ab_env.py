@@ -32,6 +32,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--values", required=True, help="comma-separated")
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--min-sample-s", type=float, default=0.05,
+                      help="each sample runs calls for at least this long (s)")
   parser.add_argument("--backend", default="triton")
   args = parser.parse_args(argv)
   t, d, f, e, top_k, _, _ = CASES[args.case]
@@ -51,10 +53,12 @@ def main(argv=None) -> dict:
     order = list(fns) if r % 2 == 0 else list(reversed(fns))
     for value in order:
       for mode, fn in fns[value].items():
-        ms, _, _ = time_fn(fn, *ffn_args, reps=args.reps)
+        ms, _, _ = time_fn(fn, *ffn_args, reps=args.reps,
+                           min_sample_s=args.min_sample_s)
         times[(value, mode)].append(ms * 1e3)
   print(f"# {jax.devices()[0].device_kind}; case {args.case} t={t} d={d} f={f} e={e} "
-        f"k={top_k}; {args.var} in {args.values}; {args.rounds} rounds x {args.reps} reps")
+        f"k={top_k}; {args.var} in {args.values}; {args.rounds} rounds x {args.reps} reps "
+        f"of >= {args.min_sample_s} s")
   result = {}
   for (value, mode), samples in times.items():
     med = statistics.median(samples)

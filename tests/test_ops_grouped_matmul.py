@@ -239,6 +239,29 @@ class GroupedMatmulTestBase:
     monkeypatch.setenv(gmm_lib.GEMM_CONFIG_ENV, "")
     assert cfg("act") == base("act")
 
+  def test_tgmm_config_overrides(self, monkeypatch):
+    # The `tgmm` item replaces TgmmConfig fields of the weight gradients' pinned
+    # GPU config (and pins it where it would autotune); GemmConfig-only fields
+    # are errors for it, and its fields for the other kinds.
+    from jmoe.ops.tgmm import TgmmConfig  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setenv(gmm_lib.GEMM_CONFIG_ENV, "tgmm:group_size=32,num_stages=4")
+    assert gmm_lib.tgmm_config("triton", 16384, 8, tma=True) == TgmmConfig(
+        group_size=32, num_stages=4)
+    assert gmm_lib.tgmm_config("triton", 4096, 8) == TgmmConfig(
+        64, 128, 128, 32, 4, 4)
+    assert gmm_lib.tgmm_config("interpret", 4096, 8) is None
+    assert gmm_lib.default_config("plain", 128, 512, 512, "triton") == (
+        gmm_lib._pinned_config("plain", 128, 512, "triton", False))
+    monkeypatch.setenv(gmm_lib.GEMM_CONFIG_ENV, "")
+    assert gmm_lib.tgmm_config("triton", 16384, 8, tma=True) == TgmmConfig()
+    assert gmm_lib.tgmm_config("triton", 16384, 8) is None  # autotuned
+    for bad in ("tgmm:group_m=16", "plain:group_size=16", "tgmm:split_n=2",
+                "tgmm:group_size=0"):
+      monkeypatch.setenv(gmm_lib.GEMM_CONFIG_ENV, bad)
+      with pytest.raises(ValueError, match="JMOE_GEMM_CONFIG must be items"):
+        gmm_lib.config_overrides("tgmm")
+
   @pytest.mark.parametrize("use_jit", [False, True])
   def test_every_element_written(self, rng, use_jit):
     # Under "interpret" outputs start as NaN: an unwritten row stays NaN. Rows

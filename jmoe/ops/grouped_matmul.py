@@ -118,6 +118,13 @@ def block_m_for(rows: int, groups: int, backend: str) -> int:
 
 GEMM_CONFIG_ENV = "JMOE_GEMM_CONFIG"
 _CONFIG_FIELDS = ("block_n", "block_k", "group_m", "num_warps", "num_stages", "split_n")
+# The weight-gradient kernel (`TgmmConfig`) has its own fields.
+_TGMM_CONFIG_FIELDS = ("block_m", "block_k", "block_n", "group_size", "num_warps",
+                       "num_stages")
+
+
+def _config_fields(kind: str) -> tuple[str, ...]:
+  return _TGMM_CONFIG_FIELDS if kind == "tgmm" else _CONFIG_FIELDS
 
 
 def config_overrides(kind: str) -> dict[str, int]:
@@ -125,8 +132,9 @@ def config_overrides(kind: str) -> dict[str, int]:
 
   `JMOE_GEMM_CONFIG` holds items `kind:field=value,field=value` joined by "+"
   (e.g. `act:block_k=64,num_stages=3+plain:group_m=16`); fields are those of
-  `GemmConfig` except `block_m`. A kind named there launches its pinned config
-  with these fields replaced, also when autotuning is on.
+  `GemmConfig` except `block_m`, and for kind `tgmm` (the weight gradients)
+  those of `TgmmConfig`. A kind named there launches its pinned config with
+  these fields replaced, also when autotuning is on.
 
   Raises:
     ValueError: naming the variable and the expected form, for an unknown kind
@@ -141,12 +149,12 @@ def config_overrides(kind: str) -> dict[str, int]:
       values = {key.strip(): int(value) for key, value in pairs}
     except ValueError:
       values = {"": 0}
-    if (name not in KINDS or not values
-        or any(key not in _CONFIG_FIELDS or v < 1 for key, v in values.items())):
+    if (name not in KINDS + ("tgmm",) or not values
+        or any(key not in _config_fields(name) or v < 1 for key, v in values.items())):
       raise ValueError(
           f"{GEMM_CONFIG_ENV} must be items 'kind:field=value,...' joined by '+' "
-          f"(kind in {KINDS}, field in {_CONFIG_FIELDS}, positive integers), "
-          f"got {raw!r}"
+          f"(kind in {KINDS} with fields {_CONFIG_FIELDS}, or 'tgmm' with fields "
+          f"{_TGMM_CONFIG_FIELDS}; positive integers), got {raw!r}"
       )
     out.setdefault(name, {}).update(values)
   return out.get(kind, {})
@@ -237,13 +245,18 @@ def tgmm_config(backend: str, rows: int, groups: int, tma: bool = False):
   is faster (H100, bf16: 1.35 vs 1.44 ms dW_up at 64 experts, 0.18 vs 0.20 ms
   on the small case), above it the 128x256 default (7.7 vs 8.1 ms Mixtral-like;
   benchmarks/results/sweep_h100.md). The bound: `long_weight_grad_groups`.
+  `JMOE_GEMM_CONFIG`'s `tgmm` item replaces fields of the pinned config (and
+  pins it where it would autotune).
   """
-  if backend == "triton" and (tma or not autotune_enabled()):
+  overrides = config_overrides("tgmm") if backend == "triton" else {}
+  if backend == "triton" and (tma or not autotune_enabled() or overrides):
     from jmoe.ops.tgmm import TgmmConfig  # pylint: disable=import-outside-toplevel
 
     if not tma and not long_weight_grad_groups(rows, groups):
-      return TgmmConfig(64, 128, 128, 8, 4, 3)
-    return TgmmConfig()
+      config = TgmmConfig(64, 128, 128, 8, 4, 3)
+    else:
+      config = TgmmConfig()
+    return dataclasses.replace(config, **overrides)
   return None
 
 
