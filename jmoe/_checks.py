@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe import _shard
 from jmoe.reference.activations import ACTIVATIONS, is_gated
 from jmoe.reference.routing import DROP_POLICIES
 
@@ -91,6 +92,7 @@ def check_tokens(x, name: str = "x") -> tuple[int, int]:
   t = int(np.prod(x.shape[:-1], dtype=np.int64))
   if t < 1 or x.shape[-1] < 1:
     raise ValueError(f"{name} must hold at least one token of width >= 1, got shape {x.shape}")
+  _shard.check_not_explicit(name, x)
   return t, x.shape[-1]
 
 
@@ -140,6 +142,7 @@ def check_grouped_matmul(lhs, rhs, group_sizes) -> None:
   """Checks `lhs [m, k]`, `rhs [g, k, n]`, `group_sizes [g]` integer."""
   check_float_array("lhs", lhs, 2, " [m, k]")
   check_float_array("rhs", rhs, 3, " [g, k, n]")
+  _shard.check_not_explicit("lhs", lhs)
   if rhs.shape[1] != lhs.shape[1]:
     raise ValueError(
         f"rhs must have shape [g, k={lhs.shape[1]}, n] to match lhs {lhs.shape}, "

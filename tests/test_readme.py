@@ -15,10 +15,14 @@ def test_ci_runs_the_readme_test_command():
   assert test_commands[0].strip() in ci.splitlines()
 
 
-def test_readme_api_example_runs():
+def test_readme_api_examples_run():
+  # The API example, then the sharding one (which reuses its names).
   readme = (ROOT / "README.md").read_text()
-  (example,) = re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
+  api, sharding = re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
   scope = {}
-  exec(compile(example, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  exec(compile(api, "README.md", "exec"), scope)  # pylint: disable=exec-used
   assert scope["y"].shape == scope["x"].shape
   assert scope["out"].shape == (scope["t"], 2 * scope["f"])
+  exec(compile(sharding, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["dx"].shape == scope["x"].shape
+  assert scope["dparams"].up_kernel.shape == scope["params"].up_kernel.shape

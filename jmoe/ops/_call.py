@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jmoe import _shard
+
 KERNEL_BACKENDS = ("triton", "interpret")
 
 _Scalar = (bool, int, float, np.float32)
@@ -166,5 +168,9 @@ def kernel_call(
           )
       )
 
-  outs = jax.custom_batching.sequential_vmap(launch)(*(args[i] for i in array_pos))
+  arrays = [args[i] for i in array_pos]
+  outs = jax.custom_batching.sequential_vmap(launch)(*arrays)
+  # Typed for shard_map like jax's primitives: varying where any input varies.
+  outs = _shard.vary_like(outs, arrays)
   return outs[0] if single else outs
+

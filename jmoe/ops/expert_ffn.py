@@ -52,6 +52,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jmoe import _shard
 from jmoe._checks import check_expert_kernels
 from jmoe._env import env_choice, env_flag
 from jmoe.ops import align as align_lib
@@ -437,7 +438,7 @@ def _expert_ffn_fn(activation: str, backend: str, scale_stage: str):
     return _backward(activation, backend, scale_stage, residuals, dy)
 
   op.defvjp(fwd, bwd)
-  return op
+  return _shard.varying_inputs(op)
 
 
 def _check(x, expert_ids, weights, kept, up_kernel, down_kernel, activation):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe import _shard
 from jmoe._checks import HALF_DTYPES, is_dtype
 from jmoe._env import env_choice, env_flag, env_int, env_value
 from jmoe.ops import align as align_lib
@@ -688,7 +689,7 @@ def _grouped_matmul_fn(out_dtype: Any, backend: str):
     return d_lhs, d_rhs, None
 
   op.defvjp(fwd, bwd)
-  return op
+  return _shard.varying_inputs(op)
 
 
 def grouped_matmul(

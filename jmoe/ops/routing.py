@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jmoe import _checks
+from jmoe import _checks, _shard
 from jmoe.kernels import routing as kernels
 from jmoe.ops._call import KERNEL_BACKENDS, kernel_call
 from jmoe.reference.routing import compute_capacity
@@ -389,7 +389,7 @@ def route(
   )
   dtype = jnp.result_type(x.dtype, router_kernel.dtype)
   x_c, w_c = x.astype(dtype), router_kernel.astype(dtype)
-  return _route(x_c, w_c, static)
+  return _route(*_shard.vary_together(x_c, w_c), static)
 
 
 __all__ = ["RouterConfig", "INTERPRET_CONFIG", "route", "default_block_t"]

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe import _shard
 from jmoe._backend import resolve_backend
 from jmoe._checks import HALF_DTYPES, is_dtype
 from jmoe._env import env_choice, env_flag, env_value
@@ -566,7 +567,7 @@ def _tgmm_fn(m: int, out_dtype: Any, input_precision: str, backend: str,
     return tgmm_vjp(*residuals, d_out)
 
   op.defvjp(fwd, bwd)
-  return op
+  return _shard.varying_inputs(op)
 
 
 def tgmm(
