@@ -31,6 +31,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jmoe  # noqa: E402
+import jmoe.linen  # noqa: E402
 
 T, D, F, E, K = 16 * DEVICES, 32, 48, 8, 2
 
@@ -119,6 +120,23 @@ def main() -> dict:
       sizes_sharded = jax.device_put(sizes, NamedSharding(mesh, P("data")))
     out[f"{kind} shard_map grouped_matmul remat rhs grad"] = _rel_err(
         fn(args[0], jax.device_put(rhs, NamedSharding(mesh, P())), sizes_sharded)[1], g_want)
+
+    # The Flax Linen layer inside shard_map (its variables replicated).
+    layer = jmoe.linen.MoELayer(D, E, F, K, backend=BACKEND)
+    variables = layer.init(jax.random.key(3), x, deterministic=True)
+
+    def layer_grads(v, x, c):
+      def loss(v, x):
+        y, _ = layer.apply(v, x, deterministic=True)
+        return jnp.sum(y * c), y
+      (_, y), g = jax.value_and_grad(loss, (0, 1), has_aux=True)(v, x)
+      return y, g
+
+    layer_want = jax.jit(layer_grads)(variables, x, ct)
+    fn = jax.jit(jax.shard_map(layer_grads, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                               out_specs=(P("data"), (P(), P("data")))))
+    out[f"{kind} shard_map linen layer"] = _rel_err(
+        fn(jax.device_put(variables, NamedSharding(mesh, P())), args[0], args[2]), layer_want)
 
     # Plain jit on sharded inputs.
     try:

@@ -39,7 +39,7 @@ def _run_worker(backend: str, devices: int) -> dict:
 
 def _check(result: dict) -> None:
   errors = {k: v for k, v in result.items() if k not in ("devices", "platform")}
-  assert len(errors) == 8, errors
+  assert len(errors) == 10, errors
   for name, err in errors.items():
     if name == "explicit jit":
       # Explicitly sharded inputs: a clear error naming the argument.
@@ -53,8 +53,9 @@ def _check(result: dict) -> None:
 def test_data_parallel_matches_unsharded(backend):
   # 4 devices, tokens split over them, weights replicated: shard_map (typed
   # with check_vma, and untyped with the user's psum), a per-shard
-  # grouped_matmul under remat, and jit on sharded inputs all match the
-  # unsharded call (forward, dx, and every weight gradient summed over shards).
+  # grouped_matmul under remat, the Linen layer, and jit on sharded inputs all
+  # match the unsharded call (forward, dx, and every weight gradient summed
+  # over shards).
   _check(_run_worker(backend, 4))
 
 
