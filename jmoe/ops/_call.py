@@ -173,4 +173,3 @@ def kernel_call(
   # Typed for shard_map like jax's primitives: varying where any input varies.
   outs = _shard.vary_like(outs, arrays)
   return outs[0] if single else outs
-
