@@ -174,18 +174,18 @@ def jmoe_stages(case: Case, x, params, backend: str
   share = ffn.share_sorted_rows(backend, x.dtype, x.shape[1], down_k.shape[1],
                                 up_k.shape[2])
 
-  def dy_rows_of(dy, al):
-    return ffn.gmm_lib.gather_rows(dy, al.token, backend) if share else None
+  def rows_of(a, al):
+    return ffn.gmm_lib.gather_rows(a, al.token, backend) if share else None
 
   def down_bwd(dy, down_k, al, w_sorted, pre):
     return ffn.act_bwd_stage(dy, down_k, al, w_sorted, pre, block_m, activation,
-                             backend, dy_rows=dy_rows_of(dy, al))
+                             backend, dy_rows=rows_of(dy, al))
 
   def weight_grads(x, dy, h, d_pre, al, w_sorted, dy_rows):
     w_down = ffn.router_scale_args(w_sorted, scale_stage)[1]
-    x_rows = ffn.gmm_lib.gather_rows(x, al.token, backend) if share else None
     return ffn.weight_grad_stage(x, dy, h, d_pre, al, w_down, up_k.dtype,
-                                 down_k.dtype, backend, x_rows=x_rows, dy_rows=dy_rows)
+                                 down_k.dtype, backend, x_rows=rows_of(x, al),
+                                 dy_rows=dy_rows)
 
   def up_bwd(d_pre, up_k, al, dwp):
     dxc = ffn.dx_stage(d_pre, up_k, al, block_m, backend)
@@ -199,7 +199,7 @@ def jmoe_stages(case: Case, x, params, backend: str
   # The stages must compute what the fused op computes: compare once.
   y = jax.jit(down_combine)(h, down_k, al, w_sorted)
   dx, d_weights = jax.jit(up_bwd)(d_pre, up_k, al, dwp)
-  dy_rows = jax.jit(dy_rows_of)(dy, al)
+  dy_rows = jax.jit(rows_of)(dy, al)
   d_up, d_down = jax.jit(weight_grads)(x, dy, h, d_pre, al, w_sorted, dy_rows)
 
   def fused(x, weights, up_k, down_k):

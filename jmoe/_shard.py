@@ -66,7 +66,8 @@ def check_not_explicit(name: str, x: jax.Array) -> None:
   """
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not getattr(mesh, "_any_axis_explicit", False):
+  explicit = jax.sharding.AxisType.Explicit
+  if mesh is None or explicit not in tuple(getattr(mesh, "axis_types", ())):
     return
   spec = getattr(sharding, "spec", ())
   if any(entry is not None for entry in spec):

@@ -116,8 +116,7 @@ def main() -> dict:
     fn = jax.jit(jax.shard_map(jax.grad(gmm_loss, (0, 1)), mesh=mesh,
                                in_specs=(P("data"), P(), P("data")),
                                out_specs=(P("data"), P())))
-    with jax.set_mesh(mesh):
-      sizes_sharded = jax.device_put(sizes, NamedSharding(mesh, P("data")))
+    sizes_sharded = jax.device_put(sizes, NamedSharding(mesh, P("data")))
     out[f"{kind} shard_map grouped_matmul remat rhs grad"] = _rel_err(
         fn(args[0], jax.device_put(rhs, NamedSharding(mesh, P())), sizes_sharded)[1], g_want)
 
