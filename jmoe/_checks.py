@@ -84,15 +84,18 @@ def check_jitter(jitter_eps, rng) -> None:
     raise ValueError("jitter_eps > 0 needs rng (a jax.random key), got rng=None")
 
 
-def check_tokens(x, name: str = "x") -> tuple[int, int]:
-  """Checks `x [..., d]` has at least one token; returns `(t, d)`."""
+def check_tokens(x, name: str = "x", *, token_split_ok: bool = False) -> tuple[int, int]:
+  """Checks `x [..., d]` has at least one token; returns `(t, d)`.
+
+  `token_split_ok`: the caller runs on each shard of tokens split over explicit
+  mesh axes (`jmoe._token_shards`); a split feature axis always raises."""
   check_float_array(name, x, shape_doc=" [..., d]")
   if x.ndim < 1:
     raise ValueError(f"{name} must have shape [..., d], got a scalar")
   t = int(np.prod(x.shape[:-1], dtype=np.int64))
   if t < 1 or x.shape[-1] < 1:
     raise ValueError(f"{name} must hold at least one token of width >= 1, got shape {x.shape}")
-  _shard.check_not_explicit(name, x)
+  _shard.check_token_split(name, x, tokens_ok=token_split_ok)
   return t, x.shape[-1]
 
 
@@ -142,7 +145,7 @@ def check_grouped_matmul(lhs, rhs, group_sizes) -> None:
   """Checks `lhs [m, k]`, `rhs [g, k, n]`, `group_sizes [g]` integer."""
   check_float_array("lhs", lhs, 2, " [m, k]")
   check_float_array("rhs", rhs, 3, " [g, k, n]")
-  _shard.check_not_explicit("lhs", lhs)
+  _shard.check_token_split("lhs", lhs, tokens_ok=False)
   if rhs.shape[1] != lhs.shape[1]:
     raise ValueError(
         f"rhs must have shape [g, k={lhs.shape[1]}, n] to match lhs {lhs.shape}, "

@@ -16,9 +16,13 @@ Neither `jax_triton.triton_call` nor `jax.pure_callback` does this, and a
   backward then returns varying cotangents throughout, and the transpose of
   the cast sums those of invariant inputs (weights) over the mesh axes.
 
-Outside `shard_map` both are the identity. Explicitly sharded inputs
-(`jax.sharding.AxisType.Explicit` meshes) are not supported: jmoe sorts and
-gathers over all rows; `check_not_explicit` says so at trace time.
+Outside `shard_map` both are the identity.
+
+Explicitly sharded inputs (`jax.sharding.AxisType.Explicit` meshes, jax 0.11's
+`jax.make_mesh` default): `explicit_spec` reads how `x` is split. The public
+`moe`, `route` and `expert_ffn` then run on each token shard under
+`shard_map` (`jmoe._token_shards`); `grouped_matmul`, whose rows are grouped
+contiguously, and any feature axis split over devices raise at trace time.
 """
 
 from __future__ import annotations
@@ -58,25 +62,49 @@ def vary_together(*args: Any) -> tuple[Any, ...]:
   return vary_like(args, args)
 
 
-def check_not_explicit(name: str, x: jax.Array) -> None:
-  """Raises if `x` is sharded over an explicit mesh axis (trace time).
+def explicit_spec(x: jax.Array):
+  """`x`'s `PartitionSpec` if it is split over an explicit mesh axis, else None
+  (trace time; replicated, `Auto`-sharded and `shard_map`-local values give
+  None)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  types = tuple(getattr(mesh, "axis_types", ()))
+  if jax.sharding.AxisType.Explicit not in types:
+    return None
+  explicit = {name for name, kind in zip(mesh.axis_names, types)
+              if kind == jax.sharding.AxisType.Explicit}
+  spec = tuple(sharding.spec)
+  for entry in spec:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    if any(name in explicit for name in names if name is not None):
+      return sharding.spec
+  return None
+
+
+def check_token_split(name: str, x: jax.Array, *, tokens_ok: bool) -> None:
+  """Raises if `x [..., d]` is explicitly split over its feature axis `d`, or
+  at all when not `tokens_ok` (trace time).
 
   Raises:
     ValueError: naming `name`, its sharding, and what to do instead.
   """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  explicit = jax.sharding.AxisType.Explicit
-  if mesh is None or explicit not in tuple(getattr(mesh, "axis_types", ())):
+  spec = explicit_spec(x)
+  if spec is None:
     return
-  spec = getattr(sharding, "spec", ())
-  if any(entry is not None for entry in spec):
+  entries = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+  if entries[-1] is not None:
     raise ValueError(
-        f"{name} is sharded over explicit mesh axes ({sharding.spec}); jmoe's "
-        "ops sort and gather over all rows and do not support explicitly "
-        "sharded inputs. Call them inside jax.shard_map (rows split over the "
-        "mesh, expert weights replicated; see the README's 'Sharding' "
-        "section), or reshard the input to replicated."
+        f"{name} is sharded over explicit mesh axes {spec} along its feature axis "
+        f"(last axis, size {x.shape[-1]}); jmoe needs each token's features whole "
+        "on a device: split only the leading (token) axes, e.g. "
+        f"jax.sharding.reshard({name}, P('data', None))."
+    )
+  if not tokens_ok:
+    raise ValueError(
+        f"{name} is sharded over explicit mesh axes ({spec}); this op's rows are "
+        "grouped contiguously over all devices and it does not split them. Call it "
+        "inside jax.shard_map (rows split over the mesh, weights replicated; see "
+        "the README's 'Sharding' section), or reshard the input to replicated."
     )
 
 

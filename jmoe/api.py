@@ -12,8 +12,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jmoe import _checks
+from jmoe import _shard
+from jmoe import _token_shards
 from jmoe import reference
 from jmoe._backend import resolve_backend
 from jmoe.types import MoEAux, MoEParams, Routing
@@ -63,14 +66,21 @@ def grouped_matmul(
   )
 
 
-def _router_input(x, router_kernel, logit_bias, jitter_eps, rng):
-  """Applies jitter and appends a logit bias as an extra input column.
+def _jittered(x, jitter_eps, rng):
+  """`x [t, d]` with Switch jitter, drawn for the whole `x` (so tokens split
+  over devices get the unsharded call's noise)."""
+  noisy = reference.jitter(x, jitter_eps, rng)
+  if _shard.explicit_spec(x) is not None:
+    noisy = jax.sharding.reshard(noisy, jax.typeof(x).sharding)
+  return noisy
+
+
+def _router_input(x, router_kernel, logit_bias):
+  """Appends a logit bias as an extra input column.
 
   `[x, 1] @ [[w], [bias]] = x @ w + bias`: every backend's router gets the bias
   without a kernel argument of its own.
   """
-  if jitter_eps > 0:
-    x = reference.jitter(x, jitter_eps, rng)
   if logit_bias is not None:
     ones = jnp.ones((x.shape[0], 1), x.dtype)
     x = jnp.concatenate([x, ones], axis=1)
@@ -135,7 +145,7 @@ def route(
     `jmoe.Routing`.
   """
   _checks.check_float_array("x", x, 2, " [t, d]")
-  t, d = _checks.check_tokens(x)
+  t, d = _checks.check_tokens(x, token_split_ok=True)
   e = _checks.check_router_kernel(router_kernel, d)
   _checks.check_top_k(top_k, e)
   _checks.check_capacity_factor(capacity_factor)
@@ -144,10 +154,24 @@ def route(
   _checks.check_logit_bias(logit_bias, e)
   backend = resolve_backend(backend)
   _checks.check_kernel_dtype(backend, x=x, router_kernel=router_kernel)
-  x_router, router_kernel = _router_input(x, router_kernel, logit_bias, jitter_eps, rng)
-  return _route_backend(
-      x_router, router_kernel, backend, top_k=top_k, capacity_factor=capacity_factor,
-      normalize_top_k=normalize_top_k, drop_policy=drop_policy,
+  spec = _shard.explicit_spec(x)
+  if jitter_eps > 0:
+    x = _jittered(x, jitter_eps, rng)
+
+  def local(x, router_kernel, logit_bias):
+    x_router, kernel = _router_input(x, router_kernel, logit_bias)
+    return _route_backend(
+        x_router, kernel, backend, top_k=top_k, capacity_factor=capacity_factor,
+        normalize_top_k=normalize_top_k, drop_policy=drop_policy,
+    )
+
+  if spec is None:
+    return local(x, router_kernel, logit_bias)
+  split = _token_shards.TokenSplit(x, spec)
+  return split.run(
+      lambda *a: _token_shards.routing_over_mesh(local(*a), split),
+      (x, *split.replicated((router_kernel, logit_bias))),
+      (split.rows_spec, P(), P()), _token_shards.routing_specs(split),
   )
 
 
@@ -206,7 +230,7 @@ def moe(
     dropped count and fraction.
   """
   params = as_moe_params(params)
-  t, d = _checks.check_tokens(x)
+  t, d = _checks.check_tokens(x, token_split_ok=True)
   e = _checks.check_router_kernel(params.router_kernel, d)
   _checks.check_top_k(top_k, e)
   _checks.check_capacity_factor(capacity_factor)
@@ -220,18 +244,38 @@ def moe(
       backend, x=x, router_kernel=params.router_kernel,
       up_kernel=params.up_kernel, down_kernel=params.down_kernel,
   )
-  x2d = x.reshape(t, d)
-  x_router, router_kernel = _router_input(
-      x2d, params.router_kernel, logit_bias, jitter_eps, rng
-  )
-  routing = _route_backend(
-      x_router, router_kernel, backend, top_k=top_k, capacity_factor=capacity_factor,
-      normalize_top_k=normalize_top_k, drop_policy=drop_policy,
-  )
-  y = _expert_ffn_backend(
-      x2d, routing, params.up_kernel, params.down_kernel, activation, backend
-  )
-  return y.reshape(x.shape), reference.aux_from_routing(routing)
+  spec = _shard.explicit_spec(x)
+  x_router = None  # x itself
+  if jitter_eps > 0:
+    x_router = _jittered(x.reshape(t, d), jitter_eps, rng).reshape(x.shape)
+
+  def local(x, x_router, params, logit_bias):
+    """`(y, routing)` of the tokens of `x [..., d]` (all, or one shard's);
+    `x_router`: the jittered router input, or None for `x` itself."""
+    tokens = x.reshape(-1, d)
+    router_x, router_kernel = _router_input(
+        tokens if x_router is None else x_router.reshape(-1, d), params.router_kernel,
+        logit_bias)
+    routing = _route_backend(
+        router_x, router_kernel, backend, top_k=top_k, capacity_factor=capacity_factor,
+        normalize_top_k=normalize_top_k, drop_policy=drop_policy,
+    )
+    y = _expert_ffn_backend(
+        tokens, routing, params.up_kernel, params.down_kernel, activation, backend
+    )
+    return y.reshape(x.shape), routing
+
+  if spec is None:
+    y, routing = local(x, x_router, params, logit_bias)
+    return y, reference.aux_from_routing(routing)
+  split = _token_shards.TokenSplit(x, spec)
+
+  def body(*args):
+    y, routing = local(*args)
+    return y, _token_shards.aux_over_mesh(routing, split)
+
+  return split.run(body, (x, x_router, *split.replicated((params, logit_bias))),
+                   (split.spec, split.spec, P(), P()), (split.spec, P()))
 
 
 def expert_ffn(
@@ -260,7 +304,7 @@ def expert_ffn(
     `[t, d]` in x's dtype.
   """
   _checks.check_float_array("x", x, 2, " [t, d]")
-  t, d = _checks.check_tokens(x)
+  t, d = _checks.check_tokens(x, token_split_ok=True)
   _checks.check_activation(activation)
   e = up_kernel.shape[0] if getattr(up_kernel, "ndim", 0) == 3 else -1
   _checks.check_num_experts(e)
@@ -274,10 +318,21 @@ def expert_ffn(
       raise ValueError(f"{name} must have shape {expert_ids.shape}, got {a.shape}")
   backend = resolve_backend(backend)
   _checks.check_kernel_dtype(backend, x=x, up_kernel=up_kernel, down_kernel=down_kernel)
-  routing_like = Routing(
-      logits=None, probs=None, expert_ids=expert_ids.astype(jnp.int32),
-      weights=weights.astype(jnp.float32), kept=kept.astype(bool),
-      tokens_per_expert=None, dropped_count=None, load_balancing_loss=None,
-      router_z_loss=None,
-  )
-  return _expert_ffn_backend(x, routing_like, up_kernel, down_kernel, activation, backend)
+  per_copy = (expert_ids.astype(jnp.int32), weights.astype(jnp.float32), kept.astype(bool))
+
+  def local(x, expert_ids, weights, kept, up_kernel, down_kernel):
+    routing_like = Routing(
+        logits=None, probs=None, expert_ids=expert_ids, weights=weights, kept=kept,
+        tokens_per_expert=None, dropped_count=None, load_balancing_loss=None,
+        router_z_loss=None,
+    )
+    return _expert_ffn_backend(x, routing_like, up_kernel, down_kernel, activation, backend)
+
+  spec = _shard.explicit_spec(x)
+  if spec is None:
+    return local(x, *per_copy, up_kernel, down_kernel)
+  split = _token_shards.TokenSplit(x, spec)
+  rows = split.rows_spec
+  return split.run(local, (x, *split.like_rows(per_copy),
+                           *split.replicated((up_kernel, down_kernel))),
+                   (rows, rows, rows, rows, P(), P()), rows)

@@ -16,13 +16,16 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_api_examples_run():
-  # The API example, then the sharding one (which reuses its names).
+  # The API example, then the two sharding ones (which reuse its names).
   readme = (ROOT / "README.md").read_text()
-  api, sharding = re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
+  api, explicit, shard_map = re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
   scope = {}
   exec(compile(api, "README.md", "exec"), scope)  # pylint: disable=exec-used
   assert scope["y"].shape == scope["x"].shape
   assert scope["out"].shape == (scope["t"], 2 * scope["f"])
-  exec(compile(sharding, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  exec(compile(explicit, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["grads"][0].shape == scope["x"].shape
+  assert int(scope["aux"].tokens_per_expert.sum()) == 2 * scope["t"]
+  exec(compile(shard_map, "README.md", "exec"), scope)  # pylint: disable=exec-used
   assert scope["dx"].shape == scope["x"].shape
   assert scope["dparams"].up_kernel.shape == scope["params"].up_kernel.shape
