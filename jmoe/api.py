@@ -67,9 +67,9 @@ def grouped_matmul(
 
 
 def _jittered(x, jitter_eps, rng):
-  """`x [t, d]` with Switch jitter, drawn for the whole `x` (so tokens split
-  over devices get the unsharded call's noise)."""
-  noisy = reference.jitter(x, jitter_eps, rng)
+  """`x [..., d]` with Switch jitter, drawn for all its tokens as `[t, d]` (so
+  tokens split over devices get the unsharded call's noise)."""
+  noisy = reference.jitter(x.reshape(-1, x.shape[-1]), jitter_eps, rng).reshape(x.shape)
   if _shard.explicit_spec(x) is not None:
     noisy = jax.sharding.reshard(noisy, jax.typeof(x).sharding)
   return noisy
@@ -247,7 +247,7 @@ def moe(
   spec = _shard.explicit_spec(x)
   x_router = None  # x itself
   if jitter_eps > 0:
-    x_router = _jittered(x.reshape(t, d), jitter_eps, rng).reshape(x.shape)
+    x_router = _jittered(x, jitter_eps, rng)
 
   def local(x, x_router, params, logit_bias):
     """`(y, routing)` of the tokens of `x [..., d]` (all, or one shard's);
