@@ -19,9 +19,10 @@ Neither `jax_triton.triton_call` nor `jax.pure_callback` does this, and a
 Outside `shard_map` both are the identity.
 
 Explicitly sharded inputs (`jax.sharding.AxisType.Explicit` meshes, jax 0.11's
-`jax.make_mesh` default): `explicit_spec` reads how `x` is split. The public
-`moe`, `route` and `expert_ffn` then run on each token shard under
-`shard_map` (`jmoe._token_shards`); `grouped_matmul`, whose rows are grouped
+`jax.make_mesh` default): `explicit_mesh` and `explicit_spec` read how `x` is
+split. Under such a mesh the public `moe`, `route` and `expert_ffn` run on each
+token shard (all tokens when `x` is not split) under `shard_map`
+(`jmoe._token_shards`); `grouped_matmul`, whose rows are grouped
 contiguously, and any feature axis split over devices raise at trace time.
 """
 
@@ -62,23 +63,36 @@ def vary_together(*args: Any) -> tuple[Any, ...]:
   return vary_like(args, args)
 
 
+def _explicit_axes(mesh) -> frozenset[str]:
+  types = tuple(getattr(mesh, "axis_types", ()))
+  return frozenset(name for name, kind in zip(getattr(mesh, "axis_names", ()), types)
+                   if kind == jax.sharding.AxisType.Explicit)
+
+
 def explicit_spec(x: jax.Array):
   """`x`'s `PartitionSpec` if it is split over an explicit mesh axis, else None
   (trace time; replicated, `Auto`-sharded and `shard_map`-local values give
   None)."""
   sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  types = tuple(getattr(mesh, "axis_types", ()))
-  if jax.sharding.AxisType.Explicit not in types:
+  explicit = _explicit_axes(getattr(sharding, "mesh", None))
+  if not explicit:
     return None
-  explicit = {name for name, kind in zip(mesh.axis_names, types)
-              if kind == jax.sharding.AxisType.Explicit}
-  spec = tuple(sharding.spec)
-  for entry in spec:
+  for entry in tuple(sharding.spec):
     names = entry if isinstance(entry, tuple) else (entry,)
     if any(name in explicit for name in names if name is not None):
       return sharding.spec
   return None
+
+
+def explicit_mesh(x: jax.Array):
+  """The mesh with explicit axes `x` is traced under, else None: its own
+  sharding's, else the context's (`jax.set_mesh`), where jax's sharding
+  inference would meet ops it has no rule for (`ragged_dot`, custom calls)."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if _explicit_axes(mesh):
+    return mesh
+  context = jax.sharding.get_abstract_mesh()
+  return context if _explicit_axes(context) else None
 
 
 def check_token_split(name: str, x: jax.Array, *, tokens_ok: bool) -> None:

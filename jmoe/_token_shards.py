@@ -19,7 +19,10 @@ What crosses devices:
   copies drop depends on the split; the dropped count stays the global total.
 
 Shards have equal sizes (explicit sharding needs divisible axes), so a mean
-over the mesh of per-shard means is the global mean.
+over the mesh of per-shard means is the global mean. An unsplit `x` under an
+explicit context mesh (`jax.set_mesh`) takes this path too, with no split: jax
+has no explicit-sharding rule for `ragged_dot` (the reference) or for the
+kernels' custom calls.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jmoe import _shard
 from jmoe.types import MoEAux, Routing
 
 
@@ -46,11 +50,14 @@ def _mesh_axes(spec) -> tuple[str, ...]:
 
 
 class TokenSplit:
-  """How `x [..., d]` is split: its mesh, spec and the axes its tokens vary over."""
+  """How `x [..., d]` is split over an explicit `mesh`: its spec and the axes
+  its tokens vary over (none when `x` is not split: each device then runs all
+  tokens, as jax does for a replicated value)."""
 
-  def __init__(self, x: jax.Array, spec):
-    self.mesh = jax.typeof(x).sharding.mesh
-    entries = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+  def __init__(self, x: jax.Array, mesh):
+    self.mesh = mesh
+    spec = tuple(_shard.explicit_spec(x) or ())
+    entries = spec + (None,) * (x.ndim - len(spec))
     self.spec = P(*entries)
     self.rows_spec = P(entries[0], None)  # of x [t, d] (route, expert_ffn)
     self.axes = _mesh_axes(entries)

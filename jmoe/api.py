@@ -154,7 +154,7 @@ def route(
   _checks.check_logit_bias(logit_bias, e)
   backend = resolve_backend(backend)
   _checks.check_kernel_dtype(backend, x=x, router_kernel=router_kernel)
-  spec = _shard.explicit_spec(x)
+  mesh = _shard.explicit_mesh(x)
   if jitter_eps > 0:
     x = _jittered(x, jitter_eps, rng)
 
@@ -165,9 +165,9 @@ def route(
         normalize_top_k=normalize_top_k, drop_policy=drop_policy,
     )
 
-  if spec is None:
+  if mesh is None:
     return local(x, router_kernel, logit_bias)
-  split = _token_shards.TokenSplit(x, spec)
+  split = _token_shards.TokenSplit(x, mesh)
   return split.run(
       lambda *a: _token_shards.routing_over_mesh(local(*a), split),
       (x, *split.replicated((router_kernel, logit_bias))),
@@ -244,7 +244,7 @@ def moe(
       backend, x=x, router_kernel=params.router_kernel,
       up_kernel=params.up_kernel, down_kernel=params.down_kernel,
   )
-  spec = _shard.explicit_spec(x)
+  mesh = _shard.explicit_mesh(x)
   x_router = None  # x itself
   if jitter_eps > 0:
     x_router = _jittered(x, jitter_eps, rng)
@@ -265,10 +265,10 @@ def moe(
     )
     return y.reshape(x.shape), routing
 
-  if spec is None:
+  if mesh is None:
     y, routing = local(x, x_router, params, logit_bias)
     return y, reference.aux_from_routing(routing)
-  split = _token_shards.TokenSplit(x, spec)
+  split = _token_shards.TokenSplit(x, mesh)
 
   def body(*args):
     y, routing = local(*args)
@@ -328,10 +328,10 @@ def expert_ffn(
     )
     return _expert_ffn_backend(x, routing_like, up_kernel, down_kernel, activation, backend)
 
-  spec = _shard.explicit_spec(x)
-  if spec is None:
+  mesh = _shard.explicit_mesh(x)
+  if mesh is None:
     return local(x, *per_copy, up_kernel, down_kernel)
-  split = _token_shards.TokenSplit(x, spec)
+  split = _token_shards.TokenSplit(x, mesh)
   rows = split.rows_spec
   return split.run(local, (x, *split.like_rows(per_copy),
                            *split.replicated((up_kernel, down_kernel))),

@@ -175,6 +175,12 @@ def _explicit_checks(x, params, ct) -> dict:
   out["explicit weight grads keep the weights' shardings"] = float(
       specs != [P(None, "model"), P("data", None, None), P(None, None, None)])
 
+  # Unsplit inputs under the explicit context mesh (jax has no explicit-sharding
+  # rule for the reference's ragged_dot or the kernels' custom calls).
+  with jax.set_mesh(mesh):
+    got = grads(x3, params, ct3)
+  out["explicit context mesh, unsplit x"] = _rel_err(got, want)
+
   # Jitter: the noise is drawn for the whole x, as unsharded.
   jit_kw = {"jitter_eps": 0.1, "rng": jax.random.key(5)}
   want = jax.jit(lambda a: _aux_loss(a, params, ct3, **jit_kw)[1])(x3)

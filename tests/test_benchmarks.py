@@ -622,3 +622,14 @@ def test_one_call_runs_forward_and_backward_once(capsys):
 
   assert one_call.main(["--cases", "tiny", "--backend", "interpret"]) == 0
   assert "# tiny: one expert_ffn forward+backward ran" in capsys.readouterr().out
+
+
+def test_explicit_split_times_both_inputs():
+  """`benchmarks.explicit_split` times jmoe.moe on unsplit and explicitly split
+  tokens (tiny case, interpreter, one CPU device)."""
+  from benchmarks import explicit_split  # pylint: disable=import-outside-toplevel
+
+  result = explicit_split.main(["--case", "tiny", "--rounds", "1", "--reps", "1",
+                                "--backend", "interpret"])
+  assert set(result) == {"unsplit fwd", "unsplit fwd+bwd", "split fwd", "split fwd+bwd"}
+  assert all(ms > 0 for ms in result.values())

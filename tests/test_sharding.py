@@ -41,7 +41,7 @@ CHECKS = (
     [f"{kind} {check}" for kind in ("auto", "explicit") for check in (
         "shard_map", "shard_map check_vma=False", "shard_map grouped_matmul remat rhs grad",
         "shard_map linen layer", "jit")]
-    + ["explicit 2-D mesh moe + losses, fwd and grads",
+    + ["explicit 2-D mesh moe + losses, fwd and grads", "explicit context mesh, unsplit x",
        "explicit weight grads keep the weights' shardings", "explicit jitter",
        "explicit capacity per shard", "explicit dropped count is the total",
        "explicit route", "explicit expert_ffn fwd and grads", "explicit jit linen layer"])

@@ -1,0 +1,98 @@
+"""What running `jmoe.moe` on explicitly split tokens costs, interleaved.
+
+`jmoe.moe` on an `x` split over an `Explicit` mesh (`jmoe._token_shards`) runs
+each device's tokens under `shard_map`, reshards the weights to replicated and
+recomputes the load-balancing loss from mesh-summed statistics. This times the
+whole layer forward and forward+backward (`value_and_grad` of
+`sum(y * dy) + lb + z` w.r.t. x and every parameter) on `x` with no mesh and on
+`x` split over all local devices, in alternating rounds in one process; on one
+device the difference is the wrapper's own cost. Prints the median over rounds.
+
+Usage::
+
+  python -m benchmarks.explicit_split --case deepseek --rounds 6 --min-sample-s 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jmoe
+from benchmarks.cases import CASES, make_inputs
+from benchmarks.timing import time_fn
+
+
+def programs(case_name: str, backend: str):
+  """`(fwd, fwdbwd, x, params, dy)` of `jmoe.moe` at `case_name`'s shape."""
+  case = CASES[case_name]
+  x, params = make_inputs(case)
+  dy = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+
+  def forward(x, params):
+    return jmoe.moe(x, params, top_k=case.top_k, backend=backend)
+
+  def loss(x, params, dy):
+    y, aux = forward(x, params)
+    return (jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+            + aux.load_balancing_loss + aux.router_z_loss)
+
+  return jax.jit(forward), jax.jit(jax.value_and_grad(loss, (0, 1))), x, params, dy
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--case", default="deepseek", choices=sorted(CASES))
+  parser.add_argument("--rounds", type=int, default=4)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--min-sample-s", type=float, default=0.05,
+                      help="each sample runs calls for at least this long (s)")
+  parser.add_argument("--backend", default="triton")
+  args = parser.parse_args(argv)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  # Each variant traced once, in its own context: no mesh, or the explicit one.
+  variants = {}
+  for name in ("unsplit", "split"):
+    fwd, fwdbwd, x, params, dy = programs(args.case, args.backend)
+    context = jax.set_mesh(mesh) if name == "split" else contextlib.nullcontext()
+    with context:
+      if name == "split":
+        x = jax.device_put(x, NamedSharding(mesh, P("data")))
+      jax.block_until_ready((fwd(x, params), fwdbwd(x, params, dy)))
+    variants[name] = (context, (("fwd", fwd, (x, params)),
+                                ("fwd+bwd", fwdbwd, (x, params, dy))))
+  times = {(v, m): [] for v in variants for m in ("fwd", "fwd+bwd")}
+  for r in range(args.rounds):
+    order = list(variants) if r % 2 == 0 else list(reversed(variants))
+    for name in order:
+      context, runs = variants[name]
+      with context:
+        for mode, fn, fn_args in runs:
+          timing = time_fn(fn, *fn_args, repeats=args.reps,
+                           min_sample_s=args.min_sample_s)
+          times[(name, mode)].append(timing.median_s * 1e3)
+  print(f"# {jax.devices()[0].device_kind} x {jax.device_count()}; case {args.case}; "
+        f"jmoe.moe on x with no mesh (unsplit) vs x split over an explicit mesh "
+        f"(split); {args.rounds} rounds x {args.reps} reps of >= {args.min_sample_s} s")
+  result = {}
+  for (name, mode), samples in times.items():
+    result[f"{name} {mode}"] = statistics.median(samples)
+    print(f"  {name:<8} {mode:<8} median {result[f'{name} {mode}']:8.3f} ms  rounds "
+          + " ".join(f"{s:.3f}" for s in samples), flush=True)
+  for mode in ("fwd", "fwd+bwd"):
+    print(f"  split / unsplit {mode}: "
+          f"{result[f'split {mode}'] / result[f'unsplit {mode}']:.4f}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
+  sys.exit(0)
