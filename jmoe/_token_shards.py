@@ -78,14 +78,18 @@ class TokenSplit:
                          out_specs=out_specs)(*args)
 
 
-def routing_over_mesh(routing: Routing, split: TokenSplit) -> Routing:
+def routing_over_mesh(routing: Routing, split: TokenSplit, dropless: bool) -> Routing:
   """`routing` of one shard with its losses and counts made global (in the body
   of `shard_map`): `psum` of the counts, the load-balancing loss
   `e * sum_e f_e P_e` from the mesh-wide routed fraction `f_e` and mean
-  probability `P_e` (its gradient reaches `probs`), the mean z-loss."""
+  probability `P_e` (its gradient reaches `probs`), the mean z-loss.
+  `dropless`: every routed copy is kept, so `tokens_per_expert` counts them."""
   t, e = routing.probs.shape
   k = routing.expert_ids.shape[1]
-  counts = jnp.bincount(routing.expert_ids.reshape(-1), length=e).astype(jnp.float32)
+  if dropless:
+    counts = routing.tokens_per_expert.astype(jnp.float32)
+  else:
+    counts = jnp.bincount(routing.expert_ids.reshape(-1), length=e).astype(jnp.float32)
   fraction = jax.lax.psum(counts, split.axes) / (split.shards * t * k)
   mean_probs = jax.lax.pmean(routing.probs.mean(axis=0), split.axes)
   return routing._replace(
@@ -96,9 +100,9 @@ def routing_over_mesh(routing: Routing, split: TokenSplit) -> Routing:
   )
 
 
-def aux_over_mesh(routing: Routing, split: TokenSplit) -> MoEAux:
+def aux_over_mesh(routing: Routing, split: TokenSplit, dropless: bool) -> MoEAux:
   """`MoEAux` of all shards from one shard's routing (in the body of `shard_map`)."""
-  glob = routing_over_mesh(routing, split)
+  glob = routing_over_mesh(routing, split, dropless)
   return MoEAux(
       load_balancing_loss=glob.load_balancing_loss,
       router_z_loss=glob.router_z_loss,

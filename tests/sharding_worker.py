@@ -201,6 +201,11 @@ def _explicit_checks(x, params, ct) -> dict:
     y, aux = jax.jit(lambda a: jmoe.moe(a, p_sharded, top_k=K, backend=BACKEND, **cap))(
         put(x2, ("data", "model"), None, None))
   out["explicit capacity per shard"] = _rel_err(y, jnp.stack(shard_ys))
+  # The losses count routed copies (before dropping): those of the unsharded call.
+  _, aux_all = jax.jit(lambda a: jmoe.moe(a, params, top_k=K, backend=BACKEND, **cap))(x)
+  out["explicit capacity losses"] = _rel_err(
+      (aux.load_balancing_loss, aux.router_z_loss),
+      (aux_all.load_balancing_loss, aux_all.router_z_loss))
   out["explicit dropped count is the total"] = float(int(aux.dropped_count) != dropped
                                                       or dropped == 0)
 

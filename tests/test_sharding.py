@@ -43,7 +43,8 @@ CHECKS = (
         "shard_map linen layer", "jit")]
     + ["explicit 2-D mesh moe + losses, fwd and grads", "explicit context mesh, unsplit x",
        "explicit weight grads keep the weights' shardings", "explicit jitter",
-       "explicit capacity per shard", "explicit dropped count is the total",
+       "explicit capacity per shard", "explicit capacity losses",
+       "explicit dropped count is the total",
        "explicit route", "explicit expert_ffn fwd and grads", "explicit jit linen layer"])
 
 
