@@ -127,7 +127,7 @@ def route(
     r.expert_ids, r.weights, r.kept, r.load_balancing_loss, r.dropped_count
 
   Args:
-    x: `[t, d]` tokens.
+    x: `[t, d]` tokens; `t` may be split over explicit mesh axes (as in `moe`).
     router_kernel: `[d, e]`, `1 <= e <= 256`.
     top_k: experts per token, `1 <= top_k <= min(8, e)`.
     capacity_factor: None = dropless; else `> 0`, capacity
@@ -216,7 +216,10 @@ def moe(
 
   Args:
     x: `[..., d]`; leading axes are flattened into `t` tokens (capacity and losses
-      are taken over all of them).
+      are taken over all of them). Its leading axes may be split over explicit
+      mesh axes: each device then runs its own tokens, the losses and counts stay
+      those of all tokens, and capacity is per device (`jmoe._token_shards`;
+      README "Sharding").
     params: `MoEParams(router_kernel [d, e], up_kernel [e, d, f] (or [e, d, 2f] for
       gated activations, gate columns first), down_kernel [e, f, d])` or a mapping.
     top_k, capacity_factor, normalize_top_k, drop_policy, jitter_eps, rng,
@@ -292,7 +295,8 @@ def expert_ffn(
   """The expert half of an MoE for a given routing (dispatch, FFN, combine).
 
   Args:
-    x: `[t, d]`.
+    x: `[t, d]`; `t` may be split over explicit mesh axes (each device then runs
+      its own tokens; the per-copy arguments are resharded like `x`).
     expert_ids: `[t, top_k]` integer expert per copy.
     weights: `[t, top_k]` float combine weights.
     kept: `[t, top_k]` bool; False copies are skipped and contribute 0.
