@@ -142,8 +142,27 @@ def main() -> dict:
     with jax.set_mesh(mesh):
       got = jax.jit(_grads)(*args)
     out[f"{kind} jit"] = _rel_err(got, want)
+  out.update(_auto_to_explicit(x, params, ct, want))
   out.update(_explicit_checks(x, params, ct))
   return out
+
+
+def _auto_to_explicit(x, params, ct, want) -> dict:
+  """On an `Auto` mesh, `jax.sharding.explicit_axes` makes the split of the
+  tokens explicit for the MoE call, so jmoe runs each shard (README)."""
+  mesh = _mesh(AxisType.Auto)
+
+  def grads(x, params, ct):
+    moe = jax.sharding.explicit_axes(
+        lambda x, p: jmoe.moe(x, p, top_k=K, backend=BACKEND)[0],
+        axes="data", in_sharding=(P("data"), P()))
+    loss = lambda x, p: (lambda y: (jnp.sum(y * ct), y))(moe(x, p))  # noqa: E731
+    (_, y), (gx, gp) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
+    return y, gx, gp
+
+  with jax.set_mesh(mesh):
+    got = jax.jit(grads)(jax.device_put(x, NamedSharding(mesh, P("data"))), params, ct)
+  return {"auto jit, explicit_axes around moe": _rel_err(got, want)}
 
 
 def _aux_loss(x, params, ct, **options):

@@ -41,7 +41,8 @@ CHECKS = (
     [f"{kind} {check}" for kind in ("auto", "explicit") for check in (
         "shard_map", "shard_map check_vma=False", "shard_map grouped_matmul remat rhs grad",
         "shard_map linen layer", "jit")]
-    + ["explicit 2-D mesh moe + losses, fwd and grads", "explicit context mesh, unsplit x",
+    + ["auto jit, explicit_axes around moe",
+       "explicit 2-D mesh moe + losses, fwd and grads", "explicit context mesh, unsplit x",
        "explicit weight grads keep the weights' shardings", "explicit jitter",
        "explicit capacity per shard", "explicit capacity losses",
        "explicit dropped count is the total",
