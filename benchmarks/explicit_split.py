@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 
 import jax
@@ -26,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jmoe
+from benchmarks.ab_env import add_round_args, time_interleaved
 from benchmarks.cases import CASES, make_inputs
 from benchmarks.timing import time_fn
 
@@ -50,43 +50,31 @@ def programs(case_name: str, backend: str):
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--case", default="deepseek", choices=sorted(CASES))
-  parser.add_argument("--rounds", type=int, default=4)
-  parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--min-sample-s", type=float, default=0.05,
-                      help="each sample runs calls for at least this long (s)")
-  parser.add_argument("--backend", default="triton")
+  add_round_args(parser)
   args = parser.parse_args(argv)
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Explicit,))
-  # Each variant traced once, in its own context: no mesh, or the explicit one.
+  # Each variant traced in its own context: no mesh, or the explicit one. A
+  # fresh `jax.set_mesh` per entry: one object entered twice sets no mesh.
+  contexts = {"unsplit": contextlib.nullcontext, "split": lambda: jax.set_mesh(mesh)}
   variants = {}
-  for name in ("unsplit", "split"):
+  for name, context in contexts.items():
     fwd, fwdbwd, x, params, dy = programs(args.case, args.backend)
-    context = jax.set_mesh(mesh) if name == "split" else contextlib.nullcontext()
-    with context:
+    with context():
       if name == "split":
         x = jax.device_put(x, NamedSharding(mesh, P("data")))
       jax.block_until_ready((fwd(x, params), fwdbwd(x, params, dy)))
-    variants[name] = (context, (("fwd", fwd, (x, params)),
-                                ("fwd+bwd", fwdbwd, (x, params, dy))))
-  times = {(v, m): [] for v in variants for m in ("fwd", "fwd+bwd")}
-  for r in range(args.rounds):
-    order = list(variants) if r % 2 == 0 else list(reversed(variants))
-    for name in order:
-      context, runs = variants[name]
-      with context:
-        for mode, fn, fn_args in runs:
-          timing = time_fn(fn, *fn_args, repeats=args.reps,
-                           min_sample_s=args.min_sample_s)
-          times[(name, mode)].append(timing.median_s * 1e3)
-  print(f"# {jax.devices()[0].device_kind} x {jax.device_count()}; case {args.case}; "
-        f"jmoe.moe on x with no mesh (unsplit) vs x split over an explicit mesh "
-        f"(split); {args.rounds} rounds x {args.reps} reps of >= {args.min_sample_s} s")
-  result = {}
-  for (name, mode), samples in times.items():
-    result[f"{name} {mode}"] = statistics.median(samples)
-    print(f"  {name:<8} {mode:<8} median {result[f'{name} {mode}']:8.3f} ms  rounds "
-          + " ".join(f"{s:.3f}" for s in samples), flush=True)
+    variants[name] = (context, {"fwd": (fwd, (x, params)),
+                                "fwd+bwd": (fwdbwd, (x, params, dy))})
+
+  def time_ms(fn, fn_args, args):
+    return time_fn(fn, *fn_args, repeats=args.reps,
+                   min_sample_s=args.min_sample_s).median_s * 1e3
+
+  header = (f"# {jax.devices()[0].device_kind} x {jax.device_count()}; case {args.case}; "
+            f"jmoe.moe on x with no mesh (unsplit) vs x split over an explicit mesh "
+            f"(split); {args.rounds} rounds x {args.reps} reps of >= {args.min_sample_s} s")
+  result = time_interleaved(variants, args, time_ms, header)
   for mode in ("fwd", "fwd+bwd"):
     print(f"  split / unsplit {mode}: "
           f"{result[f'split {mode}'] / result[f'unsplit {mode}']:.4f}")
