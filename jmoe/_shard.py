@@ -69,18 +69,29 @@ def _explicit_axes(mesh) -> frozenset[str]:
                    if kind == jax.sharding.AxisType.Explicit)
 
 
+def mesh_axes(spec) -> tuple[str, ...]:
+  """The mesh axis names a `PartitionSpec` (or its entries) splits over, in order."""
+  names = []
+  for entry in spec:
+    names += [n for n in (entry if isinstance(entry, tuple) else (entry,)) if n is not None]
+  return tuple(names)
+
+
+def spec_entries(x: jax.Array) -> tuple:
+  """`x`'s `PartitionSpec` entries, one per axis (None where not split; all None
+  without a sharding)."""
+  spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", ()))
+  return spec + (None,) * (x.ndim - len(spec))
+
+
 def explicit_spec(x: jax.Array):
   """`x`'s `PartitionSpec` if it is split over an explicit mesh axis, else None
   (trace time; replicated, `Auto`-sharded and `shard_map`-local values give
   None)."""
   sharding = getattr(jax.typeof(x), "sharding", None)
   explicit = _explicit_axes(getattr(sharding, "mesh", None))
-  if not explicit:
-    return None
-  for entry in tuple(sharding.spec):
-    names = entry if isinstance(entry, tuple) else (entry,)
-    if any(name in explicit for name in names if name is not None):
-      return sharding.spec
+  if explicit and any(name in explicit for name in mesh_axes(sharding.spec)):
+    return sharding.spec
   return None
 
 
@@ -105,8 +116,7 @@ def check_token_split(name: str, x: jax.Array, *, tokens_ok: bool) -> None:
   spec = explicit_spec(x)
   if spec is None:
     return
-  entries = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
-  if entries[-1] is not None:
+  if spec_entries(x)[-1] is not None:
     raise ValueError(
         f"{name} is sharded over explicit mesh axes {spec} along its feature axis "
         f"(last axis, size {x.shape[-1]}); jmoe needs each token's features whole "

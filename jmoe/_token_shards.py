@@ -40,15 +40,6 @@ from jmoe import _shard
 from jmoe.types import MoEAux, Routing
 
 
-def _mesh_axes(spec) -> tuple[str, ...]:
-  names = []
-  for entry in spec:
-    for name in (entry if isinstance(entry, tuple) else (entry,)):
-      if name is not None:
-        names.append(name)
-  return tuple(names)
-
-
 class TokenSplit:
   """How `x [..., d]` is split over an explicit `mesh`: its spec and the axes
   its tokens vary over (none when `x` is not split: each device then runs all
@@ -56,22 +47,24 @@ class TokenSplit:
 
   def __init__(self, x: jax.Array, mesh):
     self.mesh = mesh
-    spec = tuple(_shard.explicit_spec(x) or ())
-    entries = spec + (None,) * (x.ndim - len(spec))
+    # Unsplit x (explicit context mesh only): every entry None.
+    entries = _shard.spec_entries(x) if _shard.explicit_spec(x) else (None,) * x.ndim
     self.spec = P(*entries)
     self.rows_spec = P(entries[0], None)  # of x [t, d] (route, expert_ffn)
-    self.axes = _mesh_axes(entries)
+    self.axes = _shard.mesh_axes(entries)
     self.shards = math.prod(self.mesh.shape[a] for a in self.axes)
+
+  def _resharded(self, tree: Any, spec) -> Any:
+    sharding = NamedSharding(self.mesh, spec)
+    return jax.tree.map(lambda a: jax.sharding.reshard(a, sharding), tree)
 
   def replicated(self, tree: Any) -> Any:
     """`tree`'s arrays resharded to replicated over the mesh (None kept)."""
-    sharding = NamedSharding(self.mesh, P())
-    return jax.tree.map(lambda a: jax.sharding.reshard(a, sharding), tree)
+    return self._resharded(tree, P())
 
   def like_rows(self, tree: Any) -> Any:
     """`tree`'s `[t, top_k]` arrays resharded to split rows as `x [t, d]` is."""
-    sharding = NamedSharding(self.mesh, self.rows_spec)
-    return jax.tree.map(lambda a: jax.sharding.reshard(a, sharding), tree)
+    return self._resharded(tree, self.rows_spec)
 
   def run(self, body: Callable, args: tuple, in_specs: tuple, out_specs: Any):
     return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
