@@ -30,14 +30,16 @@ from benchmarks.cases import CASES, make_inputs
 from benchmarks.timing import time_fn
 
 
-def programs(case_name: str, backend: str):
-  """`(fwd, fwdbwd, x, params, dy)` of `jmoe.moe` at `case_name`'s shape."""
+def programs(case_name: str, backend: str, layer=None):
+  """`(fwd, fwdbwd, x, params, dy)` of `layer(x, params, top_k=, backend=) ->
+  (y, aux)` (default `jmoe.moe`) at `case_name`'s shape."""
   case = CASES[case_name]
   x, params = make_inputs(case)
   dy = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+  layer = layer or jmoe.moe
 
   def forward(x, params):
-    return jmoe.moe(x, params, top_k=case.top_k, backend=backend)
+    return layer(x, params, top_k=case.top_k, backend=backend)
 
   def loss(x, params, dy):
     y, aux = forward(x, params)

@@ -71,9 +71,11 @@ class TokenSplit:
                          out_specs=out_specs)(*args)
 
 
-def routing_over_mesh(routing: Routing, split: TokenSplit, dropless: bool) -> Routing:
-  """`routing` of one shard with its losses and counts made global (in the body
-  of `shard_map`): `psum` of the counts, the load-balancing loss
+def routing_over_mesh(routing: Routing, axes: tuple[str, ...], shards: int,
+                      dropless: bool) -> Routing:
+  """`routing` of one shard with its losses and counts made global over the
+  mesh `axes` (`shards` devices, equal shares of tokens; in the body of
+  `shard_map`): `psum` of the counts, the load-balancing loss
   `e * sum_e f_e P_e` from the mesh-wide routed fraction `f_e` and mean
   probability `P_e` (its gradient reaches `probs`), the mean z-loss.
   `dropless`: every routed copy is kept, so `tokens_per_expert` counts them."""
@@ -83,26 +85,27 @@ def routing_over_mesh(routing: Routing, split: TokenSplit, dropless: bool) -> Ro
     counts = routing.tokens_per_expert.astype(jnp.float32)
   else:
     counts = jnp.bincount(routing.expert_ids.reshape(-1), length=e).astype(jnp.float32)
-  fraction = jax.lax.psum(counts, split.axes) / (split.shards * t * k)
-  mean_probs = jax.lax.pmean(routing.probs.mean(axis=0), split.axes)
+  fraction = jax.lax.psum(counts, axes) / (shards * t * k)
+  mean_probs = jax.lax.pmean(routing.probs.mean(axis=0), axes)
   return routing._replace(
-      tokens_per_expert=jax.lax.psum(routing.tokens_per_expert, split.axes),
-      dropped_count=jax.lax.psum(routing.dropped_count, split.axes),
+      tokens_per_expert=jax.lax.psum(routing.tokens_per_expert, axes),
+      dropped_count=jax.lax.psum(routing.dropped_count, axes),
       load_balancing_loss=e * jnp.sum(fraction * mean_probs),
-      router_z_loss=jax.lax.pmean(routing.router_z_loss, split.axes),
+      router_z_loss=jax.lax.pmean(routing.router_z_loss, axes),
   )
 
 
-def aux_over_mesh(routing: Routing, split: TokenSplit, dropless: bool) -> MoEAux:
+def aux_over_mesh(routing: Routing, axes: tuple[str, ...], shards: int,
+                  dropless: bool) -> MoEAux:
   """`MoEAux` of all shards from one shard's routing (in the body of `shard_map`)."""
-  glob = routing_over_mesh(routing, split, dropless)
+  glob = routing_over_mesh(routing, axes, shards, dropless)
   return MoEAux(
       load_balancing_loss=glob.load_balancing_loss,
       router_z_loss=glob.router_z_loss,
       tokens_per_expert=glob.tokens_per_expert,
       dropped_count=glob.dropped_count,
       dropped_fraction=(glob.dropped_count.astype(jnp.float32)
-                        / (split.shards * routing.kept.size)),
+                        / (shards * routing.kept.size)),
   )
 
 

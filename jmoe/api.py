@@ -169,7 +169,8 @@ def route(
     return local(x, router_kernel, logit_bias)
   split = _token_shards.TokenSplit(x, mesh)
   return split.run(
-      lambda *a: _token_shards.routing_over_mesh(local(*a), split, capacity_factor is None),
+      lambda *a: _token_shards.routing_over_mesh(local(*a), split.axes, split.shards,
+                                                 capacity_factor is None),
       (x, *split.replicated((router_kernel, logit_bias))),
       (split.rows_spec, P(), P()), _token_shards.routing_specs(split),
   )
@@ -275,7 +276,8 @@ def moe(
 
   def body(*args):
     y, routing = local(*args)
-    return y, _token_shards.aux_over_mesh(routing, split, capacity_factor is None)
+    return y, _token_shards.aux_over_mesh(routing, split.axes, split.shards,
+                                          capacity_factor is None)
 
   return split.run(body, (x, x_router, *split.replicated((params, logit_bias))),
                    (split.spec, split.spec, P(), P()), (split.spec, P()))

@@ -633,3 +633,15 @@ def test_explicit_split_times_both_inputs():
                                 "--backend", "interpret"])
   assert set(result) == {"unsplit fwd", "unsplit fwd+bwd", "split fwd", "split fwd+bwd"}
   assert all(ms > 0 for ms in result.values())
+
+
+def test_expert_parallel_times_both_layers():
+  """`benchmarks.expert_parallel` times jmoe.moe and moe_expert_parallel
+  (tiny case, interpreter, one CPU device)."""
+  from benchmarks import expert_parallel  # pylint: disable=import-outside-toplevel
+
+  result = expert_parallel.main(["--case", "tiny", "--rounds", "1", "--reps", "1",
+                                 "--backend", "interpret"])
+  assert set(result) == {"moe fwd", "moe fwd+bwd", "expert-parallel fwd",
+                         "expert-parallel fwd+bwd"}
+  assert all(ms > 0 for ms in result.values())

@@ -1,0 +1,184 @@
+"""Expert parallelism: experts split over a mesh axis, token copies exchanged by all-to-all.
+
+`moe_expert_parallel` is called inside `jax.shard_map` on one device's tokens
+and one device's experts (device `i` of the `axis_name` axis holds experts
+`[i * e_local, (i + 1) * e_local)`):
+
+1. route the local tokens over all `e` experts (`jmoe.route`, router replicated);
+2. put each kept copy in a send slot of its expert's device: `n` blocks of
+   `send_capacity` rows (default `t_local * top_k`, so no copy can overflow:
+   dropless), in copy order;
+3. `jax.lax.all_to_all` the rows, their local expert ids and a valid mask;
+4. run the local experts on the received rows (`jmoe.expert_ffn` with one
+   copy per row; empty slots are not kept, so they cost no GEMM work);
+5. `all_to_all` the outputs back to their slots, weight each copy by its
+   routing weight (float32) and sum each token's copies.
+
+The default send buffer holds `n * t_local * top_k` rows, `n` times what the
+tokens' copies need, to stay dropless with fixed shapes: XLA's CPU backend has
+no `ragged_all_to_all`, so the exchange is a dense `all_to_all` of the padded
+blocks. A smaller `send_capacity` bounds that memory and traffic; copies past
+it are dropped (weight 0) and counted in `MoEAux.dropped_count`, never dropped
+silently. The load-balancing and z losses, `tokens_per_expert` and the counts
+are those of all tokens over `token_axes` (`psum`), as in `jmoe.moe` on
+explicitly split tokens; `capacity_factor` is per device (GShard per-group).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jmoe import _checks
+from jmoe import _token_shards
+from jmoe import api
+from jmoe._backend import resolve_backend
+from jmoe.types import MoEAux, Routing
+
+
+def _axis_size(axis_name: str) -> int:
+  try:
+    return jax.lax.axis_size(axis_name)
+  except NameError as err:
+    raise ValueError(
+        f"moe_expert_parallel must run inside jax.shard_map with axis_name={axis_name!r} "
+        "bound (its mesh axis over which the experts are split)") from err
+
+
+def _check_axes(axis_name: str, token_axes) -> tuple[str, ...]:
+  token_axes = (axis_name,) if token_axes is None else tuple(token_axes)
+  if axis_name not in token_axes:
+    raise ValueError(
+        f"token_axes must include axis_name={axis_name!r} (tokens split over the expert "
+        f"axis, each device sending its own copies), got {token_axes}")
+  return token_axes
+
+
+def _send_slots(expert_ids, kept, e_local: int, n: int, cap: int):
+  """Where each copy goes: `(slot [t*k] int32, sent [t*k] bool)`, slot
+  `dest * cap + position` among the kept copies for device `dest`, in copy
+  order; copies not sent (dropped by routing, or past `cap`) get `n * cap`."""
+  ids = expert_ids.reshape(-1)
+  kept = kept.reshape(-1)
+  dest = ids // e_local
+  to_dest = (dest[:, None] == jnp.arange(n, dtype=dest.dtype)[None, :]) & kept[:, None]
+  position = jnp.take_along_axis(jnp.cumsum(to_dest, axis=0, dtype=jnp.int32),
+                                 dest[:, None], axis=1)[:, 0] - 1
+  sent = kept & (position < cap)
+  return jnp.where(sent, dest * cap + position, n * cap).astype(jnp.int32), sent
+
+
+def moe_expert_parallel(
+    x: jax.Array,
+    params,
+    *,
+    top_k: int,
+    axis_name: str,
+    token_axes: tuple[str, ...] | None = None,
+    send_capacity: int | None = None,
+    capacity_factor: float | None = None,
+    activation: str = "swiglu",
+    normalize_top_k: bool = True,
+    drop_policy: str = "token_order",
+    logit_bias: jax.Array | None = None,
+    backend: str = "auto",
+) -> tuple[jax.Array, MoEAux]:
+  """An MoE layer with its experts split over the mesh axis `axis_name`.
+
+  Call it inside `jax.shard_map`, with the tokens split over `axis_name` (and
+  any other `token_axes`) and the expert kernels split over `axis_name` on
+  their expert axis::
+
+    ep = jax.shard_map(
+        lambda x, p: jmoe.moe_expert_parallel(x, p, top_k=2, axis_name="ep"),
+        mesh=mesh, in_specs=(P("ep"), jmoe.MoEParams(P(), P("ep"), P("ep"))),
+        out_specs=(P("ep"), P()))
+    y, aux = ep(x, params)   # the same y and aux as jmoe.moe(x, params, top_k=2)
+
+  Args:
+    x: `[..., d]` this device's tokens (leading axes flattened into `t_local`).
+    params: `MoEParams(router_kernel [d, e] (replicated), up_kernel [e_local, d, f]
+      (`[e_local, d, 2f]` gated), down_kernel [e_local, f, d])`, `e = n * e_local`
+      for `n` devices along `axis_name`; or a mapping with those keys.
+    top_k, capacity_factor, normalize_top_k, drop_policy, logit_bias, activation,
+      backend: as in `jmoe.moe` (`capacity_factor` per device).
+    axis_name: the mesh axis the experts (and tokens) are split over.
+    token_axes: every mesh axis the tokens are split over (default
+      `(axis_name,)`); the losses and counts are summed over them.
+    send_capacity: rows each device may send to each device (default
+      `t_local * top_k`: dropless). Copies past it are dropped and counted.
+
+  Returns:
+    `(y, aux)`: `y` has x's shape and dtype; `aux` a `jmoe.MoEAux` over all tokens
+    of `token_axes` (`dropped_count` includes the copies past `send_capacity`).
+  """
+  params = api.as_moe_params(params)
+  token_axes = _check_axes(axis_name, token_axes)
+  n = _axis_size(axis_name)
+  t, d = _checks.check_tokens(x)
+  e = _checks.check_router_kernel(params.router_kernel, d)
+  _checks.check_top_k(top_k, e)
+  _checks.check_capacity_factor(capacity_factor)
+  _checks.check_activation(activation)
+  _checks.check_drop_policy(drop_policy)
+  _checks.check_logit_bias(logit_bias, e)
+  e_local = params.up_kernel.shape[0] if getattr(params.up_kernel, "ndim", 0) == 3 else -1
+  if e_local * n != e:
+    raise ValueError(
+        f"up_kernel must hold this device's e / n = {e} / {n} experts on axis 0 "
+        f"(router_kernel has e={e}, axis {axis_name!r} has n={n} devices), got "
+        f"shape {getattr(params.up_kernel, 'shape', None)}")
+  _checks.check_expert_kernels(params.up_kernel, params.down_kernel, d, e_local, activation)
+  cap = t * top_k if send_capacity is None else int(send_capacity)
+  if cap < 1:
+    raise ValueError(f"send_capacity must be >= 1 rows, got {send_capacity}")
+  backend = resolve_backend(backend)
+  _checks.check_kernel_dtype(
+      backend, x=x, router_kernel=params.router_kernel,
+      up_kernel=params.up_kernel, down_kernel=params.down_kernel,
+  )
+
+  tokens = x.reshape(t, d)
+  router_x, router_kernel = api._router_input(tokens, params.router_kernel, logit_bias)  # pylint: disable=protected-access
+  routing = api._route_backend(  # pylint: disable=protected-access
+      router_x, router_kernel, backend, top_k=top_k, capacity_factor=capacity_factor,
+      normalize_top_k=normalize_top_k, drop_policy=drop_policy,
+  )
+  slot, sent = _send_slots(routing.expert_ids, routing.kept, e_local, n, cap)
+  copy_token = jnp.arange(t * top_k, dtype=jnp.int32) // top_k
+  send = jnp.zeros((n * cap, d), x.dtype).at[slot].set(tokens[copy_token], mode="drop")
+  send_ids = jnp.zeros((n * cap,), jnp.int32).at[slot].set(
+      routing.expert_ids.reshape(-1) % e_local, mode="drop")
+  send_valid = jnp.zeros((n * cap,), bool).at[slot].set(True, mode="drop")
+
+  def exchange(a):
+    return jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
+
+  recv, recv_ids, recv_valid = exchange(send), exchange(send_ids), exchange(send_valid)
+  one_copy = Routing(
+      logits=None, probs=None, expert_ids=recv_ids[:, None],
+      weights=jnp.ones((n * cap, 1), jnp.float32), kept=recv_valid[:, None],
+      tokens_per_expert=None, dropped_count=None, load_balancing_loss=None,
+      router_z_loss=None,
+  )
+  out = api._expert_ffn_backend(  # pylint: disable=protected-access
+      recv, one_copy, params.up_kernel, params.down_kernel, activation, backend)
+  back = jnp.concatenate([exchange(out), jnp.zeros((1, d), out.dtype)])
+  copies = back[slot].astype(jnp.float32).reshape(t, top_k, d)
+  y = jnp.einsum("tkd,tk->td", copies, routing.weights * sent.reshape(t, top_k))
+
+  shards = math.prod(jax.lax.axis_size(a) for a in token_axes)
+  aux = _token_shards.aux_over_mesh(routing, token_axes, shards, capacity_factor is None)
+  overflow = jax.lax.psum(jnp.sum(routing.kept.reshape(-1) & ~sent, dtype=jnp.int32),
+                          token_axes)
+  processed = jnp.zeros((e,), jnp.int32).at[routing.expert_ids.reshape(-1)].add(
+      sent.astype(jnp.int32))
+  dropped = aux.dropped_count + overflow
+  aux = aux._replace(
+      tokens_per_expert=jax.lax.psum(processed, token_axes),
+      dropped_count=dropped,
+      dropped_fraction=dropped.astype(jnp.float32) / (shards * t * top_k),
+  )
+  return y.astype(x.dtype).reshape(x.shape), aux
