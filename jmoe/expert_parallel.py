@@ -14,6 +14,9 @@ and one device's experts (device `i` of the `axis_name` axis holds experts
 5. `all_to_all` the outputs back to their slots, weight each copy by its
    routing weight (float32) and sum each token's copies.
 
+Dispatch and combine are gathers in both directions (`_dispatch`, `_combine`:
+custom VJPs through the slot <-> copy maps), so no XLA scatter-add runs.
+
 The default send buffer holds `n * t_local * top_k` rows, `n` times what the
 tokens' copies need, to stay dropless with fixed shapes: XLA's CPU backend has
 no `ragged_all_to_all`, so the exchange is a dense `all_to_all` of the padded
@@ -26,6 +29,7 @@ explicitly split tokens; `capacity_factor` is per device (GShard per-group).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -57,17 +61,83 @@ def _check_axes(axis_name: str, token_axes) -> tuple[str, ...]:
 
 
 def _send_slots(expert_ids, kept, e_local: int, n: int, cap: int):
-  """Where each copy goes: `(slot [t*k] int32, sent [t*k] bool)`, slot
-  `dest * cap + position` among the kept copies for device `dest`, in copy
-  order; copies not sent (dropped by routing, or past `cap`) get `n * cap`."""
+  """Where each copy goes: `(slot [t*k], copy_of_slot [n*cap], sent [t*k])`.
+
+  `slot = dest * cap + position` among the kept copies for device `dest`, in
+  copy order; a copy not sent (dropped by routing, or past `cap`) gets a slot
+  past the buffer, `n * cap + copy` (all distinct). `copy_of_slot` is the
+  inverse: the copy in each slot, `t * k` (past the copies) where empty."""
   ids = expert_ids.reshape(-1)
   kept = kept.reshape(-1)
+  copies = ids.shape[0]
   dest = ids // e_local
   to_dest = (dest[:, None] == jnp.arange(n, dtype=dest.dtype)[None, :]) & kept[:, None]
   position = jnp.take_along_axis(jnp.cumsum(to_dest, axis=0, dtype=jnp.int32),
                                  dest[:, None], axis=1)[:, 0] - 1
   sent = kept & (position < cap)
-  return jnp.where(sent, dest * cap + position, n * cap).astype(jnp.int32), sent
+  copy = jnp.arange(copies, dtype=jnp.int32)
+  slot = jnp.where(sent, dest * cap + position, n * cap + copy).astype(jnp.int32)
+  copy_of_slot = jnp.full((n * cap,), copies, jnp.int32).at[slot].set(
+      copy, mode="drop", unique_indices=True)
+  return slot, copy_of_slot, sent
+
+
+def _rows(a, index):
+  """`a[index]`, rows at or past `a`'s end read as 0."""
+  return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
+
+
+# Dispatch and combine by gathers both ways (their transposes as scatters with
+# repeated rows would be XLA scatter-adds): each slot knows its copy, each copy
+# its slot.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch(tokens, slot, copy_of_slot, top_k: int):
+  """`send [n*cap, d]`: each slot's token row (0 where empty)."""
+  del slot
+  return _rows(tokens, copy_of_slot // top_k)
+
+
+def _dispatch_fwd(tokens, slot, copy_of_slot, top_k):
+  return _dispatch(tokens, slot, copy_of_slot, top_k), (slot, copy_of_slot)
+
+
+def _dispatch_bwd(top_k, res, g):
+  slot, copy_of_slot = res
+  t = slot.shape[0] // top_k
+  d_tokens = _rows(g, slot).astype(jnp.float32).reshape(t, top_k, -1).sum(axis=1)
+  return d_tokens.astype(g.dtype), None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def _combine(back, weights, slot, copy_of_slot):
+  """`y [t, d]` float32: each token's copies' rows of `back [n*cap, d]`,
+  weighted by `weights [t, k]` and summed."""
+  del copy_of_slot
+  t, k = weights.shape
+  rows = _rows(back, slot).astype(jnp.float32).reshape(t, k, -1)
+  return jnp.sum(rows * weights[..., None], axis=1)
+
+
+def _combine_fwd(back, weights, slot, copy_of_slot):
+  return _combine(back, weights, slot, copy_of_slot), (back, weights, slot, copy_of_slot)
+
+
+def _combine_bwd(res, g):
+  back, weights, slot, copy_of_slot = res
+  t, k = weights.shape
+  rows = _rows(back, slot).astype(jnp.float32).reshape(t, k, -1)
+  d_weights = jnp.sum(rows * g[:, None, :], axis=2)
+  slot_weight = jnp.take(weights.reshape(-1), copy_of_slot, mode="fill", fill_value=0)
+  d_back = _rows(g, copy_of_slot // k) * slot_weight[:, None]
+  return d_back.astype(back.dtype), d_weights, None, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def moe_expert_parallel(
@@ -146,12 +216,11 @@ def moe_expert_parallel(
       router_x, router_kernel, backend, top_k=top_k, capacity_factor=capacity_factor,
       normalize_top_k=normalize_top_k, drop_policy=drop_policy,
   )
-  slot, sent = _send_slots(routing.expert_ids, routing.kept, e_local, n, cap)
-  copy_token = jnp.arange(t * top_k, dtype=jnp.int32) // top_k
-  send = jnp.zeros((n * cap, d), x.dtype).at[slot].set(tokens[copy_token], mode="drop")
-  send_ids = jnp.zeros((n * cap,), jnp.int32).at[slot].set(
-      routing.expert_ids.reshape(-1) % e_local, mode="drop")
-  send_valid = jnp.zeros((n * cap,), bool).at[slot].set(True, mode="drop")
+  slot, copy_of_slot, sent = _send_slots(routing.expert_ids, routing.kept, e_local, n, cap)
+  send = _dispatch(tokens, slot, copy_of_slot, top_k)
+  send_ids = jnp.take(routing.expert_ids.reshape(-1) % e_local, copy_of_slot,
+                      mode="fill", fill_value=0)
+  send_valid = copy_of_slot < t * top_k
 
   def exchange(a):
     return jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
@@ -165,9 +234,7 @@ def moe_expert_parallel(
   )
   out = api._expert_ffn_backend(  # pylint: disable=protected-access
       recv, one_copy, params.up_kernel, params.down_kernel, activation, backend)
-  back = jnp.concatenate([exchange(out), jnp.zeros((1, d), out.dtype)])
-  copies = back[slot].astype(jnp.float32).reshape(t, top_k, d)
-  y = jnp.einsum("tkd,tk->td", copies, routing.weights * sent.reshape(t, top_k))
+  y = _combine(exchange(out), routing.weights * sent.reshape(t, top_k), slot, copy_of_slot)
 
   shards = math.prod(jax.lax.axis_size(a) for a in token_axes)
   aux = _token_shards.aux_over_mesh(routing, token_axes, shards, capacity_factor is None)
