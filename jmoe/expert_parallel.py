@@ -194,13 +194,7 @@ def moe_expert_parallel(
   _checks.check_activation(activation)
   _checks.check_drop_policy(drop_policy)
   _checks.check_logit_bias(logit_bias, e)
-  e_local = params.up_kernel.shape[0] if getattr(params.up_kernel, "ndim", 0) == 3 else -1
-  if e_local * n != e:
-    raise ValueError(
-        f"up_kernel must hold this device's e / n = {e} / {n} experts on axis 0 "
-        f"(router_kernel has e={e}, axis {axis_name!r} has n={n} devices), got "
-        f"shape {getattr(params.up_kernel, 'shape', None)}")
-  _checks.check_expert_kernels(params.up_kernel, params.down_kernel, d, e_local, activation)
+  e_local = _check_local_experts(params, d, e, n, axis_name, activation)
   cap = t * top_k if send_capacity is None else int(send_capacity)
   if cap < 1:
     raise ValueError(f"send_capacity must be >= 1 rows, got {send_capacity}")
@@ -236,16 +230,38 @@ def moe_expert_parallel(
       recv, one_copy, params.up_kernel, params.down_kernel, activation, backend)
   y = _combine(exchange(out), routing.weights * sent.reshape(t, top_k), slot, copy_of_slot)
 
+  aux = _aux_over_mesh(routing, sent, token_axes, capacity_factor is None)
+  return y.astype(x.dtype).reshape(x.shape), aux
+
+
+def _check_local_experts(params, d: int, e: int, n: int, axis_name: str,
+                         activation: str) -> int:
+  """This device's expert count `e / n`, checked against the expert kernels."""
+  e_local = params.up_kernel.shape[0] if getattr(params.up_kernel, "ndim", 0) == 3 else -1
+  if e_local * n != e:
+    raise ValueError(
+        f"up_kernel must hold this device's e / n = {e} / {n} experts on axis 0 "
+        f"(router_kernel has e={e}, axis {axis_name!r} has n={n} devices), got "
+        f"shape {getattr(params.up_kernel, 'shape', None)}")
+  _checks.check_expert_kernels(params.up_kernel, params.down_kernel, d, e_local, activation)
+  return e_local
+
+
+def _aux_over_mesh(routing: Routing, sent, token_axes: tuple[str, ...],
+                   dropless: bool) -> MoEAux:
+  """`MoEAux` of all tokens of `token_axes`: the routing's, with the copies not
+  sent (`sent [t*k]` False, past `send_capacity`) dropped and counted."""
+  t, k = routing.expert_ids.shape
+  e = routing.probs.shape[1]
   shards = math.prod(jax.lax.axis_size(a) for a in token_axes)
-  aux = _token_shards.aux_over_mesh(routing, token_axes, shards, capacity_factor is None)
+  aux = _token_shards.aux_over_mesh(routing, token_axes, shards, dropless)
   overflow = jax.lax.psum(jnp.sum(routing.kept.reshape(-1) & ~sent, dtype=jnp.int32),
                           token_axes)
   processed = jnp.zeros((e,), jnp.int32).at[routing.expert_ids.reshape(-1)].add(
       sent.astype(jnp.int32))
   dropped = aux.dropped_count + overflow
-  aux = aux._replace(
+  return aux._replace(
       tokens_per_expert=jax.lax.psum(processed, token_axes),
       dropped_count=dropped,
-      dropped_fraction=dropped.astype(jnp.float32) / (shards * t * top_k),
+      dropped_fraction=dropped.astype(jnp.float32) / (shards * t * k),
   )
-  return y.astype(x.dtype).reshape(x.shape), aux
