@@ -20,6 +20,7 @@ import numpy as np
 from flax.nnx.nn import dtypes
 
 from jmoe import api
+from jmoe.expert_parallel import ExpertParallel
 from jmoe.reference.activations import ACTIVATIONS, GATED_ACTIVATIONS
 from jmoe.reference.routing import DROP_POLICIES
 from jmoe.types import MoEParams
@@ -80,6 +81,7 @@ class MoEOptions:
   expert_cost: tuple[float, ...] | None = None
   lambda_energy: float = 0.0
   backend: str = "auto"
+  expert_parallel: ExpertParallel | None = None
 
   def __post_init__(self):
     for name in ("d_model", "num_experts", "d_ff", "top_k"):
@@ -109,6 +111,11 @@ class MoEOptions:
       raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter!r}")
     if self.lambda_energy < 0:
       raise ValueError(f"lambda_energy must be >= 0, got {self.lambda_energy!r}")
+    if self.expert_parallel is not None and not isinstance(self.expert_parallel,
+                                                           ExpertParallel):
+      raise ValueError(
+          "expert_parallel must be None or a jmoe.ExpertParallel(mesh, axis_name, ...), "
+          f"got {type(self.expert_parallel).__name__}")
     if self.lambda_energy != 0.0 and self.expert_cost is None:
       raise ValueError(
           f"lambda_energy={self.lambda_energy} needs expert_cost, a [num_experts] "
@@ -193,7 +200,8 @@ def moe_apply(
     deterministic: bool,
     dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The MoE feed-forward of a layer: `jmoe.moe` plus the optional energy bias.
+  """The MoE feed-forward of a layer: `jmoe.moe` plus the optional energy bias
+  (`ExpertParallel.moe` with `options.expert_parallel`).
 
   Router logits are `x @ router_kernel - lambda_energy * expert_cost` (the bias
   term only when `expert_cost` is set and `lambda_energy != 0`). Jitter
@@ -235,7 +243,8 @@ def moe_apply(
       backend=options.backend,
   )
   params = MoEParams(router_kernel, up_kernel, down_kernel)
-  y, aux = api.moe(x, params, logit_bias=options.logit_bias(), **kwargs)
+  moe = api.moe if options.expert_parallel is None else options.expert_parallel.moe
+  y, aux = moe(x, params, logit_bias=options.logit_bias(), **kwargs)
   return y, _aux_dict(aux, options)
 
 

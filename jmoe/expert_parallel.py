@@ -29,17 +29,21 @@ explicitly split tokens; `capacity_factor` is per device (GShard per-group).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jmoe import _checks
 from jmoe import _token_shards
 from jmoe import api
+from jmoe import reference
 from jmoe._backend import resolve_backend
-from jmoe.types import MoEAux, Routing
+from jmoe.types import MoEAux, MoEParams, Routing
 
 
 def _axis_size(axis_name: str) -> int:
@@ -152,6 +156,8 @@ def moe_expert_parallel(
     activation: str = "swiglu",
     normalize_top_k: bool = True,
     drop_policy: str = "token_order",
+    jitter_eps: float = 0.0,
+    rng: jax.Array | None = None,
     logit_bias: jax.Array | None = None,
     backend: str = "auto",
 ) -> tuple[jax.Array, MoEAux]:
@@ -174,6 +180,8 @@ def moe_expert_parallel(
       for `n` devices along `axis_name`; or a mapping with those keys.
     top_k, capacity_factor, normalize_top_k, drop_policy, logit_bias, activation,
       backend: as in `jmoe.moe` (`capacity_factor` per device).
+    jitter_eps, rng: router-input jitter as in `jmoe.moe`, the same noise per
+      token (each device slices its rows of the noise of all tokens).
     axis_name: the mesh axis the experts (and tokens) are split over.
     token_axes: every mesh axis the tokens are split over (default
       `(axis_name,)`); the losses and counts are summed over them.
@@ -193,6 +201,7 @@ def moe_expert_parallel(
   _checks.check_capacity_factor(capacity_factor)
   _checks.check_activation(activation)
   _checks.check_drop_policy(drop_policy)
+  _checks.check_jitter(jitter_eps, rng)
   _checks.check_logit_bias(logit_bias, e)
   e_local = _check_local_experts(params, d, e, n, axis_name, activation)
   cap = t * top_k if send_capacity is None else int(send_capacity)
@@ -205,7 +214,10 @@ def moe_expert_parallel(
   )
 
   tokens = x.reshape(t, d)
-  router_x, router_kernel = api._router_input(tokens, params.router_kernel, logit_bias)  # pylint: disable=protected-access
+  router_x = tokens
+  if jitter_eps > 0:
+    router_x = _jittered_rows(tokens, jitter_eps, rng, token_axes)
+  router_x, router_kernel = api._router_input(router_x, params.router_kernel, logit_bias)  # pylint: disable=protected-access
   routing = api._route_backend(  # pylint: disable=protected-access
       router_x, router_kernel, backend, top_k=top_k, capacity_factor=capacity_factor,
       normalize_top_k=normalize_top_k, drop_policy=drop_policy,
@@ -232,6 +244,17 @@ def moe_expert_parallel(
 
   aux = _aux_over_mesh(routing, sent, token_axes, capacity_factor is None)
   return y.astype(x.dtype).reshape(x.shape), aux
+
+
+def _jittered_rows(tokens, jitter_eps: float, rng, token_axes: tuple[str, ...]):
+  """This device's `[t, d]` tokens with the jitter `jmoe.moe` gives those rows:
+  the noise of all `shards * t` rows (drawn on every device, a few
+  microseconds), sliced at this device's index over `token_axes`."""
+  t, d = tokens.shape
+  shards = math.prod(jax.lax.axis_size(a) for a in token_axes)
+  noise = reference.jitter_noise(rng, (shards * t, d), jitter_eps)
+  noise = jax.lax.dynamic_slice_in_dim(noise, jax.lax.axis_index(token_axes) * t, t)
+  return (tokens.astype(jnp.float32) * noise).astype(tokens.dtype)
 
 
 def _check_local_experts(params, d: int, e: int, n: int, axis_name: str,
@@ -265,3 +288,41 @@ def _aux_over_mesh(routing: Routing, sent, token_axes: tuple[str, ...],
       dropped_count=dropped,
       dropped_fraction=dropped.astype(jnp.float32) / (shards * t * k),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+  """Where `moe_expert_parallel` runs, for calls on global arrays (and the Flax
+  layers' `expert_parallel=` argument).
+
+  Attributes:
+    mesh: the `jax.sharding.Mesh`.
+    axis_name: its axis the experts are split over.
+    token_axes: the axes x's leading axis is split over (default
+      `(axis_name,)`); it must include `axis_name`.
+    send_capacity: as in `moe_expert_parallel` (default: dropless).
+  """
+
+  mesh: Any
+  axis_name: str = "ep"
+  token_axes: tuple[str, ...] | None = None
+  send_capacity: int | None = None
+
+  def moe(self, x: jax.Array, params, **kwargs) -> tuple[jax.Array, MoEAux]:
+    """`jmoe.moe(x, params, **kwargs)` with the experts split over `axis_name`:
+    `moe_expert_parallel` under `jax.shard_map` over `mesh`, x's leading axis
+    split over `token_axes`, the expert kernels over `axis_name`, the router
+    kernel, `logit_bias` and `rng` replicated."""
+    params = api.as_moe_params(params)
+    token_axes = _check_axes(self.axis_name, self.token_axes)
+    logit_bias, rng = kwargs.pop("logit_bias", None), kwargs.pop("rng", None)
+
+    def body(x, params, logit_bias, rng):
+      return moe_expert_parallel(
+          x, params, axis_name=self.axis_name, token_axes=token_axes,
+          send_capacity=self.send_capacity, logit_bias=logit_bias, rng=rng, **kwargs)
+
+    tokens = P(token_axes)
+    experts = MoEParams(P(), P(self.axis_name), P(self.axis_name))
+    return jax.shard_map(body, mesh=self.mesh, in_specs=(tokens, experts, P(), P()),
+                         out_specs=(tokens, P()))(x, params, logit_bias, rng)

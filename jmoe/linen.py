@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe import _layer_common as common
+from jmoe.expert_parallel import ExpertParallel
 
 Initializer = Any
 
@@ -75,6 +76,8 @@ class MoELayer(nn.Module):
     param_dtype: parameter dtype (default float32).
     router_init, kernel_init: initialisers (as `jmoe.nnx.MoELayer`).
     backend: `"auto"`, `"triton"`, `"reference"` or `"interpret"`.
+    expert_parallel: a `jmoe.ExpertParallel` (as `jmoe.nnx.MoELayer`); None:
+      `jmoe.moe`.
   """
 
   d_model: int
@@ -96,6 +99,7 @@ class MoELayer(nn.Module):
   router_init: Initializer = common.default_router_init
   kernel_init: Initializer = common.default_kernel_init
   backend: str = "auto"
+  expert_parallel: ExpertParallel | None = None
 
   def _options(self) -> common.MoEOptions:
     return common.MoEOptions(
@@ -113,6 +117,7 @@ class MoELayer(nn.Module):
         expert_cost=common.canonical_expert_cost(self.expert_cost, self.num_experts),
         lambda_energy=float(self.lambda_energy),
         backend=self.backend,
+        expert_parallel=self.expert_parallel,
     )
 
   @nn.compact

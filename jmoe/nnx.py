@@ -25,6 +25,7 @@ from flax import nnx
 from flax.nnx import rnglib
 
 from jmoe import _layer_common as common
+from jmoe.expert_parallel import ExpertParallel
 
 Initializer = Any
 
@@ -80,6 +81,9 @@ class MoELayer(nnx.Module):
     kernel_init: initialiser of the expert kernels (`[e, d_in, d_out]`, LeCun
       normal over `d_in`).
     backend: `"auto"`, `"triton"`, `"reference"` or `"interpret"`.
+    expert_parallel: a `jmoe.ExpertParallel` to split the experts over a mesh
+      axis (`jmoe.moe_expert_parallel`; x's leading axis is split over its
+      token axes); None (default): `jmoe.moe`.
     rngs: `nnx.Rngs` with a `"params"` stream (and `"router"` for jitter).
   """
 
@@ -105,6 +109,7 @@ class MoELayer(nnx.Module):
       router_init: Initializer = common.default_router_init,
       kernel_init: Initializer = common.default_kernel_init,
       backend: str = "auto",
+      expert_parallel: ExpertParallel | None = None,
       rngs: rnglib.Rngs,
   ):
     self.options = common.MoEOptions(
@@ -122,6 +127,7 @@ class MoELayer(nnx.Module):
         expert_cost=common.canonical_expert_cost(expert_cost, num_experts),
         lambda_energy=float(lambda_energy),
         backend=backend,
+        expert_parallel=expert_parallel,
     )
     self.deterministic = deterministic
     self.dtype = dtype

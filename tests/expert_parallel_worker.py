@@ -109,6 +109,55 @@ def _sent_oracle(routing, cap):
   return sent.reshape(T, K)
 
 
+def _layers(mesh, x) -> dict:
+  """The Flax layers with `expert_parallel=` against the same layers without
+  (same seeds: same parameters and jitter noise): y, aux, parameter grads."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  import jmoe.linen  # pylint: disable=import-outside-toplevel
+  import jmoe.nnx  # pylint: disable=import-outside-toplevel
+
+  ep = jmoe.ExpertParallel(mesh, "ep")
+  xs = x.reshape(DEVICES * 4, -1, D)  # [batch, seq, d]; batch split over ep
+  kw = dict(router_jitter=0.2, backend=BACKEND)
+
+  def nnx_run(expert_parallel):
+    layer = jmoe.nnx.MoELayer(D, E, F, K, expert_parallel=expert_parallel,
+                              rngs=nnx.Rngs(params=0, router=1), **kw)
+
+    def loss(layer):
+      y, aux = layer(xs)
+      return jnp.sum(y ** 2) + aux["total_aux_loss"], (y, aux)
+
+    (_, (y, aux)), grads = nnx.value_and_grad(loss, has_aux=True)(layer)
+    return y, aux, nnx.state(grads, nnx.Param)
+
+  def linen_run(expert_parallel):
+    layer = jmoe.linen.MoELayer(D, E, F, K, expert_parallel=expert_parallel, **kw)
+    variables = layer.init(jax.random.key(0), xs, deterministic=True)
+
+    def loss(params):
+      y, aux = layer.apply({"params": params}, xs, deterministic=False,
+                           rngs={"router": jax.random.key(1)})
+      return jnp.sum(y ** 2) + aux["total_aux_loss"], (y, aux)
+
+    (_, (y, aux)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return y, aux, grads
+
+  del nn
+  out = {}
+  for name, run in (("nnx", nnx_run), ("linen", linen_run)):
+    want, got = run(None), run(ep)
+    out[f"{name} layer with jitter y, aux, grads"] = _rel_err(got, want)
+  # ... and the layer did run the experts split (an all_to_all in its program).
+  layer = jmoe.linen.MoELayer(D, E, F, K, expert_parallel=ep, backend=BACKEND)
+  variables = layer.init(jax.random.key(0), xs, deterministic=True)
+  program = str(jax.make_jaxpr(lambda v: layer.apply(v, xs, deterministic=True))(variables))
+  out["layer runs all_to_all"] = 0.0 if "all_to_all" in program else 1.0
+  return out
+
+
 def main() -> dict:
   x, params, ct = _inputs()
   mesh = _mesh()
@@ -123,12 +172,19 @@ def main() -> dict:
       "all copies to device 0",
       _ep(mesh, logit_bias=bias), x, params, ct, logit_bias=bias))
 
+  # Jitter: each device's rows get the unsharded call's noise.
+  key = jax.random.key(3)
+  out.update(_against_unsharded(
+      "jitter", _ep(mesh, jitter_eps=0.3, rng=key), x, params, ct, jitter_eps=0.3, rng=key))
+
   # 2-D mesh: tokens split over (data, ep), experts over ep.
   if DEVICES % 2 == 0 and DEVICES >= 4:
     mesh2 = _mesh((2, DEVICES // 2), ("data", "ep"))
     ep2 = _ep(mesh2, token_spec=P(("data", "ep")), token_axes=("data", "ep"))
     # e must be a multiple of the ep axis: E = 2 * DEVICES experts, DEVICES // 2 devices.
     out.update(_against_unsharded("2-D mesh", ep2, x, params, ct))
+
+  out.update(_layers(mesh, x))
 
   # Capacity per device equals jmoe.moe's on explicitly split tokens.
   emesh = jax.make_mesh((DEVICES,), ("ep",), axis_types=(AxisType.Explicit,),

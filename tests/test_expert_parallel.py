@@ -26,8 +26,10 @@ import jmoe
 
 WORKER = pathlib.Path(__file__).with_name("expert_parallel_worker.py")
 ROOT = WORKER.parent.parent
-CHECKS = [f"{case} {what}" for case in ("dropless", "all copies to device 0", "2-D mesh")
+CHECKS = [f"{case} {what}" for case in ("dropless", "all copies to device 0", "jitter", "2-D mesh")
           for what in ("y", "aux", "grads x, router, up, down")] + [
+              "nnx layer with jitter y, aux, grads", "linen layer with jitter y, aux, grads",
+              "layer runs all_to_all",
               "capacity per device y", "capacity per device aux", "send_capacity y",
               "send_capacity dropped count", "send_capacity tokens per expert"]
 SPECS = jmoe.MoEParams(P(), P("ep"), P("ep"))
@@ -82,24 +84,32 @@ def _fwd_grads(fn, x, params):
   return y, aux, grads
 
 
-def _compare(backend, dtype, rng):
+def _global_arrays(backend):
+  """`jmoe.ExpertParallel.moe` (its own shard_map) on a one-device mesh."""
+  mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+  return functools.partial(jmoe.ExpertParallel(mesh, "ep").moe, top_k=2, backend=backend)
+
+
+def _compare(backend, dtype, rng, make=_one_device):
   x, params = _inputs(rng, dtype=dtype)
   want = jax.jit(functools.partial(
       _fwd_grads, lambda x, p: jmoe.moe(x, p, top_k=2, backend=backend)))(x, params)
-  got = jax.jit(functools.partial(_fwd_grads, _one_device(backend)))(x, params)
+  got = jax.jit(functools.partial(_fwd_grads, make(backend)))(x, params)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     helpers.assert_close(g, w, dtype)
 
 
+@pytest.mark.parametrize("make", [_one_device, _global_arrays])
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
-def test_one_device_matches_moe(backend, rng):
-  _compare(backend, jnp.float32, rng)
+def test_one_device_matches_moe(backend, make, rng):
+  _compare(backend, jnp.float32, rng, make)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("make", [_one_device, _global_arrays])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_one_device_matches_moe_triton(dtype, rng):
-  _compare("triton", dtype, rng)
+def test_one_device_matches_moe_triton(dtype, make, rng):
+  _compare("triton", dtype, rng, make)
 
 
 def test_expert_parallel_errors(rng):

@@ -11,6 +11,7 @@ from jmoe.reference.routing import (
     capacity_positions,
     compute_capacity,
     jitter,
+    jitter_noise,
     route,
     router_logits,
 )
@@ -19,6 +20,6 @@ __all__ = [
     "ACTIVATIONS", "DROP_POLICIES", "GATED_ACTIVATIONS", "apply_activation",
     "aux_from_routing", "capacity_positions", "combine_sorted", "compute_capacity",
     "expert_ffn", "expert_ffn_one_hot", "grouped_matmul", "is_gated", "jitter",
-    "load_balancing_loss", "moe", "one_hot_dispatch", "route", "router_logits",
-    "router_z_loss", "sort_by_expert", "tgmm", "tgmm_vjp",
+    "jitter_noise", "load_balancing_loss", "moe", "one_hot_dispatch", "route",
+    "router_logits", "router_z_loss", "sort_by_expert", "tgmm", "tgmm_vjp",
 ]

@@ -48,12 +48,15 @@ def router_logits(x: jax.Array, router_kernel: jax.Array) -> jax.Array:
   ).astype(acc)
 
 
+def jitter_noise(rng: jax.Array, shape: tuple[int, ...], eps: float) -> jax.Array:
+  """The float32 factors `uniform(1 - eps, 1 + eps)` of `jitter` for `shape`."""
+  return jax.random.uniform(rng, shape, dtype=jnp.float32, minval=1.0 - eps,
+                            maxval=1.0 + eps)
+
+
 def jitter(x: jax.Array, eps: float, rng: jax.Array) -> jax.Array:
   """Switch-style multiplicative noise: `x * uniform(1 - eps, 1 + eps)`, elementwise."""
-  noise = jax.random.uniform(
-      rng, x.shape, dtype=jnp.float32, minval=1.0 - eps, maxval=1.0 + eps
-  )
-  return (x.astype(jnp.float32) * noise).astype(x.dtype)
+  return (x.astype(jnp.float32) * jitter_noise(rng, x.shape, eps)).astype(x.dtype)
 
 
 def capacity_positions(
