@@ -132,3 +132,13 @@ def test_expert_parallel_errors(rng):
     run(few)
   with pytest.raises(ValueError, match="send_capacity must be >= 1"):
     run(params, send_capacity=0)
+
+
+def test_layer_expert_parallel_argument():
+  """The Flax layers take a `jmoe.ExpertParallel` (or None), nothing else."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  import jmoe.nnx  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(ValueError, match="expert_parallel must be None or a jmoe.ExpertParallel"):
+    jmoe.nnx.MoELayer(8, 4, 8, 2, expert_parallel="ep", rngs=nnx.Rngs(0))
