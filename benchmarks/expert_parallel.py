@@ -23,10 +23,9 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 import jmoe
-from benchmarks.ab_env import add_round_args, time_interleaved
+from benchmarks.ab_env import add_round_args
 from benchmarks.cases import CASES
-from benchmarks.explicit_split import programs
-from benchmarks.timing import time_fn
+from benchmarks.explicit_split import modes, programs, time_variants
 
 
 def expert_parallel_layer(mesh):
@@ -54,22 +53,12 @@ def main(argv=None) -> dict:
   for name, layer in (("moe", None), ("expert-parallel", expert_parallel_layer(mesh))):
     fwd, fwdbwd, x, params, dy = programs(args.case, args.backend, layer)
     jax.block_until_ready((fwd(x, params), fwdbwd(x, params, dy)))
-    variants[name] = (contextlib.nullcontext, {"fwd": (fwd, (x, params)),
-                                               "fwd+bwd": (fwdbwd, (x, params, dy))})
-
-  def time_ms(fn, fn_args, args):
-    return time_fn(fn, *fn_args, repeats=args.reps,
-                   min_sample_s=args.min_sample_s).median_s * 1e3
-
+    variants[name] = (contextlib.nullcontext, modes(fwd, fwdbwd, x, params, dy))
   header = (f"# {jax.devices()[0].device_kind} x {jax.device_count()}; case {args.case}; "
             f"jmoe.moe vs moe_expert_parallel (experts over {jax.device_count()} "
             f"device(s)); {args.rounds} rounds x {args.reps} reps of >= "
             f"{args.min_sample_s} s")
-  result = time_interleaved(variants, args, time_ms, header)
-  for mode in ("fwd", "fwd+bwd"):
-    print(f"  expert-parallel / moe {mode}: "
-          f"{result[f'expert-parallel {mode}'] / result[f'moe {mode}']:.4f}")
-  return result
+  return time_variants(variants, args, header, ("expert-parallel", "moe"))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,26 @@ def programs(case_name: str, backend: str, layer=None):
   return jax.jit(forward), jax.jit(jax.value_and_grad(loss, (0, 1))), x, params, dy
 
 
+def modes(fwd, fwdbwd, x, params, dy) -> dict:
+  """`time_interleaved`'s `{mode: (fn, fn_args)}` of one variant's programs."""
+  return {"fwd": (fwd, (x, params)), "fwd+bwd": (fwdbwd, (x, params, dy))}
+
+
+def time_variants(variants: dict, args, header: str, ratio: tuple[str, str]) -> dict:
+  """`time_interleaved` of `variants` (medians of `timing.time_fn`), then the
+  `ratio[0] / ratio[1]` time of each mode printed; returns the medians."""
+
+  def time_ms(fn, fn_args, args):
+    return time_fn(fn, *fn_args, repeats=args.reps,
+                   min_sample_s=args.min_sample_s).median_s * 1e3
+
+  result = time_interleaved(variants, args, time_ms, header)
+  new, old = ratio
+  for mode in ("fwd", "fwd+bwd"):
+    print(f"  {new} / {old} {mode}: {result[f'{new} {mode}'] / result[f'{old} {mode}']:.4f}")
+  return result
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--case", default="deepseek", choices=sorted(CASES))
@@ -66,21 +86,11 @@ def main(argv=None) -> dict:
       if name == "split":
         x = jax.device_put(x, NamedSharding(mesh, P("data")))
       jax.block_until_ready((fwd(x, params), fwdbwd(x, params, dy)))
-    variants[name] = (context, {"fwd": (fwd, (x, params)),
-                                "fwd+bwd": (fwdbwd, (x, params, dy))})
-
-  def time_ms(fn, fn_args, args):
-    return time_fn(fn, *fn_args, repeats=args.reps,
-                   min_sample_s=args.min_sample_s).median_s * 1e3
-
+    variants[name] = (context, modes(fwd, fwdbwd, x, params, dy))
   header = (f"# {jax.devices()[0].device_kind} x {jax.device_count()}; case {args.case}; "
             f"jmoe.moe on x with no mesh (unsplit) vs x split over an explicit mesh "
             f"(split); {args.rounds} rounds x {args.reps} reps of >= {args.min_sample_s} s")
-  result = time_interleaved(variants, args, time_ms, header)
-  for mode in ("fwd", "fwd+bwd"):
-    print(f"  split / unsplit {mode}: "
-          f"{result[f'split {mode}'] / result[f'unsplit {mode}']:.4f}")
-  return result
+  return time_variants(variants, args, header, ("split", "unsplit"))
 
 
 if __name__ == "__main__":
