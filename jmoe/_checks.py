@@ -84,6 +84,16 @@ def check_jitter(jitter_eps, rng) -> None:
     raise ValueError("jitter_eps > 0 needs rng (a jax.random key), got rng=None")
 
 
+def check_routing_options(e: int, *, top_k, capacity_factor, drop_policy, jitter_eps, rng,
+                          logit_bias) -> None:
+  """The routing arguments shared by `route`, `moe` and `moe_expert_parallel`."""
+  check_top_k(top_k, e)
+  check_capacity_factor(capacity_factor)
+  check_drop_policy(drop_policy)
+  check_jitter(jitter_eps, rng)
+  check_logit_bias(logit_bias, e)
+
+
 def check_tokens(x, name: str = "x", *, token_split_ok: bool = False) -> tuple[int, int]:
   """Checks `x [..., d]` has at least one token; returns `(t, d)`.
 
@@ -160,6 +170,12 @@ def check_grouped_matmul(lhs, rhs, group_sizes) -> None:
     raise ValueError(
         f"group_sizes must have shape [g={rhs.shape[0]}], got {group_sizes.shape}"
     )
+
+
+def check_moe_dtypes(backend: str, x: jax.Array, params) -> None:
+  """`check_kernel_dtype` of `x` and an `MoEParams`' three kernels."""
+  check_kernel_dtype(backend, x=x, router_kernel=params.router_kernel,
+                     up_kernel=params.up_kernel, down_kernel=params.down_kernel)
 
 
 def check_kernel_dtype(backend: str, **arrays: jax.Array) -> None:

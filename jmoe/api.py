@@ -147,11 +147,9 @@ def route(
   _checks.check_float_array("x", x, 2, " [t, d]")
   t, d = _checks.check_tokens(x, token_split_ok=True)
   e = _checks.check_router_kernel(router_kernel, d)
-  _checks.check_top_k(top_k, e)
-  _checks.check_capacity_factor(capacity_factor)
-  _checks.check_drop_policy(drop_policy)
-  _checks.check_jitter(jitter_eps, rng)
-  _checks.check_logit_bias(logit_bias, e)
+  _checks.check_routing_options(
+      e, top_k=top_k, capacity_factor=capacity_factor, drop_policy=drop_policy,
+      jitter_eps=jitter_eps, rng=rng, logit_bias=logit_bias)
   backend = resolve_backend(backend)
   _checks.check_kernel_dtype(backend, x=x, router_kernel=router_kernel)
   mesh = _shard.explicit_mesh(x)
@@ -236,18 +234,13 @@ def moe(
   params = as_moe_params(params)
   t, d = _checks.check_tokens(x, token_split_ok=True)
   e = _checks.check_router_kernel(params.router_kernel, d)
-  _checks.check_top_k(top_k, e)
-  _checks.check_capacity_factor(capacity_factor)
+  _checks.check_routing_options(
+      e, top_k=top_k, capacity_factor=capacity_factor, drop_policy=drop_policy,
+      jitter_eps=jitter_eps, rng=rng, logit_bias=logit_bias)
   _checks.check_activation(activation)
-  _checks.check_drop_policy(drop_policy)
-  _checks.check_jitter(jitter_eps, rng)
-  _checks.check_logit_bias(logit_bias, e)
   _checks.check_expert_kernels(params.up_kernel, params.down_kernel, d, e, activation)
   backend = resolve_backend(backend)
-  _checks.check_kernel_dtype(
-      backend, x=x, router_kernel=params.router_kernel,
-      up_kernel=params.up_kernel, down_kernel=params.down_kernel,
-  )
+  _checks.check_moe_dtypes(backend, x, params)
   mesh = _shard.explicit_mesh(x)
   x_router = None  # x itself
   if jitter_eps > 0:

@@ -197,21 +197,16 @@ def moe_expert_parallel(
   n = _axis_size(axis_name)
   t, d = _checks.check_tokens(x)
   e = _checks.check_router_kernel(params.router_kernel, d)
-  _checks.check_top_k(top_k, e)
-  _checks.check_capacity_factor(capacity_factor)
+  _checks.check_routing_options(
+      e, top_k=top_k, capacity_factor=capacity_factor, drop_policy=drop_policy,
+      jitter_eps=jitter_eps, rng=rng, logit_bias=logit_bias)
   _checks.check_activation(activation)
-  _checks.check_drop_policy(drop_policy)
-  _checks.check_jitter(jitter_eps, rng)
-  _checks.check_logit_bias(logit_bias, e)
   e_local = _check_local_experts(params, d, e, n, axis_name, activation)
   cap = t * top_k if send_capacity is None else int(send_capacity)
   if cap < 1:
     raise ValueError(f"send_capacity must be >= 1 rows, got {send_capacity}")
   backend = resolve_backend(backend)
-  _checks.check_kernel_dtype(
-      backend, x=x, router_kernel=params.router_kernel,
-      up_kernel=params.up_kernel, down_kernel=params.down_kernel,
-  )
+  _checks.check_moe_dtypes(backend, x, params)
 
   tokens = x.reshape(t, d)
   router_x = tokens
