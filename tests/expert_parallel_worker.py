@@ -29,30 +29,15 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+import helpers  # noqa: E402
 import jmoe  # noqa: E402
 
 T, D, F, E, K = 16 * DEVICES, 32, 48, 2 * DEVICES, 2
 EXPERT_SPECS = jmoe.MoEParams(P(), P("ep"), P("ep"))
 
 
-def _inputs(seed=7):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.normal(keys[0], (T, D), jnp.float32)
-  params = jmoe.MoEParams(
-      jax.random.normal(keys[1], (D, E), jnp.float32) * 0.5,
-      jax.random.normal(keys[2], (E, D, 2 * F), jnp.float32) / np.sqrt(D),
-      jax.random.normal(keys[3], (E, F, D), jnp.float32) / np.sqrt(F),
-  )
-  ct = jax.random.normal(keys[4], (T, D), jnp.float32)
-  return x, params, ct
-
-
-def _rel_err(got, want) -> float:
-  got = [np.asarray(g, np.float32) for g in jax.tree.leaves(got)]
-  want = [np.asarray(w, np.float32) for w in jax.tree.leaves(want)]
-  assert len(got) == len(want), (len(got), len(want))
-  return max(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30))
-             for g, w in zip(got, want))
+def _inputs():
+  return helpers.moe_case(T, D, F, E)
 
 
 def _mesh(shape=(DEVICES,), names=("ep",)):
@@ -88,9 +73,9 @@ def _against_unsharded(name, ep_fn, x, params, ct, **kw) -> dict:
       _fwd_grads, functools.partial(_unsharded, **kw)))(x, params, ct)
   got_y, got_aux, got_g = jax.jit(functools.partial(_fwd_grads, ep_fn))(x, params, ct)
   return {
-      f"{name} y": _rel_err(got_y, want_y),
-      f"{name} aux": _rel_err(got_aux, want_aux),
-      f"{name} grads x, router, up, down": _rel_err(got_g, want_g),
+      f"{name} y": helpers.tree_relative_error(got_y, want_y),
+      f"{name} aux": helpers.tree_relative_error(got_aux, want_aux),
+      f"{name} grads x, router, up, down": helpers.tree_relative_error(got_g, want_g),
   }
 
 
@@ -149,7 +134,7 @@ def _layers(mesh, x) -> dict:
   out = {}
   for name, run in (("nnx", nnx_run), ("linen", linen_run)):
     want, got = run(None), run(ep)
-    out[f"{name} layer with jitter y, aux, grads"] = _rel_err(got, want)
+    out[f"{name} layer with jitter y, aux, grads"] = helpers.tree_relative_error(got, want)
   # ... and the layer did run the experts split (an all_to_all in its program).
   layer = jmoe.linen.MoELayer(D, E, F, K, expert_parallel=ep, backend=BACKEND)
   variables = layer.init(jax.random.key(0), xs, deterministic=True)
@@ -194,8 +179,8 @@ def main() -> dict:
     want_y, want_aux = jax.jit(functools.partial(_unsharded, capacity_factor=0.75))(
         x_split, params)
   got_y, got_aux = jax.jit(_ep(mesh, capacity_factor=0.75))(x, params)
-  out["capacity per device y"] = _rel_err(got_y, want_y)
-  out["capacity per device aux"] = _rel_err(got_aux, want_aux)
+  out["capacity per device y"] = helpers.tree_relative_error(got_y, want_y)
+  out["capacity per device aux"] = helpers.tree_relative_error(got_aux, want_aux)
 
   # A send capacity below the need: the copies past it are dropped and counted.
   cap = 3
@@ -206,7 +191,7 @@ def main() -> dict:
                            params.up_kernel, params.down_kernel, backend=BACKEND)
   overflow = int(np.sum(np.asarray(routing.kept) & ~sent))
   assert overflow > 0, "the check needs copies past the send capacity"
-  out["send_capacity y"] = _rel_err(got_y, want_y)
+  out["send_capacity y"] = helpers.tree_relative_error(got_y, want_y)
   out["send_capacity dropped count"] = float(abs(int(got_aux.dropped_count) - overflow))
   want_tpe = np.bincount(np.asarray(routing.expert_ids)[sent], minlength=E)
   out["send_capacity tokens per expert"] = float(

@@ -79,6 +79,56 @@ def relative_error(actual, expected) -> float:
   return err / scale if scale > 0 else err
 
 
+def tree_relative_error(actual, expected) -> float:
+  """The largest `max|a - e| / max(max|e|, 1e-30)` over the matching leaves of
+  two pytrees (booleans and integers compared as numbers; an all-zero leaf
+  expected stays strict)."""
+  got, want = jax.tree.leaves(actual), jax.tree.leaves(expected)
+  assert len(got) == len(want), (len(got), len(want))
+  errors = []
+  for g, w in zip(got, want):
+    g = np.asarray(jax.device_get(g), np.float64)
+    w = np.asarray(jax.device_get(w), np.float64)
+    errors.append(float(np.max(np.abs(g - w))) / max(float(np.max(np.abs(w))), 1e-30))
+  return max(errors)
+
+
+def moe_case(t: int, d: int, f: int, e: int, seed: int = 7):
+  """`(x [t, d], jmoe.MoEParams (gated, f32), ct [t, d])` from `jax.random` (the
+  sharding workers' inputs)."""
+  import jmoe  # pylint: disable=import-outside-toplevel
+
+  keys = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(keys[0], (t, d), np.float32)
+  params = jmoe.MoEParams(
+      jax.random.normal(keys[1], (d, e), np.float32) * 0.5,
+      jax.random.normal(keys[2], (e, d, 2 * f), np.float32) / np.sqrt(d),
+      jax.random.normal(keys[3], (e, f, d), np.float32) / np.sqrt(f),
+  )
+  ct = jax.random.normal(keys[4], (t, d), np.float32)
+  return x, params, ct
+
+
+def run_worker(script, backend: str, devices: int) -> dict:
+  """Runs `python script BACKEND DEVICES` (a multi-device worker: the host
+  device count is fixed when jax starts) with the repository on PYTHONPATH, and
+  returns the JSON of its last `RESULT ` line."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      filter(None, [str(root), os.environ.get("PYTHONPATH", "")])))
+  proc = subprocess.run([sys.executable, str(script), backend, str(devices)],
+                        capture_output=True, text=True, env=env, timeout=900, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(lines[-1][len("RESULT "):])
+
+
 def assert_close(actual, expected, dtype=None, *, kind: str = "fwd", rtol=None,
                  err_msg: str = "") -> None:
   """Asserts `actual` matches `expected` within the tolerance of `dtype`.

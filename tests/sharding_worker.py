@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+import helpers  # noqa: E402
 import jmoe  # noqa: E402
 import jmoe.linen  # noqa: E402
 
@@ -37,15 +38,7 @@ T, D, F, E, K = 16 * DEVICES, 32, 48, 8, 2
 
 
 def _inputs():
-  keys = jax.random.split(jax.random.key(7), 5)
-  x = jax.random.normal(keys[0], (T, D), jnp.float32)
-  params = jmoe.MoEParams(
-      jax.random.normal(keys[1], (D, E), jnp.float32) * 0.5,
-      jax.random.normal(keys[2], (E, D, 2 * F), jnp.float32) / np.sqrt(D),
-      jax.random.normal(keys[3], (E, F, D), jnp.float32) / np.sqrt(F),
-  )
-  ct = jax.random.normal(keys[4], (T, D), jnp.float32)
-  return x, params, ct
+  return helpers.moe_case(T, D, F, E)
 
 
 def _loss(x, params, ct):
@@ -58,14 +51,6 @@ def _loss(x, params, ct):
 def _grads(x, params, ct):
   (_, y), (gx, gp) = jax.value_and_grad(_loss, (0, 1), has_aux=True)(x, params, ct)
   return y, gx, gp
-
-
-def _rel_err(got, want) -> float:
-  got = [jnp.asarray(g, jnp.float32) for g in jax.tree.leaves(got)]
-  want = [jnp.asarray(w, jnp.float32) for w in jax.tree.leaves(want)]
-  assert len(got) == len(want), (len(got), len(want))
-  return max(float(jnp.max(jnp.abs(g - w)) / jnp.maximum(jnp.max(jnp.abs(w)), 1e-30))
-             for g, w in zip(got, want))
 
 
 def _mesh(axis_type):
@@ -91,7 +76,7 @@ def main() -> dict:
     # axes it varies over and sums the replicated weights' cotangents itself.
     fn = jax.jit(jax.shard_map(_grads, mesh=mesh, in_specs=(P("data"), P(), P("data")),
                                out_specs=(P("data"), P("data"), P())))
-    out[f"{kind} shard_map"] = _rel_err(fn(*args), want)
+    out[f"{kind} shard_map"] = helpers.tree_relative_error(fn(*args), want)
 
     # check_vma=False: the user sums the weight gradients.
     def summed(x, p, c):
@@ -100,7 +85,7 @@ def main() -> dict:
 
     fn = jax.jit(jax.shard_map(summed, mesh=mesh, in_specs=(P("data"), P(), P("data")),
                                out_specs=(P("data"), P("data"), P()), check_vma=False))
-    out[f"{kind} shard_map check_vma=False"] = _rel_err(fn(*args), want)
+    out[f"{kind} shard_map check_vma=False"] = helpers.tree_relative_error(fn(*args), want)
 
     # Under shard_map with remat and a per-shard grouped_matmul gradient.
     def gmm_loss(lhs, rhs, sizes):
@@ -118,7 +103,7 @@ def main() -> dict:
                                in_specs=(P("data"), P(), P("data")),
                                out_specs=(P("data"), P())))
     sizes_sharded = jax.device_put(sizes, NamedSharding(mesh, P("data")))
-    out[f"{kind} shard_map grouped_matmul remat rhs grad"] = _rel_err(
+    out[f"{kind} shard_map grouped_matmul remat rhs grad"] = helpers.tree_relative_error(
         fn(args[0], jax.device_put(rhs, NamedSharding(mesh, P())), sizes_sharded)[1], g_want)
 
     # The Flax Linen layer inside shard_map (its variables replicated).
@@ -135,13 +120,13 @@ def main() -> dict:
     layer_want = jax.jit(layer_grads)(variables, x, ct)
     fn = jax.jit(jax.shard_map(layer_grads, mesh=mesh, in_specs=(P(), P("data"), P("data")),
                                out_specs=(P("data"), (P(), P("data")))))
-    out[f"{kind} shard_map linen layer"] = _rel_err(
+    out[f"{kind} shard_map linen layer"] = helpers.tree_relative_error(
         fn(jax.device_put(variables, NamedSharding(mesh, P())), args[0], args[2]), layer_want)
 
     # Plain jit on sharded inputs (explicit: jmoe runs each token shard).
     with jax.set_mesh(mesh):
       got = jax.jit(_grads)(*args)
-    out[f"{kind} jit"] = _rel_err(got, want)
+    out[f"{kind} jit"] = helpers.tree_relative_error(got, want)
   out.update(_auto_to_explicit(x, params, ct, want))
   out.update(_explicit_checks(x, params, ct))
   return out
@@ -162,7 +147,7 @@ def _auto_to_explicit(x, params, ct, want) -> dict:
 
   with jax.set_mesh(mesh):
     got = jax.jit(grads)(jax.device_put(x, NamedSharding(mesh, P("data"))), params, ct)
-  return {"auto jit, explicit_axes around moe": _rel_err(got, want)}
+  return {"auto jit, explicit_axes around moe": helpers.tree_relative_error(got, want)}
 
 
 def _aux_loss(x, params, ct, **options):
@@ -189,7 +174,7 @@ def _explicit_checks(x, params, ct) -> dict:
   want = grads(x3, params, ct3)
   with jax.set_mesh(mesh):
     got = grads(x_sharded, p_sharded, ct3)
-  out["explicit 2-D mesh moe + losses, fwd and grads"] = _rel_err(got, want)
+  out["explicit 2-D mesh moe + losses, fwd and grads"] = helpers.tree_relative_error(got, want)
   specs = [g.sharding.spec for g in jax.tree.leaves(got[1][1])]
   out["explicit weight grads keep the weights' shardings"] = float(
       specs != [P(None, "model"), P("data", None, None), P(None, None, None)])
@@ -198,14 +183,14 @@ def _explicit_checks(x, params, ct) -> dict:
   # rule for the reference's ragged_dot or the kernels' custom calls).
   with jax.set_mesh(mesh):
     got = grads(x3, params, ct3)
-  out["explicit context mesh, unsplit x"] = _rel_err(got, want)
+  out["explicit context mesh, unsplit x"] = helpers.tree_relative_error(got, want)
 
   # Jitter: the noise is drawn for the whole x, as unsharded.
   jit_kw = {"jitter_eps": 0.1, "rng": jax.random.key(5)}
   want = jax.jit(lambda a: _aux_loss(a, params, ct3, **jit_kw)[1])(x3)
   with jax.set_mesh(mesh):
     got = jax.jit(lambda a: _aux_loss(a, p_sharded, ct3, **jit_kw)[1])(x_sharded)
-  out["explicit jitter"] = _rel_err(got, want)
+  out["explicit jitter"] = helpers.tree_relative_error(got, want)
 
   # A capacity is per shard: each shard's y is that of the shard on its own,
   # and the dropped count is the total.
@@ -219,10 +204,10 @@ def _explicit_checks(x, params, ct) -> dict:
   with jax.set_mesh(mesh):
     y, aux = jax.jit(lambda a: jmoe.moe(a, p_sharded, top_k=K, backend=BACKEND, **cap))(
         put(x2, ("data", "model"), None, None))
-  out["explicit capacity per shard"] = _rel_err(y, jnp.stack(shard_ys))
+  out["explicit capacity per shard"] = helpers.tree_relative_error(y, jnp.stack(shard_ys))
   # The losses count routed copies (before dropping): those of the unsharded call.
   _, aux_all = jax.jit(lambda a: jmoe.moe(a, params, top_k=K, backend=BACKEND, **cap))(x)
-  out["explicit capacity losses"] = _rel_err(
+  out["explicit capacity losses"] = helpers.tree_relative_error(
       (aux.load_balancing_loss, aux.router_z_loss),
       (aux_all.load_balancing_loss, aux_all.router_z_loss))
   out["explicit dropped count is the total"] = float(int(aux.dropped_count) != dropped
@@ -234,7 +219,7 @@ def _explicit_checks(x, params, ct) -> dict:
   with jax.set_mesh(mesh):
     got_r = jax.jit(lambda a: jmoe.route(a, p_sharded.router_kernel, top_k=K,
                                          backend=BACKEND))(rows)
-  out["explicit route"] = _rel_err(got_r, want_r)
+  out["explicit route"] = helpers.tree_relative_error(got_r, want_r)
 
   def ffn_loss(a, up, down, r):
     y = jmoe.expert_ffn(a, r.expert_ids, r.weights, r.kept, up, down, backend=BACKEND)
@@ -244,7 +229,7 @@ def _explicit_checks(x, params, ct) -> dict:
   want = ffn_grads(x, params.up_kernel, params.down_kernel, want_r)
   with jax.set_mesh(mesh):
     got = ffn_grads(rows, p_sharded.up_kernel, p_sharded.down_kernel, want_r)
-  out["explicit expert_ffn fwd and grads"] = _rel_err(got, want)
+  out["explicit expert_ffn fwd and grads"] = helpers.tree_relative_error(got, want)
 
   # The Flax Linen layer on the split tokens, its variables replicated.
   layer = jmoe.linen.MoELayer(D, E, F, K, backend=BACKEND)
@@ -253,7 +238,7 @@ def _explicit_checks(x, params, ct) -> dict:
   want = apply(variables, x)
   with jax.set_mesh(mesh):
     got = apply(variables, rows)
-  out["explicit jit linen layer"] = _rel_err(got, want)
+  out["explicit jit linen layer"] = helpers.tree_relative_error(got, want)
   return out
 
 

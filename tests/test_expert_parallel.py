@@ -9,11 +9,7 @@ shard_map typing are those of a larger mesh) and the error checks.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +21,6 @@ import helpers
 import jmoe
 
 WORKER = pathlib.Path(__file__).with_name("expert_parallel_worker.py")
-ROOT = WORKER.parent.parent
 CHECKS = [f"{case} {what}" for case in ("dropless", "all copies to device 0", "jitter", "2-D mesh")
           for what in ("y", "aux", "grads x, router, up, down")] + [
               "nnx layer with jitter y, aux, grads", "linen layer with jitter y, aux, grads",
@@ -35,23 +30,13 @@ CHECKS = [f"{case} {what}" for case in ("dropless", "all copies to device 0", "j
 SPECS = jmoe.MoEParams(P(), P("ep"), P("ep"))
 
 
-def _run_worker(backend: str, devices: int) -> dict:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
-  proc = subprocess.run([sys.executable, str(WORKER), backend, str(devices)],
-                        capture_output=True, text=True, env=env, timeout=900, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULT "):])
-
-
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
 def test_expert_parallel_matches_unsharded(backend):
   # 4 devices, 2 experts each: y, the losses and counts, and the gradients
   # w.r.t. x and every weight equal jmoe.moe's; all copies sent to one device;
   # a 2-D (data, ep) mesh; capacity per device as jmoe.moe on split tokens; a
   # send capacity that drops copies, counted exactly.
-  result = _run_worker(backend, 4)
+  result = helpers.run_worker(WORKER, backend, 4)
   errors = {k: v for k, v in result.items() if k != "devices"}
   assert sorted(errors) == sorted(CHECKS), errors
   for name, err in errors.items():

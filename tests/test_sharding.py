@@ -7,11 +7,7 @@ use a one-device mesh, whose `shard_map` types values like a larger one.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,22 +15,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import helpers
 import jmoe
 from jmoe import _shard
 from jmoe.ops import _call
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
-ROOT = WORKER.parent.parent
-
-
-def _run_worker(backend: str, devices: int) -> dict:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
-  proc = subprocess.run([sys.executable, str(WORKER), backend, str(devices)],
-                        capture_output=True, text=True, env=env, timeout=900, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULT "):])
 
 
 CHECKS = (
@@ -63,12 +49,12 @@ def test_data_parallel_matches_unsharded(backend):
   # grouped_matmul under remat, the Linen layer, and jit on sharded inputs all
   # match the unsharded call (forward, dx, and every weight gradient summed
   # over shards).
-  _check(_run_worker(backend, 4))
+  _check(helpers.run_worker(WORKER, backend, 4))
 
 
 @pytest.mark.gpu
 def test_data_parallel_matches_unsharded_gpu():
-  _check(_run_worker("triton", jax.device_count()))
+  _check(helpers.run_worker(WORKER, "triton", jax.device_count()))
 
 
 def test_kernel_outputs_vary_like_inputs():
