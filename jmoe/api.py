@@ -8,6 +8,7 @@ GPU, `backend="interpret"` under Triton's interpreter on the CPU).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -67,12 +68,15 @@ def grouped_matmul(
 
 
 def _jittered(x, jitter_eps, rng):
-  """`x [..., d]` with Switch jitter, drawn for all its tokens as `[t, d]` (so
-  tokens split over devices get the unsharded call's noise)."""
-  noisy = reference.jitter(x.reshape(-1, x.shape[-1]), jitter_eps, rng).reshape(x.shape)
-  if _shard.explicit_spec(x) is not None:
-    noisy = jax.sharding.reshard(noisy, jax.typeof(x).sharding)
-  return noisy
+  """`x [..., d]` with Switch jitter (`reference.jitter`: token `r` of the
+  flattened leading axes gets noise keyed by `r`, whatever the split). On
+  explicitly split x the token indices are split like x, so each device draws
+  only its own tokens' noise."""
+  rows = jnp.arange(math.prod(x.shape[:-1]), dtype=jnp.int32).reshape(x.shape[:-1])
+  spec = _shard.explicit_spec(x)
+  if spec is not None:
+    rows = jax.sharding.reshard(rows, P(*_shard.spec_entries(x)[:-1]))
+  return reference.jitter(x, jitter_eps, rng, rows)
 
 
 def _router_input(x, router_kernel, logit_bias):
@@ -135,7 +139,8 @@ def route(
     normalize_top_k: renormalise the `top_k` weights to sum to 1.
     drop_policy: `"token_order"` (first come, token-major) or `"probability"`.
     jitter_eps: Switch multiplicative noise `uniform(1-eps, 1+eps)` on the router
-      input (training); needs `rng`.
+      input (training); needs `rng`. Token `r` (flattened leading axes) gets
+      `uniform(fold_in(rng, r), (d,))`, the same however the tokens are split.
     rng: a `jax.random` key, required when `jitter_eps > 0`.
     logit_bias: optional `[e]` constant added to the logits (no gradient), e.g.
       `-lambda_energy * expert_cost` for energy-aware routing.

@@ -181,8 +181,7 @@ def moe_expert_parallel(
     top_k, capacity_factor, normalize_top_k, drop_policy, logit_bias, activation,
       backend: as in `jmoe.moe` (`capacity_factor` per device).
     jitter_eps, rng: router-input jitter as in `jmoe.moe`, the same noise per
-      token (each device slices its rows of the noise of all tokens, which it
-      draws whole: `n_tokens_all * d` float32 values per device and call).
+      token (keyed by its global index; each device draws its own rows' noise).
     axis_name: the mesh axis the experts (and tokens) are split over.
     token_axes: every mesh axis the tokens are split over (default
       `(axis_name,)`); the losses and counts are summed over them.
@@ -244,14 +243,12 @@ def moe_expert_parallel(
 
 def _jittered_rows(tokens, jitter_eps: float, rng, token_axes: tuple[str, ...]):
   """This device's `[t, d]` tokens with the jitter `jmoe.moe` gives those rows:
-  the noise of all `shards * t` rows, sliced at this device's index over
-  `token_axes`. Every device draws (and holds) that whole `[shards * t, d]`
-  float32 noise: `shards` times its own rows' worth, which grows with the mesh."""
-  t, d = tokens.shape
-  shards = math.prod(jax.lax.axis_size(a) for a in token_axes)
-  noise = reference.jitter_noise(rng, (shards * t, d), jitter_eps)
-  noise = jax.lax.dynamic_slice_in_dim(noise, jax.lax.axis_index(token_axes) * t, t)
-  return (tokens.astype(jnp.float32) * noise).astype(tokens.dtype)
+  `reference.jitter` keyed by their global indices (this device's index over
+  `token_axes` times `t`, plus `0 .. t-1`). Each device draws only its rows."""
+  t = tokens.shape[0]
+  first = jax.lax.axis_index(token_axes) * t
+  rows = first + jnp.arange(t, dtype=jnp.int32)
+  return reference.jitter(tokens, jitter_eps, rng, rows)
 
 
 def _check_local_experts(params, d: int, e: int, n: int, axis_name: str,

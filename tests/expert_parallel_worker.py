@@ -161,6 +161,9 @@ def main() -> dict:
   key = jax.random.key(3)
   out.update(_against_unsharded(
       "jitter", _ep(mesh, jitter_eps=0.3, rng=key), x, params, ct, jitter_eps=0.3, rng=key))
+  # ... and each device draws only its own rows' noise, never all [T, D] of it.
+  out["jitter noise is per device"] = float(helpers.compiled_holds_f32(
+      _ep(mesh, jitter_eps=0.3, rng=key), (x, params), [(T, D)]))
 
   # 2-D mesh: tokens split over (data, ep), experts over ep.
   if DEVICES % 2 == 0 and DEVICES >= 4:

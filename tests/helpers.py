@@ -129,6 +129,16 @@ def run_worker(script, backend: str, devices: int) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
+def compiled_holds_f32(fn, args, shapes) -> bool:
+  """Whether the compiled (per-device, partitioned) program of `jax.jit(fn)(*args)`
+  holds a float32 array of any of `shapes` (e.g. a whole-batch noise array that
+  each device should only hold its share of)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  return any(f"f32[{','.join(map(str, shape))}]" in text for shape in shapes)
+
+
 def assert_close(actual, expected, dtype=None, *, kind: str = "fwd", rtol=None,
                  err_msg: str = "") -> None:
   """Asserts `actual` matches `expected` within the tolerance of `dtype`.

@@ -185,12 +185,17 @@ def _explicit_checks(x, params, ct) -> dict:
     got = grads(x3, params, ct3)
   out["explicit context mesh, unsplit x"] = helpers.tree_relative_error(got, want)
 
-  # Jitter: the noise is drawn for the whole x, as unsharded.
+  # Jitter: each token gets the unsharded call's noise.
   jit_kw = {"jitter_eps": 0.1, "rng": jax.random.key(5)}
   want = jax.jit(lambda a: _aux_loss(a, params, ct3, **jit_kw)[1])(x3)
   with jax.set_mesh(mesh):
     got = jax.jit(lambda a: _aux_loss(a, p_sharded, ct3, **jit_kw)[1])(x_sharded)
   out["explicit jitter"] = helpers.tree_relative_error(got, want)
+  if DEVICES > 1:  # ... and each device draws only its own tokens' noise.
+    with jax.set_mesh(mesh):
+      out["explicit jitter noise is per device"] = float(helpers.compiled_holds_f32(
+          lambda a: _aux_loss(a, p_sharded, ct3, **jit_kw)[1][0], (x_sharded,),
+          [(T, D), x3.shape]))
 
   # A capacity is per shard: each shard's y is that of the shard on its own,
   # and the dropped count is the total.

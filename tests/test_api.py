@@ -256,3 +256,24 @@ def test_jitter_scales_router_input_only(rng):
                            np.asarray(r.kept), params.up_kernel, params.down_kernel,
                            activation="swiglu")
   helpers.assert_close(y, want, np.float32)
+
+
+def test_jitter_noise_is_keyed_by_token_index(rng):
+  """Token `r`'s noise is `uniform(fold_in(key, r), (d,))`: the same whether the
+  tokens come as `[t, d]`, `[b, s, d]`, or one device's rows `r0 .. r0 + n`."""
+  t, d, eps = 12, 9, 0.3
+  key = jax.random.key(4)
+  x = jnp.asarray(rng.standard_normal((t, d)) + 3.0, jnp.float32)  # no x ~ 0
+  want = np.stack([np.asarray(jax.random.uniform(
+      jax.random.fold_in(key, r), (d,), jnp.float32, 1 - eps, 1 + eps)) for r in range(t)])
+  np.testing.assert_array_equal(
+      np.asarray(jmoe.reference.jitter_noise(key, jnp.arange(t), d, eps)), want)
+  got = np.asarray(jmoe.reference.jitter(x, eps, key)) / np.asarray(x)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  batched = jmoe.reference.jitter(x.reshape(3, 4, d), eps, key).reshape(t, d)
+  np.testing.assert_array_equal(np.asarray(batched), np.asarray(jmoe.reference.jitter(x, eps, key)))
+  rows = jnp.arange(5, 9)
+  np.testing.assert_array_equal(
+      np.asarray(jmoe.reference.jitter(x[5:9], eps, key, rows)),
+      np.asarray(jmoe.reference.jitter(x, eps, key))[5:9])
+  assert want.min() >= 1 - eps and want.max() <= 1 + eps and np.std(want) > eps / 3

@@ -24,7 +24,7 @@ WORKER = pathlib.Path(__file__).with_name("expert_parallel_worker.py")
 CHECKS = [f"{case} {what}" for case in ("dropless", "all copies to device 0", "jitter", "2-D mesh")
           for what in ("y", "aux", "grads x, router, up, down")] + [
               "nnx layer with jitter y, aux, grads", "linen layer with jitter y, aux, grads",
-              "layer runs all_to_all",
+              "layer runs all_to_all", "jitter noise is per device",
               "capacity per device y", "capacity per device aux", "send_capacity y",
               "send_capacity dropped count", "send_capacity tokens per expert"]
 SPECS = jmoe.MoEParams(P(), P("ep"), P("ep"))

@@ -37,7 +37,9 @@ CHECKS = (
 
 def _check(result: dict) -> None:
   errors = {k: v for k, v in result.items() if k not in ("devices", "platform")}
-  assert sorted(errors) == sorted(CHECKS), errors
+  # With one device, its share of the noise is all of it.
+  per_device = ["explicit jitter noise is per device"] if result["devices"] > 1 else []
+  assert sorted(errors) == sorted(CHECKS + per_device), errors
   for name, err in errors.items():
     assert isinstance(err, float) and err < 1e-5, (name, err)
 

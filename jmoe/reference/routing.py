@@ -48,15 +48,33 @@ def router_logits(x: jax.Array, router_kernel: jax.Array) -> jax.Array:
   ).astype(acc)
 
 
-def jitter_noise(rng: jax.Array, shape: tuple[int, ...], eps: float) -> jax.Array:
-  """The float32 factors `uniform(1 - eps, 1 + eps)` of `jitter` for `shape`."""
-  return jax.random.uniform(rng, shape, dtype=jnp.float32, minval=1.0 - eps,
-                            maxval=1.0 + eps)
+def jitter_noise(rng: jax.Array, rows: jax.Array, d: int, eps: float) -> jax.Array:
+  """The float32 factors `uniform(1 - eps, 1 + eps)` of `jitter` for the tokens
+  numbered `rows` (int array, any shape) -> `[*rows.shape, d]`.
+
+  Token `r`'s `d` factors are `uniform(fold_in(rng, r), (d,))`: they depend on
+  its index in the flattened global tokens only, not on how the tokens are split
+  over devices, so each device draws just its own rows.
+  """
+  def row_noise(key, row):
+    return jax.random.uniform(jax.random.fold_in(key, row), (d,), dtype=jnp.float32,
+                              minval=1.0 - eps, maxval=1.0 + eps)
+
+  for _ in range(rows.ndim):
+    row_noise = jax.vmap(row_noise, in_axes=(None, 0))
+  return row_noise(rng, rows)
 
 
-def jitter(x: jax.Array, eps: float, rng: jax.Array) -> jax.Array:
-  """Switch-style multiplicative noise: `x * uniform(1 - eps, 1 + eps)`, elementwise."""
-  return (x.astype(jnp.float32) * jitter_noise(rng, x.shape, eps)).astype(x.dtype)
+def jitter(x: jax.Array, eps: float, rng: jax.Array, rows: jax.Array | None = None
+           ) -> jax.Array:
+  """Switch-style multiplicative noise: `x [..., d] * uniform(1 - eps, 1 + eps)`,
+  elementwise, with `jitter_noise` of the tokens' indices `rows [...]` (default:
+  the flattened leading axes, `0 .. t-1`; a device holding some of the tokens
+  passes their global indices)."""
+  if rows is None:
+    rows = jnp.arange(math.prod(x.shape[:-1]), dtype=jnp.int32).reshape(x.shape[:-1])
+  noise = jitter_noise(rng, rows, x.shape[-1], eps)
+  return (x.astype(jnp.float32) * noise).astype(x.dtype)
 
 
 def capacity_positions(
