@@ -401,6 +401,34 @@ def test_best_other_finds_the_fastest_other_at_every_point():
   assert "| b | fwd | fast | 2 | 2 | 1.000 | fast |" in section
 
 
+def test_noisy_rows_are_flagged_in_targets_notes_and_per_point():
+  # Session 21's 1k-token forward: median 0.803 ms, fastest sample 0.611.
+  results = {
+      "cases": [{"name": "a"}, {"name": "b"}],
+      "results": [
+          dict(_row("a", "jmoe", "fwd", 0.803), min_ms=0.611),
+          dict(_row("a", "fast", "fwd", 0.684), min_ms=0.680),
+          dict(_row("b", "jmoe", "fwd", 1.0), min_ms=0.84),  # 1.19x: not noisy
+          dict(_row("b", "fast", "fwd", 2.0), min_ms=1.9),
+          _row("b", "old", "fwdbwd", 2.0),  # no min_ms (older results): not noisy
+      ],
+      "memory_process": [], "notes": [],
+  }
+  assert [report.is_noisy(r) for r in results["results"]] == [True, False, False, False,
+                                                              False]
+  assert report.noisy(results) == [
+      "jmoe a fwd: median 0.803 ms is 1.31x its fastest sample (0.611 ms; over 1.2x): "
+      "noisy, time it again alone before trusting it"]
+  assert [v["noisy"] for v in report.best_other(results)] == [True, False]
+  row = next(r for r in report.targets(results) if "best other" in r["what"])
+  assert row["met"] is False and "a fwd vs fast; noisy samples, see the notes" in row["what"]
+  section = "\n".join(report._best_other_section(results))  # pylint: disable=protected-access
+  assert "| 1.174 (noisy) |" in section and "| 0.500 |" in section
+  results["results"][0]["median_ms"] = 0.7  # 1.15x its fastest: trusted
+  row = next(r for r in report.targets(results) if "best other" in r["what"])
+  assert "noisy" not in row["what"] and report.noisy(results) == []
+
+
 def _stand_in_tokamax(monkeypatch, ragged_dot):
   """Makes `implementations` import a module with this `ragged_dot` as tokamax
   (not installed by CI); returns that module."""
