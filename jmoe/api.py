@@ -72,9 +72,9 @@ def _jittered(x, jitter_eps, rng):
   flattened leading axes gets noise keyed by `r`, whatever the split). On
   explicitly split x the token indices are split like x, so each device draws
   only its own tokens' noise."""
-  rows = jnp.arange(math.prod(x.shape[:-1]), dtype=jnp.int32).reshape(x.shape[:-1])
-  spec = _shard.explicit_spec(x)
-  if spec is not None:
+  rows = None  # reference.jitter's default: 0 .. t-1 in x's leading shape
+  if _shard.explicit_spec(x) is not None:
+    rows = jnp.arange(math.prod(x.shape[:-1]), dtype=jnp.int32).reshape(x.shape[:-1])
     rows = jax.sharding.reshard(rows, P(*_shard.spec_entries(x)[:-1]))
   return reference.jitter(x, jitter_eps, rng, rows)
 
