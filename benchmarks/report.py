@@ -64,16 +64,16 @@ def best_other(results: dict[str, Any]) -> list[dict[str, Any]]:
   (<= 1: jmoe at least as fast); `noisy`: either time is (`is_noisy`)."""
   ok = _ok(results["results"])
   jmoe_rows = {(r["case"], r["mode"]): r for r in ok if r["impl"] == JMOE}
-  jmoe_ms = {key: r["median_ms"] for key, r in jmoe_rows.items()}
   best: dict[tuple[str, str], dict] = {}
   for r in ok:
     key = (r["case"], r["mode"])
-    if r["impl"] != JMOE and key in jmoe_ms and (
+    if r["impl"] != JMOE and key in jmoe_rows and (
         key not in best or r["median_ms"] < best[key]["median_ms"]):
       best[key] = r
   order = [c["name"] for c in results["cases"]]
   return [{"case": c, "mode": m, "impl": r["impl"], "best_ms": r["median_ms"],
-           "jmoe_ms": jmoe_ms[(c, m)], "ratio": jmoe_ms[(c, m)] / r["median_ms"],
+           "jmoe_ms": jmoe_rows[(c, m)]["median_ms"],
+           "ratio": jmoe_rows[(c, m)]["median_ms"] / r["median_ms"],
            "noisy": is_noisy(r) or is_noisy(jmoe_rows[(c, m)]),
            "others": sorted(o["impl"] for o in ok
                             if (o["case"], o["mode"]) == (c, m) and o["impl"] != JMOE)}
