@@ -127,7 +127,8 @@ def run_worker(script, backend: str, devices: int) -> dict:
   proc = subprocess.run([sys.executable, str(script), backend, str(devices)],
                         capture_output=True, text=True, env=env, timeout=900, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.returncode == 0 and lines, (
+      f"{script} exited with {proc.returncode}\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
   return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -135,8 +136,6 @@ def compiled_holds_f32(fn, args, shapes) -> bool:
   """Whether the compiled (per-device, partitioned) program of `jax.jit(fn)(*args)`
   holds a float32 array of any of `shapes` (e.g. a whole-batch noise array that
   each device should only hold its share of)."""
-  import jax  # pylint: disable=import-outside-toplevel
-
   text = jax.jit(fn).lower(*args).compile().as_text()
   return any(f"f32[{','.join(map(str, shape))}]" in text for shape in shapes)
 
