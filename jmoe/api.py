@@ -8,7 +8,6 @@ GPU, `backend="interpret"` under Triton's interpreter on the CPU).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import jax
@@ -72,9 +71,8 @@ def _jittered(x, jitter_eps, rng):
   flattened leading axes gets noise keyed by `r`, whatever the split). On
   explicitly split x the token indices are split like x, so each device draws
   only its own tokens' noise."""
-  rows = None  # reference.jitter's default: 0 .. t-1 in x's leading shape
+  rows = reference.routing.token_indices(x)
   if _shard.explicit_spec(x) is not None:
-    rows = jnp.arange(math.prod(x.shape[:-1]), dtype=jnp.int32).reshape(x.shape[:-1])
     rows = jax.sharding.reshard(rows, P(*_shard.spec_entries(x)[:-1]))
   return reference.jitter(x, jitter_eps, rng, rows)
 

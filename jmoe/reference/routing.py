@@ -60,9 +60,16 @@ def jitter_noise(rng: jax.Array, rows: jax.Array, d: int, eps: float) -> jax.Arr
     return jax.random.uniform(jax.random.fold_in(key, row), (d,), dtype=jnp.float32,
                               minval=1.0 - eps, maxval=1.0 + eps)
 
+  # One vmap per axis of `rows` (not a flatten): each keeps that axis's sharding.
   for _ in range(rows.ndim):
     row_noise = jax.vmap(row_noise, in_axes=(None, 0))
   return row_noise(rng, rows)
+
+
+def token_indices(x: jax.Array) -> jax.Array:
+  """`[...]` int32: the index of each token of `x [..., d]` in its flattened
+  leading axes (`0 .. t-1`)."""
+  return jnp.arange(math.prod(x.shape[:-1]), dtype=jnp.int32).reshape(x.shape[:-1])
 
 
 def jitter(x: jax.Array, eps: float, rng: jax.Array, rows: jax.Array | None = None
@@ -72,7 +79,7 @@ def jitter(x: jax.Array, eps: float, rng: jax.Array, rows: jax.Array | None = No
   the flattened leading axes, `0 .. t-1`; a device holding some of the tokens
   passes their global indices)."""
   if rows is None:
-    rows = jnp.arange(math.prod(x.shape[:-1]), dtype=jnp.int32).reshape(x.shape[:-1])
+    rows = token_indices(x)
   noise = jitter_noise(rng, rows, x.shape[-1], eps)
   return (x.astype(jnp.float32) * noise).astype(x.dtype)
 
